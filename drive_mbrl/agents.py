@@ -1,0 +1,109 @@
+"""Built-in rule agents and the one place where agent names are turned into agents.
+
+- `random`: uniform random meta-actions from a seeded generator.
+- `slower`: always SLOWER (a safe, slow floor).
+- `idm`: the ego is driven by highway-env's own IDM (longitudinal) and MOBIL (lane change) behaviour model: on
+  reset the ego's controller is replaced by an `IDMVehicle` at the same state, route and target speed. The recorded
+  action is the meta-action inferred from the ego's motion (`infer_meta_action`).
+
+Later agents (planner, learned policy, exploration) plug in through `make_agent`: anything with `drives_itself`,
+`reset(env, seed)` and `act(obs, env) -> int` (the `Agent` protocol in types.py) works. Agents get the live env;
+only the `idm` agent touches highway-env classes, lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.types import Agent
+
+BUILTIN_AGENTS = ("random", "slower", "idm")
+SPEED_CHANGE_THRESHOLD = 1.0
+"""[m/s] change of the ego's speed over one policy step above which an inferred action is FASTER / SLOWER."""
+
+
+def _action_index(env: Any, name: str) -> int:
+    actions = env.unwrapped.action_type.actions_indexes
+    if name not in actions:
+        raise ConfigError(f"this scenario's action space has no {name} action (it has {', '.join(actions)})")
+    return int(actions[name])
+
+
+class RandomAgent:
+    """Uniform random discrete actions."""
+
+    drives_itself = False
+
+    def reset(self, env: Any, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        return int(self._rng.integers(env.action_space.n))
+
+
+class ConstantAgent:
+    """Always the same meta-action, by name (e.g. SLOWER)."""
+
+    drives_itself = False
+
+    def __init__(self, action_name: str):
+        self.action_name = action_name
+
+    def reset(self, env: Any, seed: int) -> None:
+        self._action = _action_index(env, self.action_name)
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        return self._action
+
+
+class IDMAgent:
+    """The ego driven by highway-env's IDM/MOBIL model (its own decisions at every simulation frame)."""
+
+    drives_itself = True
+
+    def reset(self, env: Any, seed: int) -> None:
+        from highway_env.vehicle.behavior import IDMVehicle
+
+        base = env.unwrapped
+        ego = base.vehicle
+        idm = IDMVehicle.create_from(ego)
+        base.road.vehicles[base.road.vehicles.index(ego)] = idm
+        base.controlled_vehicles[base.controlled_vehicles.index(ego)] = idm
+        self._idle = _action_index(env, "IDLE")
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        return self._idle
+
+
+def infer_meta_action(env: Any, lane_before: tuple, lane_after: tuple, speed_before: float,
+                      speed_after: float) -> int:
+    """Meta-action that best describes one policy step of a self-driving ego.
+
+    A change of target lane within the same road edge is LANE_LEFT (lower lane id) or LANE_RIGHT; otherwise a speed
+    change beyond `SPEED_CHANGE_THRESHOLD` [m/s] is FASTER / SLOWER; otherwise IDLE. Actions the scenario lacks
+    (intersection has no lane changes) fall back to the speed rule.
+    """
+    actions = env.unwrapped.action_type.actions_indexes
+    if lane_before[:2] == lane_after[:2] and lane_before[2] != lane_after[2]:
+        name = "LANE_LEFT" if lane_after[2] < lane_before[2] else "LANE_RIGHT"
+        if name in actions:
+            return int(actions[name])
+    if speed_after - speed_before > SPEED_CHANGE_THRESHOLD:
+        return int(actions["FASTER"])
+    if speed_before - speed_after > SPEED_CHANGE_THRESHOLD:
+        return int(actions["SLOWER"])
+    return int(actions["IDLE"])
+
+
+def make_agent(name: str) -> Agent:
+    """Build an agent by name; raises ConfigError listing the known names."""
+    if name == "random":
+        return RandomAgent()
+    if name == "slower":
+        return ConstantAgent("SLOWER")
+    if name == "idm":
+        return IDMAgent()
+    raise ConfigError(f"agent={name!r} is not known: choose one of {', '.join(BUILTIN_AGENTS)}")

@@ -1,0 +1,195 @@
+"""`drive-mbrl <command> key=value ...`: the command line, and the only module that imports Hydra.
+
+Each command is a short function from its typed config (config.py) and its run directory to a metrics dict; the
+wrapper composes the config with Hydra (so `--cfg job`, `-m` multirun and `hydra.run.dir=PATH` work), validates it,
+owns the progress bars, writes metrics.json into the run directory and turns user errors into a one-line message
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drive_mbrl import config as C
+from drive_mbrl.errors import DriveMbrlError
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    schema: type
+    run: Callable[[Any, Path], dict[str, Any]]
+    help: str
+
+
+def _progress(total: int, desc: str) -> tuple[Any, Callable[[Any], None]]:
+    """A tqdm bar over episodes showing env steps/s, and the per-episode callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+    state = {"steps": 0, "start": time.perf_counter()}
+
+    def on_episode(episode: Any) -> None:
+        state["steps"] += episode.steps
+        rate = state["steps"] / max(time.perf_counter() - state["start"], 1e-9)
+        bar.set_postfix(steps=state["steps"], steps_per_s=f"{rate:.1f}")
+        bar.update(1)
+
+    return bar, on_episode
+
+
+def _collect_into(spec: Any, out: Path, workers: int, ray_address: str, desc: str) -> dict[str, Any]:
+    from drive_mbrl.data import collect, finished_indices
+
+    bar, on_episode = _progress(spec.episodes, desc)
+    bar.update(sum(i < spec.episodes for i in finished_indices(out)))
+    try:
+        return collect(spec, out, workers, ray_address, on_episode)
+    finally:
+        bar.close()
+
+
+def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.data import RunSpec
+    from drive_mbrl.scenarios import load_scenario
+
+    spec = RunSpec(load_scenario(cfg.scenario), cfg.agent, cfg.episodes, cfg.seed, cfg.record_hz, cfg.max_steps)
+    out = Path(cfg.out) if cfg.out else run_dir / "dataset"
+    metrics = _collect_into(spec, out, cfg.workers, cfg.ray_address, f"collect {spec.scenario.name}/{cfg.agent}")
+    print(f"dataset: {out} ({metrics['episodes_total']} episodes, {metrics['episodes_new']} new, "
+          f"{metrics['steps_per_s']:.1f} steps/s)")
+    return metrics
+
+
+def evaluate_agent(scenario: str, agent: str, episodes: int, seed: int, workers: int, ray_address: str,
+                   out: Path, record_hz: int = 0, max_steps: int = 0) -> dict[str, Any]:
+    """Run (or resume) evaluation episodes into `out` and summarise episodes 0 .. episodes-1."""
+    from drive_mbrl.data import EPISODES, RunSpec, load_episode
+    from drive_mbrl.evaluate import summarise
+    from drive_mbrl.scenarios import load_scenario
+
+    spec = RunSpec(load_scenario(scenario), agent, episodes, seed, record_hz, max_steps)
+    _collect_into(spec, out, workers, ray_address, f"evaluate {spec.scenario.name}/{agent}")
+    loaded = [load_episode(out / EPISODES / f"ep_{i:06d}.npz") for i in range(episodes)]
+    return {"scenario": spec.scenario.name, "agent": agent, "seed": seed, **summarise(loaded)}
+
+
+def run_evaluate(cfg: C.EvaluateConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.evaluate import format_table
+
+    out = Path(cfg.out) if cfg.out else run_dir / "episodes"
+    metrics = evaluate_agent(cfg.scenario, cfg.agent, cfg.episodes, cfg.seed, cfg.workers, cfg.ray_address, out,
+                             cfg.record_hz, cfg.max_steps)
+    print(format_table({cfg.agent: metrics}))
+    return metrics
+
+
+def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.data import RunSpec
+    from drive_mbrl.evaluate import format_table
+    from drive_mbrl.scenarios import load_scenario
+
+    scenario = load_scenario(cfg.scenario)
+    spec = RunSpec(scenario, cfg.collect_agent, cfg.collect_episodes, cfg.seed)
+    collected = _collect_into(spec, run_dir / "dataset", cfg.workers, "", f"collect {scenario.name}")
+    evaluations = {agent: evaluate_agent(cfg.scenario, agent, cfg.eval_episodes, cfg.seed + C.EVAL_SEED,
+                                         cfg.workers, "", run_dir / "eval" / agent)
+                   for agent in cfg.eval_agents}
+    print(format_table(evaluations))
+    print(f"dataset:  {run_dir / 'dataset'}\nmetrics:  {run_dir / 'metrics.json'}")
+    return {"collect": collected, "evaluate": evaluations}
+
+
+def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_collect
+
+    metrics = bench_collect(cfg.scenario, cfg.agent, cfg.episodes, cfg.workers, cfg.repeats, cfg.seed)
+    for row in metrics["rows"]:
+        print(f"workers={row['workers']}: median {row['steps_per_s_median']:.1f} steps/s "
+              f"(runs {', '.join(f'{v:.1f}' for v in row['steps_per_s'])}), "
+              f"x{row['speedup_vs_baseline']:.2f} vs workers={metrics['rows'][0]['workers']}")
+    print(f"identical data across worker counts: {metrics['identical_data']}")
+    return metrics
+
+
+COMMANDS: dict[str, Command] = {
+    "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
+    "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
+    "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
+    "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: drive-mbrl <command> [key=value ...] [hydra flags: --cfg job, -m, hydra.run.dir=PATH]", "",
+             "commands:"]
+    for name, command in COMMANDS.items():
+        lines.append(f"  {name.replace('_', ' '):<16} {command.help}")
+    lines += ["", "`drive-mbrl <command> --cfg job` prints a command's config with its defaults;",
+              "every command writes metrics.json into its run directory."]
+    return "\n".join(lines)
+
+
+def _remove_if_only_hydra_files(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote at start-up (a failed run leaves no dir)."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        import shutil
+
+        shutil.rmtree(run_dir)
+
+
+def _run_hydra(name: str) -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from drive_mbrl.data import write_json
+    from drive_mbrl.resources import data_dir
+
+    command = COMMANDS[name]
+    ConfigStore.instance().store(name=f"{name}_schema", node=command.schema)
+
+    @hydra.main(version_base="1.3", config_path=str(data_dir("configs")), config_name=name)
+    def task(cfg: Any) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            typed = C.validate(OmegaConf.to_object(cfg))
+            metrics = command.run(typed, run_dir)
+            write_json(run_dir / "metrics.json", {"command": name, **metrics})
+        except DriveMbrlError as exc:
+            _remove_if_only_hydra_files(run_dir)
+            print(f"drive-mbrl {name.replace('_', ' ')}: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+
+    task()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `drive-mbrl` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name = args.pop(0)
+    if name == "bench":
+        if not args or "=" in args[0] or args[0].startswith("-"):
+            print("drive-mbrl bench: error: name what to benchmark, e.g. `drive-mbrl bench collect`",
+                  file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        name = f"bench_{args.pop(0)}"
+    if name not in COMMANDS:
+        print(f"drive-mbrl: error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.argv = [f"drive-mbrl {name.replace('_', ' ')}", *args]
+    _run_hydra(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Typed configuration of every command: dataclasses are the schema, YAML in configs/ only overrides them.
+
+Each field carries a one-line help and, where it has one, its allowed range or choices in `field(metadata=...)`;
+`validate` checks them all in one place and raises ConfigError naming the key and what is allowed. Derived values
+(rates, observation sizes) are computed by the code that needs them, never written back here. This module knows
+nothing of Hydra: cli.py turns Hydra's config into these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from drive_mbrl.agents import BUILTIN_AGENTS
+from drive_mbrl.errors import ConfigError
+
+EVAL_SEED = 1_000_000
+"""Default base seed of evaluation episodes: far from collection's default 0, so they are disjoint by default."""
+
+
+def opt(default: Any, help: str, lo: float | None = None, hi: float | None = None,
+        choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field with its help text and allowed range [lo, hi] or choices (for lists: of each item)."""
+    metadata = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class CollectConfig:
+    """`drive-mbrl collect`: run an agent on a scenario and store every vehicle's tracks."""
+
+    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
+    agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
+    episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
+    seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
+    record_hz: int = opt(0, "[Hz] track recording rate; 0 = every simulation frame", lo=0, hi=1000)
+    max_steps: int = opt(0, "cap on policy steps per episode; 0 = the scenario's own end", lo=0, hi=10**6)
+    out: str = opt("", "dataset folder; empty = <run dir>/dataset. Rerun with the same folder to resume")
+
+
+@dataclass
+class EvaluateConfig:
+    """`drive-mbrl evaluate`: closed-loop episodes and safety metrics (held-out seeds by default)."""
+
+    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
+    agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
+    episodes: int = opt(100, "number of evaluation episodes", lo=1, hi=10**7)
+    seed: int = opt(EVAL_SEED, "base seed: episode i is reset with seed + i (default disjoint from collect's)",
+                    lo=0, hi=2**31 - 1)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
+    record_hz: int = opt(0, "[Hz] track recording rate; 0 = every simulation frame", lo=0, hi=1000)
+    max_steps: int = opt(0, "cap on policy steps per episode; 0 = the scenario's own end", lo=0, hi=10**6)
+    out: str = opt("", "folder for the evaluated episodes; empty = <run dir>/episodes (resumable)")
+
+
+@dataclass
+class PipelineConfig:
+    """`drive-mbrl pipeline`: the main job, every stage on one scenario; rerunning reuses finished stages."""
+
+    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
+    collect_agent: str = opt("idm", "agent that collects the training data", choices=BUILTIN_AGENTS)
+    collect_episodes: int = opt(20, "episodes to collect", lo=1, hi=10**7)
+    eval_agents: list[str] = opt(["slower", "idm"], "agents to evaluate", choices=BUILTIN_AGENTS)
+    eval_episodes: int = opt(20, "evaluation episodes per agent", lo=1, hi=10**7)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    seed: int = opt(0, "base seed of collection; evaluation uses seed + 1,000,000", lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class BenchCollectConfig:
+    """`drive-mbrl bench collect`: collection throughput [steps/s] against the worker count, same seeds."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
+    episodes: int = opt(16, "episodes per measurement", lo=1, hi=10**6)
+    workers: list[int] = opt([1, 2], "worker counts; the first is the baseline", lo=1, hi=4096)
+    repeats: int = opt(3, "measurements per worker count (alternating); medians are reported", lo=1, hi=100)
+    seed: int = opt(0, "base seed", lo=0, hi=2**31 - 1)
+
+
+def validate(cfg: Any) -> Any:
+    """Check every field of the dataclass `cfg` against its metadata; returns `cfg` or raises ConfigError."""
+    assert is_dataclass(cfg), f"validate expects a config dataclass, got {type(cfg).__name__}"
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+            if choices is not None and item not in choices:
+                raise ConfigError(f"{f.name}={item!r} is not allowed: choose one of {', '.join(map(str, choices))}")
+            if lo is not None and item < lo or hi is not None and item > hi:
+                raise ConfigError(f"{f.name}={item!r} is out of range: allowed {lo} <= {f.name} <= {hi} "
+                                  f"({f.name}: {meta['help']})")
+    return cfg

@@ -1,0 +1,110 @@
+"""One closed-loop episode: a scenario's env, an agent and a track recorder give an `Episode`.
+
+This is the single episode loop of the package; collection, evaluation and (later) planners' data all come from
+here, so recorded data and measured driving figures can never disagree. It knows nothing of files or Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drive_mbrl.agents import infer_meta_action, make_agent
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.scenarios import Scenario, env_timing, make_env
+from drive_mbrl.tracking import TrackRecorder
+from drive_mbrl.types import Agent, Episode
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """Everything a (possibly remote) worker needs to reproduce one episode exactly."""
+
+    scenario: Scenario
+    agent: str
+    index: int
+    seed: int
+    record_hz: int = 0
+    """Recording rate [Hz]; 0 records every simulation frame. Must divide the simulation rate and be a multiple
+    of the policy rate."""
+    max_steps: int = 0
+    """Stop after this many policy steps (0: the scenario's own end)."""
+
+
+def recording_stride(sim_hz: int, policy_hz: int, record_hz: int) -> int:
+    """Simulation frames per recorded frame; raises ConfigError if `record_hz` does not fit the env's rates."""
+    record_hz = record_hz or sim_hz
+    if sim_hz % record_hz or record_hz % policy_hz:
+        rates = [r for r in range(policy_hz, sim_hz + 1) if sim_hz % r == 0 and r % policy_hz == 0]
+        raise ConfigError(f"record_hz={record_hz} does not fit this scenario (simulation {sim_hz} Hz, policy "
+                          f"{policy_hz} Hz): choose one of {rates} or 0 for the simulation rate")
+    return sim_hz // record_hz
+
+
+class EpisodeRunner:
+    """Holds one env per (scenario) so a worker can run many episodes without rebuilding it."""
+
+    def __init__(self) -> None:
+        self._envs: dict[str, Any] = {}
+
+    def env(self, scenario: Scenario) -> Any:
+        key = repr(scenario.to_dict())
+        if key not in self._envs:
+            self._envs[key] = make_env(scenario)
+        return self._envs[key]
+
+    def run(self, job: EpisodeJob, agent: Agent | None = None) -> Episode:
+        """Run `job` to its end and return the recorded episode."""
+        env = self.env(job.scenario)
+        agent = agent or make_agent(job.agent)
+        sim_hz, policy_hz = env_timing(env)
+        stride = recording_stride(sim_hz, policy_hz, job.record_hz)
+        recorder = TrackRecorder(job.scenario.perception_range, stride, 1.0 / sim_hz)
+        frames_per_step = sim_hz // policy_hz // stride
+
+        obs, _ = env.reset(seed=job.seed)
+        agent.reset(env, job.seed)
+        recorder.attach(env)
+        actions, rewards, components, crashed, terminated, truncated, decision_ms, decision_frame = \
+            [], [], [], [], [], [], [], []
+        component_names: list[str] | None = None
+        done = False
+        while not done:
+            ego = env.unwrapped.vehicle
+            lane_before, speed_before = ego.target_lane_index, float(ego.speed)
+            decision_frame.append(recorder.frames - 1)
+            start = time.perf_counter()
+            action = int(agent.act(obs, env))
+            decision_ms.append((time.perf_counter() - start) * 1e3)
+            obs, reward, term, trunc, info = env.step(action)
+            if agent.drives_itself:
+                action = infer_meta_action(env, lane_before, ego.target_lane_index, speed_before, float(ego.speed))
+            terms = info.get("rewards", {})
+            component_names = component_names or sorted(terms)
+            actions.append(action)
+            rewards.append(float(reward))
+            components.append([float(terms.get(name, np.nan)) for name in component_names])
+            crashed.append(bool(env.unwrapped.vehicle.crashed))
+            terminated.append(bool(term))
+            truncated.append(bool(trunc) or (job.max_steps > 0 and len(actions) >= job.max_steps))
+            done = terminated[-1] or truncated[-1]
+            assert recorder.frames - 1 == decision_frame[-1] + frames_per_step
+        tracks = recorder.arrays()
+        return Episode(
+            index=job.index, seed=job.seed, **tracks,
+            decision_frame=np.asarray(decision_frame, dtype=np.int32),
+            action=np.asarray(actions, dtype=np.int64),
+            reward=np.asarray(rewards, dtype=np.float64),
+            reward_components=np.asarray(components, dtype=np.float64).reshape(len(actions), -1),
+            reward_component_names=np.asarray(component_names or [], dtype=str),
+            crashed=np.asarray(crashed), terminated=np.asarray(terminated), truncated=np.asarray(truncated),
+            decision_ms=np.asarray(decision_ms, dtype=np.float64),
+        )
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()

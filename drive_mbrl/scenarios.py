@@ -1,0 +1,150 @@
+"""Scenario files and environments: load and validate scenarios/NAME.yaml, build the highway-env env it pins.
+
+A scenario pins one highway-env id and its env config, so results stay comparable across runs; its fields are not
+overridden per run. This is the only module that imports highway_env (lazily, inside `make_env`), so the rest of
+the package can be read and tested without it. It knows nothing of agents, tracks or files of episodes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.resources import data_dir
+
+SCENARIO_SCHEMA_VERSION = 1
+_KEYS = {
+    "schema_version": "scenario file format version (1)",
+    "name": "short name, the file's stem",
+    "description": "one line for humans",
+    "env_id": "highway-env gymnasium id, pinned (e.g. highway-fast-v0)",
+    "env_config": "mapping passed to the env's configure(); keys must exist in the env's default_config()",
+    "perception_range": "[m] radius around the ego within which other vehicles are tracked",
+}
+_REQUIRED = ("name", "env_id")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario file."""
+
+    name: str
+    env_id: str
+    env_config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    perception_range: float = 150.0
+    """[m] other vehicles farther than this from the ego are not recorded."""
+    source: str = ""
+    """Path of the YAML file it came from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scenario as stored in manifests (JSON-compatible)."""
+        return {
+            "schema_version": SCENARIO_SCHEMA_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "env_id": self.env_id,
+            "env_config": self.env_config,
+            "perception_range": self.perception_range,
+        }
+
+
+def available_scenarios() -> list[str]:
+    """Names of the scenarios shipped in scenarios/."""
+    return sorted(p.stem for p in data_dir("scenarios").glob("*.yaml"))
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """Resolve `name_or_path`: a shipped scenario name, or a path to a user's YAML file."""
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"scenario file '{name_or_path}' does not exist: pass a shipped name "
+                              f"({', '.join(available_scenarios())}) or the path of a YAML file")
+        return path
+    path = data_dir("scenarios") / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown scenario '{name_or_path}': choose one of {', '.join(available_scenarios())} "
+                          "or pass the path of your own scenario YAML")
+    return path
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """Load and validate a scenario; raises ConfigError naming the file and the offending key."""
+    path = scenario_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"scenario file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"scenario file {path} must hold a mapping with keys {', '.join(_KEYS)}")
+    return scenario_from_dict(raw, source=str(path))
+
+
+def scenario_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
+    """Validate a scenario mapping (as read from YAML or from a manifest)."""
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        allowed = "; ".join(f"{k}: {v}" for k, v in _KEYS.items())
+        raise ConfigError(f"scenario {source}: unknown key(s) {', '.join(map(repr, unknown))}. Allowed keys — {allowed}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"scenario {source}: missing required key(s) {', '.join(missing)}")
+    version = raw.get("schema_version", SCENARIO_SCHEMA_VERSION)
+    if version != SCENARIO_SCHEMA_VERSION:
+        raise ConfigError(f"scenario {source}: schema_version {version} is not supported "
+                          f"(this drive_mbrl reads version {SCENARIO_SCHEMA_VERSION})")
+    env_config = raw.get("env_config") or {}
+    if not isinstance(env_config, dict):
+        raise ConfigError(f"scenario {source}: env_config must be a mapping, got {type(env_config).__name__}")
+    perception_range = raw.get("perception_range", 150.0)
+    if not isinstance(perception_range, (int, float)) or not 0 < perception_range <= 1000:
+        raise ConfigError(f"scenario {source}: perception_range={perception_range!r} must be a number "
+                          "in (0, 1000] metres")
+    return Scenario(name=str(raw["name"]), env_id=str(raw["env_id"]), env_config=dict(env_config),
+                    description=str(raw.get("description", "")), perception_range=float(perception_range),
+                    source=source)
+
+
+def make_env(scenario: Scenario) -> Any:
+    """Build the gymnasium env of `scenario` (highway-env imported here, lazily).
+
+    Raises ConfigError if the id is not a highway-env id or an env_config key is unknown to that env.
+    """
+    import gymnasium as gym
+    import highway_env  # noqa: F401  (registers the ids)
+
+    try:
+        spec = gym.spec(scenario.env_id)
+    except gym.error.Error as exc:
+        raise ConfigError(f"scenario {scenario.name}: env_id '{scenario.env_id}' is not a registered "
+                          f"highway-env id ({exc})") from exc
+    with warnings.catch_warnings():
+        # The *-v0 ids are pinned on purpose (see ANCHORS.md); silence gymnasium's "out of date" notice.
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(spec.id)
+    defaults = env.unwrapped.default_config()
+    unknown = sorted(set(scenario.env_config) - set(defaults))
+    if unknown:
+        env.close()
+        raise ConfigError(f"scenario {scenario.name}: env_config key(s) {', '.join(map(repr, unknown))} are not "
+                          f"options of {scenario.env_id}; known keys: {', '.join(sorted(defaults))}")
+    env.unwrapped.configure(scenario.env_config)
+    return env
+
+
+def env_timing(env: Any) -> tuple[int, int]:
+    """(simulation_frequency, policy_frequency) [Hz] of a built env."""
+    config = env.unwrapped.config
+    return int(config["simulation_frequency"]), int(config["policy_frequency"])
+
+
+def action_names(env: Any) -> list[str]:
+    """Meta-action names indexed by the discrete action the env accepts."""
+    actions = env.unwrapped.action_type.actions
+    return [actions[i] for i in range(len(actions))]

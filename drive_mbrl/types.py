@@ -1,0 +1,108 @@
+"""Shape glossary, the recorded `Episode`, and the `Agent` protocol.
+
+Shape letters used in docstrings across the package:
+
+    B batch, T recorded frames, S policy steps, H horizon, N candidate plans, E ensemble members, K modes,
+    M tracks in an episode, V vehicles in a scene, F features, C reward components, A action dims.
+
+Units are SI ([m], [m/s], [rad], [s]) and positions are in highway-env's world frame (x along the road network's
+reference, y to the driver's right on highway roads, heading in [rad] from +x towards +y) unless a docstring says
+otherwise. This module imports only numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+STATE_FIELDS: tuple[str, ...] = ("x", "y", "vx", "vy", "heading", "length", "width")
+"""Order of the last axis of `Episode.state`."""
+STATE_UNITS: tuple[str, ...] = ("m", "m", "m/s", "m/s", "rad", "m", "m")
+EGO_TRACK = 0
+"""The ego vehicle is always track 0; other vehicles get ids 1, 2, ... in order of first appearance."""
+NO_ACTION = -1
+"""Action value for agents without a discrete action (never written for the built-in agents)."""
+
+
+@dataclass
+class Episode:
+    """One closed-loop episode: tracks of every perceived vehicle plus the ego's per-step decisions.
+
+    Frames are recorded at `record_hz`; frame 0 is the state right after reset. Policy step s was decided at frame
+    `decision_frame[s]` and its outcome is the state at `decision_frame[s + 1]` (or the last frame).
+    Absent entries of `state` (track not within perception range) are NaN and `present` is False.
+    """
+
+    index: int
+    """Episode index within its dataset (file name and seed derive from it)."""
+    seed: int
+    """Seed passed to `env.reset` and to the agent's generator."""
+    frame_time: np.ndarray
+    """(T,) float64 [s] time since reset of each recorded frame."""
+    state: np.ndarray
+    """(T, M, F) float32 world-frame state of each track, fields `STATE_FIELDS`; NaN where absent."""
+    present: np.ndarray
+    """(T, M) bool: track m was within perception range of the ego at frame t (the ego always is)."""
+    lane_id: np.ndarray
+    """(T, M) int16 lane number within its road edge (highway-env's lane_index[2]); -1 where absent."""
+    lane_edge: np.ndarray
+    """(T, M) int16 index into `lane_edges` of the road edge the track is on; -1 where absent."""
+    lane_edges: np.ndarray
+    """(L,) str road edges as 'from->to' node names of highway-env's road network."""
+    vehicle_class: np.ndarray
+    """(M,) str highway-env class name of each track's vehicle (the ego's is its controlled class)."""
+    decision_frame: np.ndarray
+    """(S,) int32 frame index at which each policy step was decided."""
+    action: np.ndarray
+    """(S,) int64 discrete meta-action executed at each policy step (see the manifest's action names)."""
+    reward: np.ndarray
+    """(S,) float64 env reward of each step."""
+    reward_components: np.ndarray
+    """(S, C) float64 highway-env's named reward terms, before weighting (`reward_component_names`)."""
+    reward_component_names: np.ndarray
+    """(C,) str."""
+    crashed: np.ndarray
+    """(S,) bool ego crashed at the end of the step."""
+    terminated: np.ndarray
+    """(S,) bool."""
+    truncated: np.ndarray
+    """(S,) bool."""
+    decision_ms: np.ndarray
+    """(S,) float64 [ms] wall time of the agent's decision (not deterministic; excluded from data identity)."""
+
+    @property
+    def steps(self) -> int:
+        return int(self.action.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """All fields as numpy arrays (scalars as 0-d arrays), ready for `np.savez_compressed`."""
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any]) -> Episode:
+        kwargs = {f.name: arrays[f.name] for f in fields(cls)}
+        kwargs["index"] = int(kwargs["index"])
+        kwargs["seed"] = int(kwargs["seed"])
+        return cls(**kwargs)
+
+
+EPISODE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Episode))
+NONDETERMINISTIC_FIELDS: frozenset[str] = frozenset({"decision_ms"})
+
+
+class Agent(Protocol):
+    """A driver of the ego vehicle: called once per policy step with the env's observation and the live env.
+
+    `drives_itself` agents (such as `idm`) replace the ego's controller in `reset`; the action they return is ignored
+    by the simulator and the recorded action is inferred from the ego's motion (documented in the manifest).
+    """
+
+    drives_itself: bool
+
+    def reset(self, env: Any, seed: int) -> None:
+        """Prepare for a new episode on a freshly reset env; `seed` seeds any randomness of the agent."""
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        """Return the discrete meta-action index to execute at this policy step."""
