@@ -95,4 +95,4 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
     table = [["name", *keys]] + [[name, *(cell(m.get(k)) for k in keys)] for name, m in rows.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in table)

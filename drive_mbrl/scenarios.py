@@ -91,7 +91,8 @@ def scenario_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         allowed = "; ".join(f"{k}: {v}" for k, v in _KEYS.items())
-        raise ConfigError(f"scenario {source}: unknown key(s) {', '.join(map(repr, unknown))}. Allowed keys — {allowed}")
+        raise ConfigError(f"scenario {source}: unknown key(s) {', '.join(map(repr, unknown))}. "
+                          f"Allowed keys — {allowed}")
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"scenario {source}: missing required key(s) {', '.join(missing)}")

@@ -74,6 +74,10 @@ class TrackRecorder:
         road.step = step_and_record
         self._record()
 
+    def track_of(self, vehicle: Any) -> int | None:
+        """Track id of a simulated vehicle, or None if it was never within perception range."""
+        return self._ids.get(id(vehicle))
+
     def _track_id(self, vehicle: Any) -> int:
         key = id(vehicle)
         if key not in self._ids:

@@ -1,0 +1,67 @@
+"""Shared fixtures: fixed seeds, the CLI as a subprocess, synthetic episodes for pure-function tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drive_mbrl.types import STATE_FIELDS, Episode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed() -> None:
+    np.random.seed(0)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `drive-mbrl ARGS` in a fresh interpreter (the installed console script's entry point)."""
+    return subprocess.run([*cli_command(), *args], cwd=cwd, env=cli_env(), timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def cli_command() -> list[str]:
+    """The installed console script beside this interpreter (what the README runs), else the module."""
+    script = Path(sys.executable).parent / "drive-mbrl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "drive_mbrl.cli"]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+
+
+def make_episode(state: np.ndarray, present: np.ndarray | None = None, reward: np.ndarray | None = None,
+                 crashed: bool = False, index: int = 0) -> Episode:
+    """A synthetic episode with one policy step per recorded frame (except the last)."""
+    frames, tracks, _ = state.shape
+    steps = frames - 1
+    present = np.ones((frames, tracks), bool) if present is None else present
+    reward = np.ones(steps) if reward is None else reward
+    crash = np.zeros(steps, bool)
+    crash[-1] = crashed
+    return Episode(
+        index=index, seed=index, frame_time=np.arange(frames, dtype=float), state=state.astype(np.float32),
+        present=present, lane_id=np.zeros((frames, tracks), np.int16), lane_edge=np.zeros((frames, tracks), np.int16),
+        lane_edges=np.asarray(["0->1"]), vehicle_class=np.asarray(["V"] * tracks),
+        decision_frame=np.arange(steps, dtype=np.int32), action=np.zeros(steps, np.int64), reward=reward,
+        reward_components=np.zeros((steps, 1)), reward_component_names=np.asarray(["r"]),
+        crashed=crash, terminated=crash.copy(), truncated=np.zeros(steps, bool),
+        decision_ms=np.full(steps, 1.0),
+    )
+
+
+def straight_state(xs: list[list[float]], speeds: list[float], ys: list[float] | None = None) -> np.ndarray:
+    """(T, M, F) states of vehicles driving along +x: xs[t][m] positions [m], constant speeds [m/s], lanes ys."""
+    frames, tracks = len(xs), len(xs[0])
+    ys = ys or [0.0] * tracks
+    state = np.zeros((frames, tracks, len(STATE_FIELDS)), np.float32)
+    for t in range(frames):
+        for m in range(tracks):
+            state[t, m] = (xs[t][m], ys[m], speeds[m], 0.0, 0.0, 5.0, 2.0)
+    return state

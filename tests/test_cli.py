@@ -1,0 +1,104 @@
+"""The command line end to end on tiny budgets: help, Hydra flags, metrics.json, bad input, kill and resume."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from drive_mbrl.data import load_dataset
+from tests.conftest import cli_command, cli_env, run_cli
+
+TINY = ["episodes=2", "max_steps=2"]
+
+
+def test_help_lists_the_commands(tmp_path: Path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("collect", "evaluate", "pipeline", "bench collect"):
+        assert command in result.stdout
+
+
+def test_cfg_job_prints_the_typed_defaults(tmp_path: Path):
+    result = run_cli("collect", "--cfg", "job", "episodes=7", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "episodes: 7" in result.stdout and "scenario: highway" in result.stdout
+
+
+def test_evaluate_writes_metrics_json_in_its_run_dir(tmp_path: Path):
+    result = run_cli("evaluate", "agent=slower", *TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["episodes"] == 2 and metrics["crash_rate"] == 0.0 and metrics["seed"] == 1_000_000
+    for key in ("return_mean", "return_std", "speed_mean", "ttc_min_p5", "decision_ms_p50", "decision_ms_p99"):
+        assert key in metrics
+    assert "return_mean" in result.stdout, "the figures are printed as a table too"
+    assert len(list((tmp_path / "run" / "episodes" / "episodes").glob("ep_*.npz"))) == 2
+
+
+def test_multirun_sweeps_agents(tmp_path: Path):
+    result = run_cli("evaluate", "-m", "agent=slower,idm", "episodes=1", "max_steps=2", "hydra.sweep.dir=sweep",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    agents = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["agent"] for i in (0, 1)]
+    assert agents == ["slower", "idm"]
+
+
+def _write_yaml(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["scenario=nowhere"], "unknown scenario 'nowhere'"),
+    (["scenario={tmp}/bad.yaml"], "unknown key(s) 'lanes'"),
+    (["episodes=-1"], "episodes=-1 is out of range"),
+    (["workers=0"], "workers=0 is out of range"),
+])
+def test_bad_input_gives_a_short_error_and_leaves_no_files(tmp_path: Path, args, message):
+    _write_yaml(tmp_path / "bad.yaml", "name: bad\nenv_id: highway-fast-v0\nlanes: 3\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_cli("collect", *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_episode_and_foreign_manifest_are_reported(tmp_path: Path):
+    assert run_cli("collect", "agent=slower", *TINY, "out=ds", cwd=tmp_path).returncode == 0
+    path = tmp_path / "ds" / "episodes" / "ep_000001.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    result = run_cli("evaluate", "agent=slower", *TINY, "seed=0", "out=ds", cwd=tmp_path)
+    assert result.returncode == 2 and "ep_000001.npz is truncated or corrupt" in result.stderr
+
+    manifest = tmp_path / "ds" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"schema_version": 1', '"schema_version": 0'))
+    result = run_cli("collect", "agent=slower", *TINY, "out=ds", cwd=tmp_path)
+    assert result.returncode == 2 and "has schema version 0" in result.stderr
+
+
+def test_sigkill_mid_collect_loses_and_duplicates_nothing(tmp_path: Path):
+    args = ["collect", "agent=slower", "episodes=8", "out=ds", "hydra.run.dir=run"]
+    proc = subprocess.Popen([*cli_command(), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    episodes = tmp_path / "ds" / "episodes"
+    deadline = time.monotonic() + 120
+    while len(list(episodes.glob("ep_*.npz"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name: p.read_bytes() for p in episodes.glob("ep_*.npz")}
+    assert 2 <= len(survivors) < 8, "the kill landed mid-run"
+
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["episodes_resumed"] == len(survivors) and metrics["episodes_new"] == 8 - len(survivors)
+    _, loaded = load_dataset(tmp_path / "ds")
+    assert [ep.index for ep in loaded] == list(range(8))
+    assert {p.name: p.read_bytes() for p in episodes.glob("ep_*.npz") if p.name in survivors} == survivors
+    assert not list(episodes.glob(".*"))
+

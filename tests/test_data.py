@@ -1,0 +1,102 @@
+"""Episode files and manifests: round trip, atomic writes, resume, corrupt input, same data for any worker count."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drive_mbrl import SCHEMA_VERSION
+from drive_mbrl.data import (
+    RunSpec,
+    collect,
+    episode_digest,
+    episode_path,
+    load_dataset,
+    load_episode,
+    read_manifest,
+    save_episode,
+)
+from drive_mbrl.errors import DataError
+from drive_mbrl.scenarios import load_scenario
+from tests.conftest import make_episode, straight_state
+
+
+def small_spec(episodes: int, agent: str = "slower", seed: int = 0) -> RunSpec:
+    return RunSpec(load_scenario("highway"), agent, episodes, seed, record_hz=0, max_steps=3)
+
+
+def test_episode_round_trip_is_exact(tmp_path: Path):
+    episode = make_episode(straight_state([[0.0, 10.0], [1.0, 11.0], [2.0, 12.0]], speeds=[1.0, 1.0]), index=4)
+    path = save_episode(tmp_path, episode)
+    assert path == episode_path(tmp_path, 4) and not list(path.parent.glob(".*.tmp"))
+    loaded = load_episode(path)
+    assert episode_digest(loaded) == episode_digest(episode)
+    assert np.load(path)["state"].shape == (3, 2, 7), "files are plain numpy archives"
+
+
+def test_truncated_episode_file_names_the_file(tmp_path: Path):
+    episode = make_episode(straight_state([[0.0]] * 3, speeds=[1.0]))
+    path = save_episode(tmp_path, episode)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{path.name}.*truncated or corrupt"):
+        load_episode(path)
+
+
+def test_episode_of_another_schema_version_is_rejected(tmp_path: Path):
+    arrays = make_episode(straight_state([[0.0]] * 3, speeds=[1.0])).to_arrays()
+    path = tmp_path / "ep_000000.npz"
+    np.savez_compressed(path, **arrays, schema_version=np.asarray(SCHEMA_VERSION + 1))
+    with pytest.raises(DataError, match="schema version"):
+        load_episode(path)
+
+
+def test_collect_writes_manifest_and_resumes_without_duplicates(tmp_path: Path):
+    out = tmp_path / "ds"
+    first = collect(small_spec(2), out)
+    assert first["episodes_new"] == 2
+    before = {p.name: p.read_bytes() for p in (out / "episodes").glob("*.npz")}
+    (out / "episodes" / ".ep_000002.npz.leftover.tmp").write_bytes(b"half")  # a write killed mid-way
+    second = collect(small_spec(4), out)
+    assert (second["episodes_new"], second["episodes_resumed"], second["episodes_total"]) == (2, 2, 4)
+    assert {p.name: p.read_bytes() for p in (out / "episodes").glob("*.npz") if p.name in before} == before
+    assert not list((out / "episodes").glob(".*.tmp"))
+    manifest, episodes = load_dataset(out)
+    assert [ep.index for ep in episodes] == [0, 1, 2, 3]
+    assert [ep.seed for ep in episodes] == [0, 1, 2, 3]
+    assert manifest["dt"] == pytest.approx(0.2) and manifest["policy_dt"] == pytest.approx(1.0)
+    assert manifest["scenario"]["env_id"] == "highway-fast-v0"
+    assert manifest["state_fields"][:2] == ["x", "y"] and manifest["state_units"][2] == "m/s"
+    assert manifest["action_names"][4] == "SLOWER"
+
+
+def test_collect_into_a_folder_of_another_config_is_refused(tmp_path: Path):
+    collect(small_spec(1), tmp_path / "ds")
+    with pytest.raises(DataError, match="different agent"):
+        collect(small_spec(1, agent="random"), tmp_path / "ds")
+
+
+def test_manifest_of_another_schema_version_is_rejected(tmp_path: Path):
+    collect(small_spec(1), tmp_path / "ds")
+    path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(DataError, match="manifest.json has schema version 99"):
+        read_manifest(tmp_path / "ds")
+
+
+def test_record_hz_sets_the_frame_rate(tmp_path: Path):
+    spec = RunSpec(load_scenario("highway"), "slower", 1, 0, record_hz=1, max_steps=3)
+    collect(spec, tmp_path / "ds")
+    manifest, [episode] = load_dataset(tmp_path / "ds")
+    assert manifest["dt"] == 1.0 and episode.state.shape[0] == 4
+    assert episode.decision_frame.tolist() == [0, 1, 2]
+
+
+def test_two_ray_workers_give_the_same_data_as_one(tmp_path: Path):
+    spec = RunSpec(load_scenario("highway"), "random", 3, 5, max_steps=3)
+    collect(spec, tmp_path / "one", workers=1)
+    collect(spec, tmp_path / "two", workers=2)
+    one = [episode_digest(ep) for ep in load_dataset(tmp_path / "one")[1]]
+    two = [episode_digest(ep) for ep in load_dataset(tmp_path / "two")[1]]
+    assert one == two and len(set(one)) == 3
