@@ -113,7 +113,8 @@ def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any
     for row in metrics["rows"]:
         print(f"workers={row['workers']}: median {row['steps_per_s_median']:.1f} steps/s "
               f"(runs {', '.join(f'{v:.1f}' for v in row['steps_per_s'])}), "
-              f"x{row['speedup_vs_baseline']:.2f} vs workers={metrics['rows'][0]['workers']}")
+              f"x{row['speedup_vs_baseline']:.2f} vs workers={metrics['rows'][0]['workers']}; "
+              f"x{row['speedup_with_ray_start']:.2f} charging Ray's start-up ({metrics['ray_start_s']:.1f} s)")
     print(f"identical data across worker counts: {metrics['identical_data']}")
     return metrics
 

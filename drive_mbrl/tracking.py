@@ -48,7 +48,7 @@ class TrackRecorder:
         self._keep_alive: list[Any] = []  # holds tracked vehicles so their id() is never reused
         self._classes: list[str] = []
         self._edges: dict[str, int] = {}
-        self._rows: list[dict[int, tuple[tuple[float, ...], int, int]]] = []
+        self._rows: list[dict[int, tuple[tuple[float, ...], int, int, float, float]]] = []
         self._times: list[float] = []
         self._sim_frames = 0
         self._env: Any = None
@@ -99,34 +99,45 @@ class TrackRecorder:
             if vehicle is not ego and math.hypot(vehicle.position[0] - ex, vehicle.position[1] - ey) \
                     > self.perception_range:
                 continue
-            lane = vehicle.lane_index
-            row[self._track_id(vehicle)] = (vehicle_state(vehicle), int(lane[2]), self._edge(lane))
-        if self._track_id(ego) not in row:  # the ego can leave road.vehicles in some envs (e.g. on arrival)
-            lane = ego.lane_index
-            row[0] = (vehicle_state(ego), int(lane[2]), self._edge(lane))
+            row[self._track_id(vehicle)] = self._lane_row(vehicle)
+        if 0 not in row:  # the ego can leave road.vehicles in some envs (e.g. on arrival)
+            row[0] = self._lane_row(ego)
         self._rows.append(row)
         self._times.append(self._sim_frames * self.sim_dt)
 
+    def _lane_row(self, vehicle: Any) -> tuple[tuple[float, ...], int, int, float, float]:
+        """State, lane id, edge index, lateral offset from the lane centre [m] and the lane's heading [rad]."""
+        index, lane = vehicle.lane_index, vehicle.lane
+        longitudinal, lateral = lane.local_coordinates(vehicle.position)
+        return (vehicle_state(vehicle), int(index[2]), self._edge(index), float(lateral),
+                float(lane.heading_at(longitudinal)))
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """The recording so far as arrays: frame_time (T,), state (T, M, F), present (T, M), lane_id (T, M),
-        lane_edge (T, M), lane_edges (L,), vehicle_class (M,)."""
+        """The recording so far as arrays: frame_time (T,), state (T, M, F), present (T, M), lane_id, lane_edge,
+        lane_offset, lane_heading (T, M), lane_edges (L,), vehicle_class (M,)."""
         frames, tracks = len(self._rows), len(self._ids)
         state = np.full((frames, tracks, len(STATE_FIELDS)), np.nan, dtype=np.float32)
         present = np.zeros((frames, tracks), dtype=bool)
         lane_id = np.full((frames, tracks), -1, dtype=np.int16)
         lane_edge = np.full((frames, tracks), -1, dtype=np.int16)
+        lane_offset = np.full((frames, tracks), np.nan, dtype=np.float32)
+        lane_heading = np.full((frames, tracks), np.nan, dtype=np.float32)
         for t, row in enumerate(self._rows):
-            for track, (values, lane, edge) in row.items():
+            for track, (values, lane, edge, offset, heading) in row.items():
                 state[t, track] = values
                 present[t, track] = True
                 lane_id[t, track] = lane
                 lane_edge[t, track] = edge
+                lane_offset[t, track] = offset
+                lane_heading[t, track] = heading
         return {
             "frame_time": np.asarray(self._times, dtype=np.float64),
             "state": state,
             "present": present,
             "lane_id": lane_id,
             "lane_edge": lane_edge,
+            "lane_offset": lane_offset,
+            "lane_heading": lane_heading,
             "lane_edges": np.asarray(list(self._edges), dtype=str),
             "vehicle_class": np.asarray(self._classes, dtype=str),
         }

@@ -49,6 +49,11 @@ class Episode:
     """(T, M) int16 lane number within its road edge (highway-env's lane_index[2]); -1 where absent."""
     lane_edge: np.ndarray
     """(T, M) int16 index into `lane_edges` of the road edge the track is on; -1 where absent."""
+    lane_offset: np.ndarray
+    """(T, M) float32 [m] lateral offset from the centre of the track's lane (highway-env's lane-local coordinate,
+    positive to the lane's right); NaN where absent."""
+    lane_heading: np.ndarray
+    """(T, M) float32 [rad] heading of the lane at the track's position (world frame); NaN where absent."""
     lane_edges: np.ndarray
     """(L,) str road edges as 'from->to' node names of highway-env's road network."""
     vehicle_class: np.ndarray

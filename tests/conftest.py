@@ -48,6 +48,7 @@ def make_episode(state: np.ndarray, present: np.ndarray | None = None, reward: n
     return Episode(
         index=index, seed=index, frame_time=np.arange(frames, dtype=float), state=state.astype(np.float32),
         present=present, lane_id=np.zeros((frames, tracks), np.int16), lane_edge=np.zeros((frames, tracks), np.int16),
+        lane_offset=np.zeros((frames, tracks), np.float32), lane_heading=np.zeros((frames, tracks), np.float32),
         lane_edges=np.asarray(["0->1"]), vehicle_class=np.asarray(["V"] * tracks),
         decision_frame=np.arange(steps, dtype=np.int32), action=np.zeros(steps, np.int64), reward=reward,
         reward_components=np.zeros((steps, 1)), reward_component_names=np.asarray(["r"]),

@@ -94,3 +94,12 @@ def test_user_scenario_file_configures_the_env(tmp_path: Path):
 def test_unknown_scenario_name_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="highway_dense"):
         load_scenario("higway")
+
+
+def test_lane_offset_and_heading_on_a_straight_highway():
+    # highway-fast-v0 lanes run along +x, 4 m wide, centred at y = 0, 4, 8: offset = y - 4 * lane_id, heading 0.
+    episode = EpisodeRunner().run(EpisodeJob(load_scenario("highway"), "slower", 0, 2, max_steps=3))
+    p = episode.present
+    np.testing.assert_allclose(episode.lane_offset[p], episode.state[..., 1][p] - 4.0 * episode.lane_id[p],
+                               atol=1e-4)
+    assert np.abs(episode.lane_heading[p]).max() < 1e-6

@@ -1,0 +1,142 @@
+"""Ego-centric scene tensors from recorded episodes, for the forecaster and its baselines.
+
+A *scene* is taken at one policy decision s of an episode: the ego and its V nearest tracks (by distance at the
+decision frame) with `history_len` past frames, the ego's actions over the next H policy steps, and the future
+states of the same agents at each of the next H decisions. Everything is expressed in the ego frame at the decision:
+origin at the ego's position, x along its heading, y to its right (highway-env's convention), so a scene does not
+depend on where on the map it happened. Agent slot 0 is always the ego; empty slots are masked.
+
+This module turns numpy episodes into numpy arrays; it knows nothing of torch or of models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.types import EGO_TRACK, Episode
+
+X, Y, VX, VY, HEADING, LENGTH, WIDTH = range(7)
+HIST_FEATURES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length", "width", "present")
+"""Per-agent, per-history-frame input features (ego frame; [m], [m/s], unitless)."""
+TARGET_FEATURES = ("x", "y", "vx", "vy")
+"""Predicted per-agent, per-horizon-step quantities (ego frame at the decision; [m], [m/s])."""
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """How scenes are cut from episodes."""
+
+    agents: int = 8
+    """V + 1: the ego plus the V nearest tracks."""
+    history_len: int = 5
+    """Past frames per agent, the decision frame included."""
+    history_stride: int = 1
+    """Recorded frames between history frames."""
+    horizon: int = 5
+    """H: future policy steps predicted (H x policy_dt seconds ahead)."""
+
+
+@dataclass
+class Scenes:
+    """A batch of B scenes (numpy). Shapes: B scenes, A = V + 1 agents, L history frames, H horizon steps."""
+
+    history: np.ndarray
+    """(B, A, L, len(HIST_FEATURES)) float32, ego frame; zeros where absent (see the present feature)."""
+    agent_mask: np.ndarray
+    """(B, A) bool: slot holds a track present at the decision frame."""
+    actions: np.ndarray
+    """(B, H) int64 ego meta-actions over the horizon; -1 after the episode ended."""
+    future: np.ndarray
+    """(B, A, H, len(TARGET_FEATURES)) float32 true future in the decision's ego frame; NaN where unknown."""
+    future_mask: np.ndarray
+    """(B, A, H) bool: the future state is known (track present, episode not ended)."""
+    reward: np.ndarray
+    """(B, H) float32 env reward of each future step; NaN after the end."""
+    crash: np.ndarray
+    """(B, H) bool: the ego crashed at the end of that step."""
+    step_valid: np.ndarray
+    """(B, H) bool: the episode still ran at that step."""
+    episode: np.ndarray
+    """(B,) int64 episode index (for splits by episode)."""
+    track: np.ndarray
+    """(B, A) int64 track id of each slot (-1 empty)."""
+
+    def __len__(self) -> int:
+        return int(self.history.shape[0])
+
+    def subset(self, index: np.ndarray) -> Scenes:
+        return Scenes(**{k: v[index] for k, v in self.__dict__.items()})
+
+
+def to_ego_frame(state: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Express world-frame states (..., 7) in the frame of `origin` (7,): positions, velocities and heading."""
+    cos, sin = np.cos(origin[HEADING]), np.sin(origin[HEADING])
+    out = state.copy()
+    dx, dy = state[..., X] - origin[X], state[..., Y] - origin[Y]
+    out[..., X], out[..., Y] = cos * dx + sin * dy, -sin * dx + cos * dy
+    out[..., VX] = cos * state[..., VX] + sin * state[..., VY]
+    out[..., VY] = -sin * state[..., VX] + cos * state[..., VY]
+    out[..., HEADING] = state[..., HEADING] - origin[HEADING]
+    return out
+
+
+def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> Scenes:
+    """All scenes of one episode, one per policy decision that has at least one history frame."""
+    state, present = episode.state, episode.present
+    frames = state.shape[0]
+    A, L, H = spec.agents, spec.history_len, spec.horizon
+    rows: list[dict[str, np.ndarray]] = []
+    for s, frame in enumerate(episode.decision_frame):
+        origin = state[frame, EGO_TRACK].astype(np.float64)
+        others = np.flatnonzero(present[frame])
+        others = others[others != EGO_TRACK]
+        dist = np.hypot(state[frame, others, X] - origin[X], state[frame, others, Y] - origin[Y])
+        slots = np.concatenate([[EGO_TRACK], others[np.argsort(dist, kind="stable")][: A - 1]]).astype(np.int64)
+        track = np.full(A, -1, np.int64)
+        track[: len(slots)] = slots
+
+        hist_frames = frame - spec.history_stride * np.arange(L - 1, -1, -1)
+        hist = np.zeros((A, L, len(HIST_FEATURES)), np.float32)
+        for j, f in enumerate(hist_frames):
+            if f < 0:
+                continue
+            local = to_ego_frame(state[f, slots].astype(np.float64), origin)
+            ok = present[f, slots]
+            feats = np.stack([local[:, X], local[:, Y], local[:, VX], local[:, VY], np.cos(local[:, HEADING]),
+                              np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH], ok], axis=-1)
+            hist[: len(slots), j] = np.where(ok[:, None], feats, 0.0)
+
+        future = np.full((A, H, len(TARGET_FEATURES)), np.nan, np.float32)
+        fmask = np.zeros((A, H), bool)
+        for h in range(H):
+            f = frame + (h + 1) * frames_per_step
+            if s + h >= episode.steps or f >= frames:
+                break
+            local = to_ego_frame(state[f, slots].astype(np.float64), origin)
+            ok = present[f, slots]
+            future[: len(slots), h] = np.where(ok[:, None], local[:, [X, Y, VX, VY]], np.nan)
+            fmask[: len(slots), h] = ok
+        steps = np.arange(s, s + H)
+        valid = steps < episode.steps
+        clipped = np.minimum(steps, episode.steps - 1)
+        rows.append({
+            "history": hist, "agent_mask": track >= 0, "track": track,
+            "actions": np.where(valid, episode.action[clipped], -1),
+            "future": future, "future_mask": fmask,
+            "reward": np.where(valid, episode.reward[clipped], np.nan).astype(np.float32),
+            "crash": valid & episode.crashed[clipped], "step_valid": valid,
+            "episode": np.int64(episode.index),
+        })
+    return Scenes(**{k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+
+def dataset_scenes(episodes: list[Episode], spec: SceneSpec, manifest: dict) -> Scenes:
+    """Scenes of every episode of a dataset, concatenated."""
+    frames_per_step = round(manifest["policy_dt"] / manifest["dt"])
+    if frames_per_step < 1:
+        raise ConfigError("dataset dt is longer than its policy dt; re-collect with record_hz=0")
+    parts = [episode_scenes(ep, spec, frames_per_step) for ep in episodes if ep.steps > 0]
+    return Scenes(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Scenes.__dataclass_fields__})

@@ -1,0 +1,194 @@
+"""Training the forecaster: split by episode, normalisation, minibatch Adam, early stopping, checkpoints, resume.
+
+Checkpoint folder layout (every file written atomically):
+
+    meta.json   schema version, model config, scene spec, fit config, dataset manifest summary, split, history
+    best.pt     weights with the lowest validation NLL so far (what `load_forecaster` returns)
+    last.pt     weights + optimiser + RNG + epoch counters: `fit` resumes from it after an interrupt
+
+A batch whose loss or gradient is not finite stops training with `NonFiniteLoss` after reporting the batch; the
+checkpoints of the last good epoch stay as they were. Library code: it returns metrics and reports progress
+through a callback; it never prints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from drive_mbrl import SCHEMA_VERSION, __version__
+from drive_mbrl.data import atomic_write, write_json
+from drive_mbrl.errors import DataError, DriveMbrlError
+from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes, SceneSpec
+from drive_mbrl.forecaster import Forecaster, ForecasterConfig
+from drive_mbrl.losses import forecaster_loss
+
+BEST, LAST, META = "best.pt", "last.pt", "meta.json"
+
+
+class NonFiniteLoss(DriveMbrlError):
+    """Training hit a NaN/inf loss or gradient; the message names the epoch and batch."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    """Stop after this many epochs without a better validation NLL."""
+    seed: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def split_by_episode(episode: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (train, val) masks over scenes such that no episode has scenes in both."""
+    ids = np.unique(episode)
+    if len(ids) < 2:
+        raise DataError(f"the dataset has {len(ids)} episode(s); a validation split by episode needs at least 2")
+    rng = np.random.default_rng(seed)
+    n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+    val_ids = rng.choice(ids, size=n_val, replace=False)
+    val = np.isin(episode, val_ids)
+    return ~val, val
+
+
+def tensors(scenes: Scenes, device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch view of a batch of scenes on `device`."""
+    return {k: torch.as_tensor(v, device=device) for k, v in scenes.__dict__.items()}
+
+
+def normalisation(scenes: Scenes) -> dict[str, Any]:
+    """Input mean/std per history feature over present entries, target scale (per-feature std of the one-step
+    change) and mean reward."""
+    present = scenes.history[..., -1] > 0.5
+    hist = scenes.history[present]
+    delta = scenes.future[:, :, 0] - scenes.history[:, :, -1, :4]
+    delta = delta[scenes.future_mask[:, :, 0]]
+    reward = scenes.reward[scenes.step_valid]
+    return {"hist_mean": hist.mean(0).tolist(), "hist_std": hist.std(0).tolist(),
+            "target_scale": np.nanstd(delta, axis=0).tolist() if len(delta) else [1.0] * 4,
+            "reward_mean": float(reward.mean()) if len(reward) else 0.0}
+
+
+def build_model(config: ForecasterConfig, norm: dict[str, Any]) -> Forecaster:
+    model = Forecaster(config)
+    model.set_normalisation(torch.tensor(norm["hist_mean"]), torch.tensor(norm["hist_std"]),
+                            torch.tensor(norm["target_scale"]), norm["reward_mean"])
+    return model
+
+
+def _save_torch(path: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def evaluate_loss(model: Forecaster, scenes: Scenes, device: torch.device, batch_size: int = 1024) -> dict[str, float]:
+    """Mean loss terms over `scenes` (weighted by batch size), no gradients."""
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            batch = tensors(scenes.subset(np.arange(start, min(start + batch_size, len(scenes)))), device)
+            out = model(batch["history"], batch["agent_mask"], batch["actions"])
+            terms = forecaster_loss(out, batch["future"], batch["future_mask"], batch["reward"], batch["crash"],
+                                    batch["step_valid"])
+            n = batch["history"].shape[0]
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+    return {k: v / len(scenes) for k, v in sums.items()}
+
+
+def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSettings, out: Path,
+        meta_extra: dict[str, Any], device: torch.device,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume training) a forecaster into checkpoint folder `out`; returns the fit history summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    norm = normalisation(train)
+    model = build_model(config, norm).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "stale": 0, "history": []}
+    rng = np.random.default_rng(settings.seed)
+    if (out / LAST).exists():
+        last = torch.load(out / LAST, map_location=device, weights_only=False)
+        model.load_state_dict(last["model"])
+        optim.load_state_dict(last["optim"])
+        state = last["state"]
+        rng.bit_generator.state = last["rng"]
+    meta = {"schema_version": SCHEMA_VERSION, "package_version": __version__, "model": config.to_dict(),
+            "settings": asdict(settings), "normalisation": norm, "hist_features": list(HIST_FEATURES),
+            "target_features": list(TARGET_FEATURES), **meta_extra}
+    write_json(out / META, meta)
+    while state["epoch"] < settings.epochs and state["stale"] < settings.patience:
+        model.train()
+        order = rng.permutation(len(train))
+        total, batches = 0.0, 0
+        for b, start in enumerate(range(0, len(order), settings.batch_size)):
+            batch = tensors(train.subset(order[start : start + settings.batch_size]), device)
+            out_ = model(batch["history"], batch["agent_mask"], batch["actions"])
+            terms = forecaster_loss(out_, batch["future"], batch["future_mask"], batch["reward"], batch["crash"],
+                                    batch["step_valid"])
+            optim.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0 * config.members)
+            if not (torch.isfinite(terms["total"]) and torch.isfinite(grad_norm)):
+                raise NonFiniteLoss(f"non-finite loss/gradient at epoch {state['epoch']}, batch {b} "
+                                    f"(loss {float(terms['total'])}, grad norm {float(grad_norm)}); training stopped, "
+                                    f"the checkpoints in {out} are from the last good epoch")
+            optim.step()
+            total += float(terms["total"]) / config.members
+            batches += 1
+        val_terms = evaluate_loss(model, val, device)
+        state["epoch"] += 1
+        record = {"epoch": state["epoch"], "train_loss": total / max(batches, 1),
+                  **{f"val_{k}": v for k, v in val_terms.items()}}
+        state["history"].append(record)
+        if val_terms["nll"] < state["best_val"]:
+            state.update(best_val=val_terms["nll"], best_epoch=state["epoch"], stale=0)
+            _save_torch(out / BEST, {"model": model.state_dict()})
+        else:
+            state["stale"] += 1
+        _save_torch(out / LAST, {"model": model.state_dict(), "optim": optim.state_dict(), "state": state,
+                                 "rng": rng.bit_generator.state})
+        if on_epoch:
+            on_epoch(record)
+    return {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_nll": state["best_val"],
+            "history": state["history"]}
+
+
+def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[Forecaster, dict]:
+    """Load the best weights of a checkpoint folder and its meta.json; raises DataError on a bad folder."""
+    folder = Path(checkpoint)
+    if not (folder / META).is_file() or not (folder / BEST).is_file():
+        raise DataError(f"{folder} is not a forecaster checkpoint (needs {META} and {BEST}; train one with "
+                        "`drive-mbrl fit dataset=...`)")
+    meta = json.loads((folder / META).read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"checkpoint {folder} has schema version {meta.get('schema_version')!r}, this drive_mbrl "
+                        f"reads {SCHEMA_VERSION}: retrain it")
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = build_model(ForecasterConfig(**meta["model"]), meta["normalisation"])
+    model.load_state_dict(torch.load(folder / BEST, map_location="cpu", weights_only=True)["model"])
+    return model.to(device).eval(), meta
+
+
+def scene_spec(config: ForecasterConfig, history_stride: int) -> SceneSpec:
+    return SceneSpec(agents=config.agents, history_len=config.history_len, history_stride=history_stride,
+                     horizon=config.horizon)

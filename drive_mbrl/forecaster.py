@@ -1,0 +1,167 @@
+"""Ego-conditioned, multi-agent, multimodal probabilistic-ensemble trajectory forecaster.
+
+For a scene (features.py) it predicts, for every agent slot and each of the next H policy steps, a mixture of K
+diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned on the ego's candidate actions:
+
+    token_a   = MLP([history of agent a, ego action sequence, is_ego])          per agent a          (E, B, A, D)
+    token     = attention blocks across the agent tokens (masked)               interactions          (E, B, A, D)
+    heads     = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
+                ego token: H rewards and H collision logits
+
+E ensemble members hold separate weights stored as (E, in, out) tensors and run as one batched matmul
+(`EnsembleLinear`, as in mbrl-lib's `EnsembleLinearLayer`; PETS, Chua et al. 2018), so member disagreement
+(epistemic) and predicted variance (aleatoric) come out separately. Inputs are normalised inside the module with
+statistics fitted on training data, so a checkpoint is self-contained. Knows nothing of files or envs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 3.0
+
+
+@dataclass(frozen=True)
+class ForecasterConfig:
+    """Architecture of the forecaster (stored in checkpoints' meta.json)."""
+
+    agents: int = 8
+    history_len: int = 5
+    horizon: int = 5
+    num_actions: int = 5
+    members: int = 5
+    modes: int = 3
+    width: int = 128
+    heads: int = 4
+    blocks: int = 2
+    policy_dt: float = 1.0
+    """[s] between horizon steps (constant-velocity residual uses it)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent affine maps as one batched matmul: (E, N, I) -> (E, N, O)."""
+
+    def __init__(self, members: int, fan_in: int, fan_out: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(fan_in)
+        self.weight = nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(shape[0], -1, shape[-1])  # (E, N, I)
+        return torch.baddbmm(self.bias, flat, self.weight).reshape(*shape[:-1], -1)
+
+
+class EnsembleMLP(nn.Module):
+    def __init__(self, members: int, sizes: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.silu(x)
+        return x
+
+
+class AgentAttention(nn.Module):
+    """Pre-norm multi-head self-attention across agent tokens plus an MLP, batched over members."""
+
+    def __init__(self, members: int, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = EnsembleLinear(members, width, 3 * width)
+        self.out = EnsembleLinear(members, width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = EnsembleMLP(members, [width, 2 * width, width])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (E, B, A, D); mask: (B, A) True for real agents."""
+        E, B, A, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        split = lambda t: t.reshape(E * B, A, self.heads, D // self.heads).transpose(1, 2)  # (E*B, h, A, d)
+        attn_mask = mask[None].expand(E, B, A).reshape(E * B, 1, 1, A)
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask)
+        x = x + self.out(y.transpose(1, 2).reshape(E, B, A, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class Forecaster(nn.Module):
+    """See the module docstring. All tensors batch-first after the leading member axis E."""
+
+    def __init__(self, config: ForecasterConfig):
+        super().__init__()
+        self.config = c = config
+        feats = c.history_len * len(HIST_FEATURES) + c.horizon * c.num_actions + 1
+        self.register_buffer("hist_mean", torch.zeros(len(HIST_FEATURES)))
+        self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
+        self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
+        self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
+        self.norm = nn.LayerNorm(c.width)
+        per_mode = c.horizon * len(TARGET_FEATURES)
+        self.trajectory_head = EnsembleLinear(c.members, c.width, c.modes * (1 + 2 * per_mode))
+        self.ego_head = EnsembleLinear(c.members, c.width, 2 * c.horizon)
+
+    def set_normalisation(self, hist_mean: torch.Tensor, hist_std: torch.Tensor, target_scale: torch.Tensor,
+                          reward_mean: float) -> None:
+        self.hist_mean.copy_(hist_mean)
+        self.hist_std.copy_(hist_std.clamp_min(1e-3))
+        self.target_scale.copy_(target_scale.clamp_min(1e-3))
+        self.reward_mean.fill_(reward_mean)
+
+    def forward(self, history: torch.Tensor, agent_mask: torch.Tensor,
+                actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predict the scene's futures.
+
+        history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A) bool; actions: (B, H) int64 (-1 none).
+        Returns (E members, K modes, H steps, 4 targets):
+            mean, log_std: (E, B, A, K, H, 4)  [m], [m/s] in the decision's ego frame; log of std in those units
+            logits: (E, B, A, K)   mode log-probabilities (log_softmax over K)
+            reward: (E, B, H)      predicted env reward of each step
+            crash_logit: (E, B, H) logit of "the ego has crashed by the end of step h"
+        """
+        c = self.config
+        B, A, L, Fh = history.shape
+        assert (A, L, Fh) == (c.agents, c.history_len, len(HIST_FEATURES)), f"history shape {tuple(history.shape)}"
+        assert actions.shape == (B, c.horizon), f"actions shape {tuple(actions.shape)}, want ({B}, {c.horizon})"
+        x = ((history - self.hist_mean) / self.hist_std).reshape(B, A, L * Fh)
+        act = F.one_hot(actions.clamp_min(0), c.num_actions).float() * (actions >= 0).unsqueeze(-1).float()
+        act = act.reshape(B, 1, -1).expand(B, A, -1)
+        is_ego = torch.zeros(B, A, 1, device=history.device)
+        is_ego[:, 0] = 1.0
+        tokens = torch.cat([x, act, is_ego], dim=-1).unsqueeze(0).expand(c.members, -1, -1, -1)
+        h = self.encoder(tokens)  # (E, B, A, D)
+        mask = agent_mask.clone()
+        mask[:, 0] = True  # the ego is always there; also keeps attention rows non-empty
+        for block in self.blocks:
+            h = block(h, mask)
+        h = self.norm(h)
+        out = self.trajectory_head(h)  # (E, B, A, K * (1 + 2 * H * 4))
+        K, H, T = c.modes, c.horizon, len(TARGET_FEATURES)
+        logits = out[..., :K]
+        rest = out[..., K:].reshape(c.members, B, A, K, 2, H, T)
+        # Residual on constant velocity from the last history frame (de-normalised ego-frame state).
+        last = history[:, :, -1, :T]  # (B, A, 4) x, y, vx, vy
+        t = torch.arange(1, H + 1, device=history.device, dtype=history.dtype) * c.policy_dt
+        cv = torch.cat([last[..., None, :2] + last[..., None, 2:4] * t[:, None],
+                        last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)  # (B, A, H, 4)
+        mean = cv[None, :, :, None] + rest[..., 0, :, :] * self.target_scale
+        log_std = (rest[..., 1, :, :] + self.target_scale.log()).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        ego = self.ego_head(h[:, :, 0])  # (E, B, 2H)
+        return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
+                "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}

@@ -1,0 +1,61 @@
+"""Losses and probabilistic scores of the forecaster's Gaussian mixtures (pure torch functions).
+
+Each agent's future over the horizon is one mixture of K diagonal Gaussians over the whole (H, 4) trajectory (a mode
+is a whole trajectory). Unknown future entries are masked out of the product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, exp(log_std)^2)."""
+    return -0.5 * (((x - mean) / log_std.exp()) ** 2 + LOG_2PI) - log_std
+
+
+def mixture_log_prob(target: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
+                     logits: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of each agent's known future under its K-mode mixture.
+
+    target: (B, A, H, T) with NaN where unknown; mask: (B, A, H) bool; mean, log_std: (..., B, A, K, H, T);
+    logits: (..., B, A, K) log-probabilities. Returns (..., B, A); 0 for agents with no known step.
+    """
+    x = torch.nan_to_num(target)[..., None, :, :]  # (B, A, 1, H, T)
+    per_point = gaussian_log_prob(x, mean, log_std).sum(-1)  # (..., B, A, K, H)
+    per_mode = (per_point * mask[..., None, :]).sum(-1)  # (..., B, A, K)
+    return torch.logsumexp(logits + per_mode, dim=-1)
+
+
+def ensemble_mixture(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool members into one mixture of E*K components with weights p_k / E: returns mean, log_std (B, A, EK, H, T)
+    and logits (B, A, EK)."""
+    mean, log_std, logits = out["mean"], out["log_std"], out["logits"]
+    E, B, A, K, H, T = mean.shape
+    pool = lambda t: t.permute(1, 2, 0, 3, *range(4, t.dim())).reshape(B, A, E * K, *t.shape[4:])
+    return pool(mean), pool(log_std), pool(logits) - math.log(E)
+
+
+def forecaster_loss(out: dict[str, torch.Tensor], future: torch.Tensor, future_mask: torch.Tensor,
+                    reward: torch.Tensor, crash: torch.Tensor, step_valid: torch.Tensor,
+                    reward_weight: float = 1.0, crash_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Training loss summed over members (each member fits the data on its own).
+
+    Trajectory NLL per known (agent, step) point, reward MSE and crash BCE per valid step. Returns a dict of scalar
+    terms and their weighted `total`.
+    """
+    log_prob = mixture_log_prob(future, future_mask, out["mean"], out["log_std"], out["logits"])  # (E, B, A)
+    points = future_mask.sum().clamp_min(1)
+    nll = -log_prob.sum(dim=(1, 2)) / points  # (E,)
+    valid = step_valid.float()
+    steps = valid.sum().clamp_min(1)
+    reward_mse = ((out["reward"] - torch.nan_to_num(reward)) ** 2 * valid).sum(dim=(1, 2)) / steps
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        out["crash_logit"], crash.float().expand_as(out["crash_logit"]), reduction="none")
+    crash_bce = (bce * valid).sum(dim=(1, 2)) / steps
+    total = (nll + reward_weight * reward_mse + crash_weight * crash_bce).sum()
+    return {"total": total, "nll": nll.mean(), "reward_mse": reward_mse.mean(), "crash_bce": crash_bce.mean()}
