@@ -2,6 +2,8 @@
 
 - `random`: uniform random meta-actions from a seeded generator.
 - `slower`: always SLOWER (a safe, slow floor).
+- `explore`: random meta-actions weighted towards keeping speed and lane (`EXPLORE_WEIGHTS`), each held for 1-3
+  steps, so episodes last and the data holds varied, sustained ego actions for the forecaster to learn from.
 - `idm`: the ego is driven by highway-env's own IDM (longitudinal) and MOBIL (lane change) behaviour model: on
   reset the ego's controller is replaced by an `IDMVehicle` at the same state, route and target speed. The recorded
   action is the meta-action inferred from the ego's motion (`infer_meta_action`).
@@ -20,7 +22,9 @@ import numpy as np
 from drive_mbrl.errors import ConfigError
 from drive_mbrl.types import Agent
 
-BUILTIN_AGENTS = ("random", "slower", "idm")
+BUILTIN_AGENTS = ("random", "slower", "idm", "explore")
+EXPLORE_WEIGHTS = {"LANE_LEFT": 0.15, "IDLE": 0.3, "LANE_RIGHT": 0.15, "FASTER": 0.15, "SLOWER": 0.25}
+"""Relative probabilities of the `explore` agent's actions (renormalised over the actions a scenario has)."""
 SPEED_CHANGE_THRESHOLD = 1.0
 """[m/s] change of the ego's speed over one policy step above which an inferred action is FASTER / SLOWER."""
 
@@ -42,6 +46,27 @@ class RandomAgent:
 
     def act(self, obs: np.ndarray, env: Any) -> int:
         return int(self._rng.integers(env.action_space.n))
+
+
+class ExploreAgent:
+    """Weighted random meta-actions (`EXPLORE_WEIGHTS`), each held for 1 to 3 policy steps."""
+
+    drives_itself = False
+
+    def reset(self, env: Any, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        names = env.unwrapped.action_type.actions_indexes
+        self._actions = np.array([names[n] for n in EXPLORE_WEIGHTS if n in names])
+        weights = np.array([w for n, w in EXPLORE_WEIGHTS.items() if n in names])
+        self._p = weights / weights.sum()
+        self._held, self._left = 0, 0
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        if self._left == 0:
+            self._held = int(self._rng.choice(self._actions, p=self._p))
+            self._left = int(self._rng.integers(1, 4))
+        self._left -= 1
+        return self._held
 
 
 class ConstantAgent:
@@ -106,4 +131,6 @@ def make_agent(name: str) -> Agent:
         return ConstantAgent("SLOWER")
     if name == "idm":
         return IDMAgent()
+    if name == "explore":
+        return ExploreAgent()
     raise ConfigError(f"agent={name!r} is not known: choose one of {', '.join(BUILTIN_AGENTS)}")

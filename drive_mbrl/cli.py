@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from drive_mbrl import config as C
 from drive_mbrl.errors import DriveMbrlError
 
@@ -119,9 +121,91 @@ def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any
     return metrics
 
 
+def _forecaster_report(figures: dict[str, Any], run_dir: Path, title: str) -> None:
+    from drive_mbrl.plots import forecaster_report_png
+    from drive_mbrl.report import forecaster_markdown
+
+    png = forecaster_report_png(figures, run_dir / "report.png", title)
+    (run_dir / "report.md").write_text(forecaster_markdown(figures, title, png.name))
+    print(forecaster_markdown(figures, title, png.name, summary_only=True))
+    print(f"report:   {run_dir / 'report.md'}")
+
+
+def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from drive_mbrl.fit import (
+        TrainSettings,
+        dataset_rates,
+        fit,
+        load_forecaster,
+        load_scenes,
+        resolve_device,
+        split_by_episode,
+    )
+    from drive_mbrl.forecaster import ForecasterConfig
+    from drive_mbrl.validation import validate
+
+    if not cfg.dataset:
+        raise DriveMbrlError("fit needs dataset=[FOLDER,...]: collect one with `drive-mbrl collect out=FOLDER`")
+    if cfg.width % cfg.heads:
+        raise C.ConfigError(f"heads={cfg.heads} must divide width={cfg.width}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy_dt, actions = dataset_rates(cfg.dataset[0])
+    model_cfg = ForecasterConfig(agents=cfg.agents, history_len=cfg.history_len, horizon=cfg.horizon,
+                                 num_actions=actions, members=cfg.members, modes=cfg.modes, width=cfg.width,
+                                 heads=cfg.heads, blocks=cfg.blocks, policy_dt=policy_dt)
+    scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
+    train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
+    train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out) if cfg.out else run_dir / "checkpoint"
+    settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                             seed=cfg.seed)
+    bar = tqdm(total=cfg.epochs, desc=f"fit {len(train)} scenes", unit="epoch", dynamic_ncols=True)
+
+    def on_epoch(record: dict[str, float]) -> None:
+        bar.n = record["epoch"]
+        bar.set_postfix(train=f"{record['train_loss']:.3f}", val_nll=f"{record['val_nll']:.3f}")
+        bar.refresh()
+
+    try:
+        history = fit(train, val, model_cfg, settings, out,
+                      {"data": sources, "history_dt": cfg.history_dt, "train_scenes": len(train),
+                       "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist()))}, device, on_epoch)
+    finally:
+        bar.close()
+    model, _ = load_forecaster(out, device)
+    held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else val
+    figures = validate(model, held, device, policy_dt, seed=cfg.seed)
+    _forecaster_report(figures, run_dir, f"forecaster on {'held-out data' if cfg.holdout else 'the val split'}")
+    print(f"checkpoint: {out}")
+    return {"checkpoint": str(out), "fit": {k: v for k, v in history.items() if k != "history"},
+            "learning_curve": history["history"], "validation": figures,
+            "train_scenes": len(train), "val_scenes": len(val)}
+
+
+def run_validate(cfg: C.ValidateConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
+    from drive_mbrl.validation import validate
+
+    if not cfg.checkpoint or not cfg.dataset:
+        raise DriveMbrlError("validate needs checkpoint=FOLDER and dataset=[FOLDER,...]")
+    device = resolve_device(cfg.device)
+    model, meta = load_forecaster(cfg.checkpoint, device)
+    scenes, sources = load_scenes(cfg.dataset, model.config, meta["history_dt"])
+    figures = validate(model, scenes, device, model.config.policy_dt, seed=cfg.seed, hdr_samples=cfg.hdr_samples)
+    _forecaster_report(figures, run_dir, f"forecaster {cfg.checkpoint} on {', '.join(cfg.dataset)}")
+    return {"checkpoint": cfg.checkpoint, "data": sources, **figures}
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
+    "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
+    "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
 }

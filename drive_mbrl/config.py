@@ -97,3 +97,40 @@ def validate(cfg: Any) -> Any:
                 raise ConfigError(f"{f.name}={item!r} is out of range: allowed {lo} <= {f.name} <= {hi} "
                                   f"({f.name}: {meta['help']})")
     return cfg
+
+
+@dataclass
+class FitConfig:
+    """`drive-mbrl fit`: train the forecaster ensemble on one or more datasets of the same scenario."""
+
+    dataset: list[str] = opt([], "dataset folders to train on (e.g. [data/idm,data/random]); required")
+    holdout: list[str] = opt([], "datasets with held-out seeds to validate on at the end (default: the val split)")
+    out: str = opt("", "checkpoint folder; empty = <run dir>/checkpoint. Rerun with the same folder to resume")
+    agents: int = opt(8, "ego + nearest vehicles per scene", lo=2, hi=64)
+    history_len: int = opt(5, "history frames per agent (the decision frame included)", lo=1, hi=50)
+    history_dt: float = opt(0.2, "[s] between history frames (a multiple of the dataset's dt)", lo=0.01, hi=5.0)
+    horizon: int = opt(5, "policy steps predicted (seconds ahead = horizon x policy dt)", lo=1, hi=50)
+    members: int = opt(5, "ensemble members", lo=1, hi=64)
+    modes: int = opt(3, "Gaussian modes per agent", lo=1, hi=32)
+    width: int = opt(128, "token width", lo=8, hi=4096)
+    blocks: int = opt(2, "attention blocks across agents", lo=0, hi=16)
+    heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
+    epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)
+    batch_size: int = opt(256, "scenes per minibatch", lo=1, hi=1 << 20)
+    lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)
+    patience: int = opt(8, "early stopping: epochs without a better validation NLL", lo=1, hi=100000)
+    val_fraction: float = opt(0.2, "share of episodes held out for validation (split by episode)", lo=0.01, hi=0.9)
+    seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
+
+
+@dataclass
+class ValidateConfig:
+    """`drive-mbrl validate`: forecaster figures per horizon against physics baselines, with a report."""
+
+    checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
+    dataset: list[str] = opt([], "dataset folders to validate on (use seeds never used in training); required")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    hdr_samples: int = opt(256, "Monte Carlo samples per prediction for coverage", lo=16, hi=100000)
+    seed: int = opt(0, "seed of the coverage sampling and the action shuffle", lo=0, hi=2**31 - 1)

@@ -19,8 +19,10 @@ from drive_mbrl.errors import ConfigError
 from drive_mbrl.types import EGO_TRACK, Episode
 
 X, Y, VX, VY, HEADING, LENGTH, WIDTH = range(7)
-HIST_FEATURES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length", "width", "present")
-"""Per-agent, per-history-frame input features (ego frame; [m], [m/s], unitless)."""
+HIST_FEATURES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length", "width", "lane_offset",
+                 "cos_lane", "sin_lane", "present")
+"""Per-agent, per-history-frame input features (ego frame; [m], [m/s], unitless). `lane_offset` [m] is the lateral
+offset from the agent's lane centre (+ right), `cos_lane`/`sin_lane` the lane's direction in the ego frame."""
 TARGET_FEATURES = ("x", "y", "vx", "vy")
 """Predicted per-agent, per-horizon-step quantities (ego frame at the decision; [m], [m/s])."""
 
@@ -59,6 +61,9 @@ class Scenes:
     """(B, H) bool: the ego crashed at the end of that step."""
     step_valid: np.ndarray
     """(B, H) bool: the episode still ran at that step."""
+    lane: np.ndarray
+    """(B, A, 2) float32 at the decision: lateral offset from the lane centre [m] (+ right) and the lane's heading
+    [rad] in the ego frame; 0 where absent."""
     episode: np.ndarray
     """(B,) int64 episode index (for splits by episode)."""
     track: np.ndarray
@@ -105,9 +110,14 @@ def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> S
                 continue
             local = to_ego_frame(state[f, slots].astype(np.float64), origin)
             ok = present[f, slots]
+            lane_dir = episode.lane_heading[f, slots] - origin[HEADING]
             feats = np.stack([local[:, X], local[:, Y], local[:, VX], local[:, VY], np.cos(local[:, HEADING]),
-                              np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH], ok], axis=-1)
-            hist[: len(slots), j] = np.where(ok[:, None], feats, 0.0)
+                              np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH],
+                              episode.lane_offset[f, slots], np.cos(lane_dir), np.sin(lane_dir), ok], axis=-1)
+            hist[: len(slots), j] = np.where(ok[:, None], np.nan_to_num(feats), 0.0)
+        lane = np.zeros((A, 2), np.float32)
+        lane[: len(slots)] = np.nan_to_num(np.stack(
+            [episode.lane_offset[frame, slots], episode.lane_heading[frame, slots] - origin[HEADING]], axis=-1))
 
         future = np.full((A, H, len(TARGET_FEATURES)), np.nan, np.float32)
         fmask = np.zeros((A, H), bool)
@@ -123,7 +133,7 @@ def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> S
         valid = steps < episode.steps
         clipped = np.minimum(steps, episode.steps - 1)
         rows.append({
-            "history": hist, "agent_mask": track >= 0, "track": track,
+            "history": hist, "agent_mask": track >= 0, "track": track, "lane": lane,
             "actions": np.where(valid, episode.action[clipped], -1),
             "future": future, "future_mask": fmask,
             "reward": np.where(valid, episode.reward[clipped], np.nan).astype(np.float32),
@@ -140,3 +150,30 @@ def dataset_scenes(episodes: list[Episode], spec: SceneSpec, manifest: dict) -> 
         raise ConfigError("dataset dt is longer than its policy dt; re-collect with record_hz=0")
     parts = [episode_scenes(ep, spec, frames_per_step) for ep in episodes if ep.steps > 0]
     return Scenes(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Scenes.__dataclass_fields__})
+
+
+def physics_baselines(scenes: Scenes, policy_dt: float) -> dict[str, np.ndarray]:
+    """Physics predictions of every slot's future positions, from its state at the decision, in the ego frame.
+
+    Returns name -> (B, A, H, 2) positions [m]:
+      - `constant_velocity`: p + v t.
+      - `cv_lane_keeping`: constant velocity with the lateral position held: the velocity's component along the
+        lane direction u, p + (v . u) t u (the offset from the lane centre stays as it is).
+      - `highway_env_constant_speed`: highway-env's own `predict_trajectory_constant_speed`: the current speed
+        along the lane centre, p - offset n + |v| t u (n the lane's right normal). Lanes are taken as straight over
+        the horizon, which is exact on highway, merge's main road and intersection approaches.
+    """
+    H = scenes.future.shape[2]
+    t = (np.arange(1, H + 1) * policy_dt)[:, None]  # (H, 1)
+    p = scenes.history[:, :, -1, None, 0:2]  # (B, A, 1, 2)
+    v = scenes.history[:, :, -1, None, 2:4]
+    offset, psi = scenes.lane[..., 0, None, None], scenes.lane[..., 1]
+    u = np.stack([np.cos(psi), np.sin(psi)], axis=-1)[:, :, None]  # (B, A, 1, 2)
+    n = np.stack([-np.sin(psi), np.cos(psi)], axis=-1)[:, :, None]
+    v_lon = (v * u).sum(-1, keepdims=True)
+    speed = np.linalg.norm(v, axis=-1, keepdims=True)
+    return {
+        "constant_velocity": p + v * t,
+        "cv_lane_keeping": p + v_lon * t * u,
+        "highway_env_constant_speed": p - offset * n + speed * t * u,
+    }

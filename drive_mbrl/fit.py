@@ -153,7 +153,7 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
                                     f"(loss {float(terms['total'])}, grad norm {float(grad_norm)}); training stopped, "
                                     f"the checkpoints in {out} are from the last good epoch")
             optim.step()
-            total += float(terms["total"]) / config.members
+            total += float(terms["total"].detach()) / config.members
             batches += 1
         val_terms = evaluate_loss(model, val, device)
         state["epoch"] += 1
@@ -192,3 +192,48 @@ def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") 
 def scene_spec(config: ForecasterConfig, history_stride: int) -> SceneSpec:
     return SceneSpec(agents=config.agents, history_len=config.history_len, history_stride=history_stride,
                      horizon=config.horizon)
+
+
+def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -> tuple[Scenes, dict[str, Any]]:
+    """Scenes of one or more datasets of the same scenario and rates; episode ids are made unique across them.
+
+    Returns the scenes and a summary of the sources (for meta.json and reports).
+    """
+    from drive_mbrl.data import load_dataset
+    from drive_mbrl.features import dataset_scenes
+
+    if not paths:
+        raise DataError("no dataset given: pass dataset=[FOLDER,...] (folders written by `drive-mbrl collect`)")
+    parts, sources, reference = [], [], None
+    for offset, path in enumerate(paths):
+        manifest, episodes = load_dataset(Path(path))
+        key = (manifest["scenario"]["env_id"], manifest["dt"], manifest["policy_dt"])
+        reference = reference or key
+        if key != reference:
+            raise DataError(f"dataset {path} has (env, dt, policy dt) {key}, the first one {reference}: train on "
+                            "datasets of one scenario and recording rate")
+        stride = round(history_dt / manifest["dt"])
+        if stride < 1 or abs(stride * manifest["dt"] - history_dt) > 1e-6:
+            raise DataError(f"history_dt={history_dt} is not a multiple of dataset {path}'s dt {manifest['dt']}")
+        if abs(manifest["policy_dt"] - config.policy_dt) > 1e-9:
+            raise DataError(f"dataset {path} has policy dt {manifest['policy_dt']}, the model {config.policy_dt}")
+        if len(manifest["action_names"]) != config.num_actions:
+            raise DataError(f"dataset {path} has {len(manifest['action_names'])} actions, the model "
+                            f"{config.num_actions}: use datasets of one scenario")
+        if not episodes:
+            raise DataError(f"dataset {path} holds no episodes")
+        scenes = dataset_scenes(episodes, scene_spec(config, stride), manifest)
+        scenes.episode = scenes.episode + offset * 10**7
+        parts.append(scenes)
+        sources.append({"path": str(path), "agent": manifest["agent"], "seed": manifest["seed"],
+                        "episodes": len(episodes), "steps": int(sum(ep.steps for ep in episodes))})
+    merged = Scenes(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Scenes.__dataclass_fields__})
+    return merged, {"scenario": reference[0], "dt": reference[1], "policy_dt": reference[2], "sources": sources}
+
+
+def dataset_rates(path: str) -> tuple[float, int]:
+    """(policy_dt [s], number of actions) of a dataset, read from its manifest."""
+    from drive_mbrl.data import read_manifest
+
+    manifest = read_manifest(Path(path))
+    return float(manifest["policy_dt"]), len(manifest["action_names"])

@@ -8,7 +8,7 @@ diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned 
     heads     = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
                 ego token: H rewards and H collision logits
 
-E ensemble members hold separate weights stored as (E, in, out) tensors and run as one batched matmul
+E ensemble members hold separate weights (every parameter has a leading member axis E) and run as one batched matmul
 (`EnsembleLinear`, as in mbrl-lib's `EnsembleLinearLayer`; PETS, Chua et al. 2018), so member disagreement
 (epistemic) and predicted variance (aleatoric) come out separately. Inputs are normalised inside the module with
 statistics fitted on training data, so a checkpoint is self-contained. Knows nothing of files or envs.
@@ -63,6 +63,20 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, flat, self.weight).reshape(*shape[:-1], -1)
 
 
+class EnsembleLayerNorm(nn.Module):
+    """Layer norm with a separate affine per member: x (E, ..., D)."""
+
+    def __init__(self, members: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, width))
+        self.bias = nn.Parameter(torch.zeros(members, 1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = F.layer_norm(x, shape[-1:]).reshape(shape[0], -1, shape[-1])
+        return (y * self.weight + self.bias).reshape(shape)
+
+
 class EnsembleMLP(nn.Module):
     def __init__(self, members: int, sizes: list[int]):
         super().__init__()
@@ -82,10 +96,10 @@ class AgentAttention(nn.Module):
     def __init__(self, members: int, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = EnsembleLayerNorm(members, width)
         self.qkv = EnsembleLinear(members, width, 3 * width)
         self.out = EnsembleLinear(members, width, width)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = EnsembleLayerNorm(members, width)
         self.mlp = EnsembleMLP(members, [width, 2 * width, width])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +126,7 @@ class Forecaster(nn.Module):
         self.register_buffer("reward_mean", torch.zeros(()))
         self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
-        self.norm = nn.LayerNorm(c.width)
+        self.norm = EnsembleLayerNorm(c.members, c.width)
         per_mode = c.horizon * len(TARGET_FEATURES)
         self.trajectory_head = EnsembleLinear(c.members, c.width, c.modes * (1 + 2 * per_mode))
         self.ego_head = EnsembleLinear(c.members, c.width, 2 * c.horizon)

@@ -54,5 +54,11 @@ def test_inferred_meta_action(env, lanes, speeds, expected):
 
 
 def test_unknown_agent_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="random, slower, idm"):
+    with pytest.raises(ConfigError, match="random, slower, idm, explore"):
         make_agent("mpc")
+
+
+def test_explore_holds_actions_and_only_uses_the_scenarios_actions():
+    scenario = load_scenario("intersection")  # SLOWER, IDLE, FASTER only
+    episode = EpisodeRunner().run(EpisodeJob(scenario, "explore", 0, 4, max_steps=12))
+    assert set(episode.action.tolist()) <= {0, 1, 2} and len(set(episode.action.tolist())) > 1

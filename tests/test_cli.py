@@ -102,3 +102,22 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(tmp_path: Path):
     assert {p.name: p.read_bytes() for p in episodes.glob("ep_*.npz") if p.name in survivors} == survivors
     assert not list(episodes.glob(".*"))
 
+
+
+def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
+    assert run_cli("collect", "agent=explore", "episodes=3", "max_steps=6", "out=ds", cwd=tmp_path).returncode == 0
+    fit = run_cli("fit", "dataset=[ds]", "epochs=2", "members=2", "modes=2", "width=16", "heads=2", "blocks=1",
+                  "horizon=3", "hydra.run.dir=fit", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert metrics["fit"]["epochs"] == 2 and len(metrics["learning_curve"]) == 2
+    assert [r["horizon_s"] for r in metrics["validation"]["per_horizon"]] == [1.0, 2.0, 3.0]
+    assert (tmp_path / "fit" / "report.png").stat().st_size > 10_000
+    val = run_cli("validate", "checkpoint=fit/checkpoint", "dataset=[ds]", "hdr_samples=32", "hydra.run.dir=val",
+                  cwd=tmp_path)
+    assert val.returncode == 0, val.stderr
+    figures = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert set(figures["per_horizon"][0]["baselines"]) == {"constant_velocity", "cv_lane_keeping",
+                                                            "highway_env_constant_speed"}
+    missing = run_cli("validate", "checkpoint=nowhere", "dataset=[ds]", cwd=tmp_path)
+    assert missing.returncode == 2 and "nowhere is not a forecaster checkpoint" in missing.stderr

@@ -1,0 +1,177 @@
+"""Validation of a forecaster against physics baselines on the very same scenes.
+
+Per horizon step h (h x policy_dt seconds ahead), over the surrounding vehicles (agent slots 1..A-1) whose future
+is known at h:
+  - `ml_l2_mean`, `ml_l2_p95` [m]: position error of the most likely component of the ensemble's pooled mixture
+    (E x K components with weights p_k / E);
+  - `min_ade`, `min_fde` [m]: best of the K most likely pooled components, over steps 1..h / at step h;
+  - `nll` [nats]: negative log-likelihood of the true 2-D position under the pooled mixture's marginal at h;
+  - `coverage_50`, `coverage_90`: how often the truth falls in the mixture's highest-density region of that mass
+    (Monte Carlo with a fixed generator); `calibration_error`: mean |coverage(a) - a| over a = 0.1 .. 0.9;
+  - the same L2 figures for each baseline of `features.physics_baselines`.
+Plus the ego's error, reward MAE, crash-prediction AUROC and Brier score, the error on the top decile of member
+disagreement vs the rest, and the error near the ego with true vs shuffled ego actions (ego-conditioning).
+Pure torch/numpy; knows nothing of files or plotting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from drive_mbrl.features import Scenes, physics_baselines
+from drive_mbrl.fit import tensors
+from drive_mbrl.forecaster import Forecaster
+from drive_mbrl.losses import ensemble_mixture
+
+LEVELS = np.round(np.arange(0.1, 1.0, 0.1), 2)
+NEAR_EGO = 3
+"""Slots 1..NEAR_EGO (the nearest vehicles) are the ones whose error the ego's actions should change."""
+
+
+def predict(model: Forecaster, scenes: Scenes, device: torch.device, batch_size: int = 512,
+            actions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Pooled position mixtures and ego heads for every scene.
+
+    Returns mean, std (B, A, EK, H, 2), log_weight (B, A, EK), member_pos (E, B, A, H, 2) expected position of each
+    member, reward (E, B, H), crash_prob (E, B, H).
+    """
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            index = np.arange(start, min(start + batch_size, len(scenes)))
+            batch = tensors(scenes.subset(index), device)
+            acts = batch["actions"] if actions is None else torch.as_tensor(actions[index], device=device)
+            out = model(batch["history"], batch["agent_mask"], acts)
+            mean, log_std, logits = ensemble_mixture(out)
+            member_pos = (out["logits"].exp()[..., None, None] * out["mean"][..., :2]).sum(3)
+            for key, value in (("mean", mean[..., :2]), ("std", log_std[..., :2].exp()), ("log_weight", logits),
+                               ("member_pos", member_pos), ("reward", out["reward"]),
+                               ("crash_prob", torch.sigmoid(out["crash_logit"]))):
+                parts.setdefault(key, []).append(value.cpu().numpy())
+    axis = {"member_pos": 1, "reward": 1, "crash_prob": 1}
+    return {k: np.concatenate(v, axis=axis.get(k, 0)) for k, v in parts.items()}
+
+
+def _mixture_log_density(x: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weight: np.ndarray) -> np.ndarray:
+    """log density of points x (N, S, 2) under N mixtures (N, C, 2) -> (N, S)."""
+    z = (x[:, :, None, :] - mean[:, None]) / std[:, None]  # (N, S, C, 2)
+    comp = -0.5 * (z**2).sum(-1) - np.log(2 * np.pi) - np.log(std).sum(-1)[:, None]
+    a = comp + log_weight[:, None]
+    peak = a.max(-1, keepdims=True)
+    return (peak + np.log(np.exp(a - peak).sum(-1, keepdims=True)))[..., 0]
+
+
+def hdr_levels(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weight: np.ndarray,
+               samples: int = 256, rng: np.random.Generator | None = None) -> np.ndarray:
+    """For each of N 2-D mixtures, the mass of the highest-density region whose boundary passes through the truth
+    (Monte Carlo): the truth is inside the region of mass a iff its level < a. truth (N, 2), mean/std (N, C, 2),
+    log_weight (N, C) -> (N,)."""
+    rng = rng or np.random.default_rng(0)
+    n, c, _ = mean.shape
+    weight = np.exp(log_weight - log_weight.max(-1, keepdims=True))
+    weight /= weight.sum(-1, keepdims=True)
+    cum = weight.cumsum(-1)
+    pick = (rng.random((n, samples, 1)) > cum[:, None, :]).sum(-1).clip(max=c - 1)  # (N, S)
+    m = np.take_along_axis(mean, pick[..., None], axis=1)
+    s = np.take_along_axis(std, pick[..., None], axis=1)
+    draws = m + s * rng.standard_normal((n, samples, 2))
+    dens_draws = _mixture_log_density(draws, mean, std, log_weight)
+    dens_truth = _mixture_log_density(truth[:, None], mean, std, log_weight)
+    return (dens_draws > dens_truth).mean(-1)
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
+    """Area under the ROC curve by ranks (ties averaged); None when only one class is present."""
+    label = label.astype(bool)
+    pos, neg = label.sum(), (~label).sum()
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    for value in np.unique(score[np.diff(np.sort(score), prepend=np.nan) == 0]):  # average tied ranks
+        tie = score == value
+        ranks[tie] = ranks[tie].mean()
+    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt: float, seed: int = 0,
+             hdr_samples: int = 256) -> dict[str, Any]:
+    """All validation figures (see the module docstring) as a JSON-compatible dict."""
+    rng = np.random.default_rng(seed)
+    pred = predict(model, scenes, device)
+    B, A, C, H, _ = pred["mean"].shape
+    truth = scenes.future[..., :2]
+    known = scenes.future_mask.copy()
+    others = known.copy()
+    others[:, 0] = False
+    top_k = np.argsort(-pred["log_weight"], axis=-1)[..., : model.config.modes]  # (B, A, K)
+    ml = top_k[..., 0]
+    ml_pos = np.take_along_axis(pred["mean"], ml[..., None, None, None], axis=2)[:, :, 0]  # (B, A, H, 2)
+    err = np.linalg.norm(ml_pos - truth, axis=-1)  # (B, A, H)
+    topk_pos = np.take_along_axis(pred["mean"], top_k[..., None, None], axis=2)  # (B, A, K, H, 2)
+    topk_err = np.linalg.norm(topk_pos - truth[:, :, None], axis=-1)  # (B, A, K, H)
+    baselines = {name: np.linalg.norm(pos - truth, axis=-1)
+                 for name, pos in physics_baselines(scenes, policy_dt).items()}
+    disagreement = pred["member_pos"][:, :, :, -1].std(0).sum(-1)  # (B, A) at the last step
+
+    per_h = []
+    for h in range(H):
+        sel = others[:, :, h]
+        if not sel.any():
+            continue
+        e = err[:, :, h][sel]
+        through = np.where(others[:, :, : h + 1].all(-1), True, False) & sel
+        levels = hdr_levels(truth[:, :, h][sel], pred["mean"][:, :, :, h][sel], pred["std"][:, :, :, h][sel],
+                            pred["log_weight"][sel], hdr_samples, rng)
+        log_density = _mixture_log_density(truth[:, :, h][sel][:, None], pred["mean"][:, :, :, h][sel],
+                                           pred["std"][:, :, :, h][sel], pred["log_weight"][sel])[:, 0]
+        coverage = {f"{a:.1f}": float((levels < a).mean()) for a in LEVELS}
+        row = {
+            "horizon_s": (h + 1) * policy_dt, "samples": int(sel.sum()),
+            "ml_l2_mean": float(e.mean()), "ml_l2_p95": float(np.percentile(e, 95)),
+            "min_ade": float(topk_err[:, :, :, : h + 1].mean(-1).min(-1)[through].mean()) if through.any() else None,
+            "min_fde": float(topk_err[:, :, :, h].min(-1)[sel].mean()),
+            "nll": float(-log_density.mean()),
+            "coverage_50": float((levels < 0.5).mean()), "coverage_90": float((levels < 0.9).mean()),
+            "coverage": coverage,
+            "calibration_error": float(np.mean([abs(coverage[f"{a:.1f}"] - a) for a in LEVELS])),
+            "ego_l2_mean": float(err[:, 0, h][known[:, 0, h]].mean()) if known[:, 0, h].any() else None,
+            "baselines": {name: {"l2_mean": float(b[:, :, h][sel].mean()),
+                                 "l2_p95": float(np.percentile(b[:, :, h][sel], 95))}
+                          for name, b in baselines.items()},
+        }
+        per_h.append(row)
+
+    last = others[:, :, H - 1]
+    figures: dict[str, Any] = {"per_horizon": per_h, "scenes": B}
+    if last.any():
+        d, e = disagreement[last], err[:, :, H - 1][last]
+        top = d >= np.percentile(d, 90)
+        figures["epistemic"] = {"l2_top_decile_disagreement": float(e[top].mean()),
+                                "l2_rest": float(e[~top].mean()) if (~top).any() else None}
+        shuffled = predict(model, scenes, device, actions=scenes.actions[rng.permutation(B)])
+        s_ml = np.argmax(shuffled["log_weight"], axis=-1)
+        s_pos = np.take_along_axis(shuffled["mean"], s_ml[..., None, None, None], axis=2)[:, :, 0]
+        s_err = np.linalg.norm(s_pos - truth, axis=-1)
+        near = last.copy()
+        near[:, NEAR_EGO + 1 :] = False
+        figures["ego_conditioning"] = {
+            "near_slots": NEAR_EGO, "l2_true_actions": float(err[:, :, H - 1][near].mean()),
+            "l2_shuffled_actions": float(s_err[:, :, H - 1][near].mean()),
+            "ego_l2_true_actions": float(err[:, 0, H - 1][known[:, 0, H - 1]].mean()),
+            "ego_l2_shuffled_actions": float(s_err[:, 0, H - 1][known[:, 0, H - 1]].mean()),
+        }
+    valid = scenes.step_valid
+    reward_pred = pred["reward"].mean(0)
+    crash_prob = pred["crash_prob"].mean(0)
+    figures["reward"] = {"mae": float(np.abs(reward_pred - scenes.reward)[valid].mean()),
+                         "mae_of_mean_reward": float(np.abs(scenes.reward[valid].mean() - scenes.reward[valid]).mean())}
+    figures["crash"] = {"auroc": auroc(crash_prob[valid], scenes.crash[valid]),
+                        "brier": float(((crash_prob - scenes.crash) ** 2)[valid].mean()),
+                        "positive_rate": float(scenes.crash[valid].mean())}
+    return figures

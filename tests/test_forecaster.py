@@ -1,0 +1,178 @@
+"""Forecaster: batched ensemble vs per-member reference, losses and scores on hand-checkable cases, a
+constant-velocity world, save/load, resume and the NaN guard."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drive_mbrl.features import HIST_FEATURES, Scenes, SceneSpec, episode_scenes, physics_baselines, to_ego_frame
+from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
+from drive_mbrl.forecaster import EnsembleLinear, Forecaster, ForecasterConfig
+from drive_mbrl.losses import mixture_log_prob
+from drive_mbrl.validation import auroc, hdr_levels, validate
+from tests.conftest import make_episode, straight_state
+
+TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
+                        blocks=1, policy_dt=1.0)
+CPU = torch.device("cpu")
+
+
+def cv_scenes(n: int, config: ForecasterConfig = TINY, seed: int = 0) -> Scenes:
+    """Scenes of a constant-velocity world: every agent keeps its velocity exactly (ego frame, dt 1 s)."""
+    rng = np.random.default_rng(seed)
+    A, L, H = config.agents, config.history_len, config.horizon
+    pos = rng.uniform(-30, 30, (n, A, 2))
+    pos[:, 0] = 0.0
+    vel = np.stack([rng.uniform(15, 30, (n, A)), rng.uniform(-0.5, 0.5, (n, A))], -1)
+    vel[:, 0, 1] = 0.0
+    hist = np.zeros((n, A, L, len(HIST_FEATURES)), np.float32)
+    for j in range(L):
+        t = (j - (L - 1)) * 0.2
+        hist[:, :, j, 0:2] = pos + vel * t
+        hist[:, :, j, 2:4] = vel
+    hist[..., 4], hist[..., 6], hist[..., 7], hist[..., 9], hist[..., -1] = 1.0, 5.0, 2.0, 1.0, 1.0
+    t = np.arange(1, H + 1)[:, None]
+    future = np.concatenate([pos[:, :, None] + vel[:, :, None] * t, np.repeat(vel[:, :, None], H, 2)], -1)
+    return Scenes(history=hist, agent_mask=np.ones((n, A), bool), actions=rng.integers(0, 5, (n, H)),
+                  future=future.astype(np.float32), future_mask=np.ones((n, A, H), bool),
+                  reward=np.full((n, H), 0.8, np.float32), crash=np.zeros((n, H), bool),
+                  step_valid=np.ones((n, H), bool), lane=np.zeros((n, A, 2), np.float32),
+                  episode=np.arange(n) // 10, track=np.tile(np.arange(A), (n, 1)))
+
+
+def test_ensemble_linear_is_a_loop_of_linears():
+    torch.manual_seed(0)
+    layer = EnsembleLinear(4, 6, 3)
+    x = torch.randn(4, 5, 7, 6)
+    reference = torch.stack([x[e] @ layer.weight[e] + layer.bias[e, 0] for e in range(4)])
+    torch.testing.assert_close(layer(x), reference)
+
+
+def test_batched_ensemble_matches_each_member_run_alone():
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    scenes = cv_scenes(4)
+    batch = {k: torch.as_tensor(v) for k, v in scenes.__dict__.items()}
+    batch["agent_mask"][1, 2] = False
+    out = model(batch["history"], batch["agent_mask"], batch["actions"])
+    for e in range(TINY.members):
+        single = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "members": 1})).eval()
+        params = dict(model.named_parameters())
+        assert all(p.shape[0] == TINY.members for p in params.values()), "every parameter belongs to one member"
+        state = {k: v[e : e + 1] if k in params else v for k, v in model.state_dict().items()}
+        single.load_state_dict(state)
+        alone = single(batch["history"], batch["agent_mask"], batch["actions"])
+        for key in out:
+            torch.testing.assert_close(alone[key][0], out[key][e], rtol=1e-5, atol=1e-5)
+
+
+def test_single_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 4, 4)
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    mask[0, 1, 2:] = False
+    mean, log_std = torch.randn(2, 3, 1, 4, 4), 0.3 * torch.randn(2, 3, 1, 4, 4)
+    got = mixture_log_prob(target, mask, mean, log_std, torch.zeros(2, 3, 1))
+    dist = torch.distributions.Normal(mean[:, :, 0], log_std[:, :, 0].exp())
+    want = (dist.log_prob(target).sum(-1) * mask).sum(-1)
+    torch.testing.assert_close(got, want)
+
+
+def test_hdr_coverage_of_a_known_gaussian_is_nominal():
+    rng = np.random.default_rng(0)
+    n = 4000
+    mean, std = np.zeros((n, 1, 2)), np.ones((n, 1, 2))
+    truth = rng.standard_normal((n, 2))
+    levels = hdr_levels(truth, mean, std, np.zeros((n, 1)), samples=512, rng=rng)
+    # For a standard 2-D Gaussian the a-mass HDR is the disc of radius sqrt(-2 ln(1 - a)).
+    for a in (0.5, 0.9):
+        assert abs((levels < a).mean() - a) < 0.03
+    exact = 1 - np.exp(-0.5 * (truth**2).sum(-1))
+    assert np.abs(levels - exact).mean() < 0.03
+
+
+def test_auroc_by_hand():
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert auroc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+
+
+def test_physics_baselines_by_hand():
+    scenes = cv_scenes(1, ForecasterConfig(**{**TINY.to_dict(), "agents": 1, "horizon": 1}))
+    scenes.history[0, 0, -1, :4] = (0.0, 1.0, 10.0, 1.0)
+    scenes.lane[0, 0] = (0.5, 0.0)  # 0.5 m right of the lane centre, lane along +x
+    pred = {k: v[0, 0, 0] for k, v in physics_baselines(scenes, policy_dt=1.0).items()}
+    np.testing.assert_allclose(pred["constant_velocity"], (10.0, 2.0))
+    np.testing.assert_allclose(pred["cv_lane_keeping"], (10.0, 1.0))
+    np.testing.assert_allclose(pred["highway_env_constant_speed"], (math.sqrt(101.0), 0.5), rtol=1e-6)
+
+
+def test_episode_scenes_are_in_the_ego_frame():
+    # Ego at x = 10 t heading +x; a leader 20 m ahead in the lane to the right (y = 4), 2 m/s slower.
+    xs = [[10.0 * t, 20.0 + 8.0 * t] for t in range(4)]
+    state = straight_state(xs, speeds=[10.0, 8.0], ys=[0.0, 4.0])
+    scenes = episode_scenes(make_episode(state), SceneSpec(agents=3, history_len=2, horizon=2), frames_per_step=1)
+    assert scenes.history.shape == (3, 3, 2, len(HIST_FEATURES))
+    np.testing.assert_allclose(scenes.history[1, 1, -1, :4], (18.0, 4.0, 8.0, 0.0))  # at step 1: 28 - 10
+    # One step later, still in the decision's frame (origin: the ego at x = 10): 36 - 10.
+    np.testing.assert_allclose(scenes.future[1, 1, 0], (26.0, 4.0, 8.0, 0.0))
+    assert scenes.future_mask[1, 1, 1] and not scenes.future_mask[2, 1, 1], "the episode ends after 3 steps"
+    assert scenes.agent_mask[0].tolist() == [True, True, False]
+    origin = np.array([5.0, 5.0, 0, 0, np.pi / 2, 5, 2])
+    np.testing.assert_allclose(to_ego_frame(np.array([5.0, 7.0, 0, 3.0, np.pi / 2, 5, 2]), origin)[:4],
+                               (2.0, 0.0, 3.0, 0.0), atol=1e-12)
+
+
+def _fit(tmp: Path, epochs: int, scenes: Scenes, **kw) -> dict:
+    settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0)
+    return fit(scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200)), kw.get("config", TINY),
+               settings, tmp, {}, CPU)
+
+
+def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path):
+    torch.manual_seed(0)
+    scenes = cv_scenes(200)
+    _fit(tmp_path, 30, scenes)
+    model, _ = load_forecaster(tmp_path)
+    figures = validate(model, scenes.subset(np.arange(160, 200)), CPU, policy_dt=1.0, hdr_samples=64)
+    last = figures["per_horizon"][-1]
+    assert last["baselines"]["constant_velocity"]["l2_mean"] < 1e-5
+    assert last["ml_l2_mean"] < 0.3, f"3 s error {last['ml_l2_mean']:.3f} m in a constant-velocity world"
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
+    scenes = cv_scenes(200)
+    _fit(tmp_path / "straight", 4, scenes)
+    _fit(tmp_path / "resumed", 2, scenes)
+    resumed = _fit(tmp_path / "resumed", 4, scenes)
+    assert resumed["epochs"] == 4
+    a = torch.load(tmp_path / "straight" / LAST, weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / LAST, weights_only=False)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_save_load_round_trip_gives_the_same_predictions(tmp_path: Path):
+    scenes = cv_scenes(200)
+    _fit(tmp_path, 1, scenes)
+    model, meta = load_forecaster(tmp_path)
+    again, _ = load_forecaster(tmp_path)
+    batch = {k: torch.as_tensor(v[:5]) for k, v in scenes.__dict__.items()}
+    a = model(batch["history"], batch["agent_mask"], batch["actions"])
+    b = again(batch["history"], batch["agent_mask"], batch["actions"])
+    torch.testing.assert_close(a["mean"], b["mean"])
+    assert meta["model"]["members"] == TINY.members and len(meta["normalisation"]["hist_mean"]) == len(HIST_FEATURES)
+
+
+def test_non_finite_batch_stops_training_and_keeps_the_last_good_checkpoint(tmp_path: Path):
+    scenes = cv_scenes(200)
+    _fit(tmp_path, 1, scenes)
+    good = (tmp_path / BEST).read_bytes()
+    scenes.future[3, 1, 0, 0] = np.inf
+    with pytest.raises(NonFiniteLoss, match="epoch 1"):
+        _fit(tmp_path, 2, scenes)
+    assert (tmp_path / BEST).read_bytes() == good
+    assert torch.load(tmp_path / LAST, weights_only=False)["state"]["epoch"] == 1
