@@ -57,3 +57,49 @@ def bench_collect(scenario: str, agent: str, episodes: int, workers: list[int], 
     identical = all(d == digests[workers[0]] for d in digests.values())
     return {"scenario": spec.scenario.name, "agent": agent, "episodes": episodes, "repeats": repeats,
             "ray_start_s": ray_start_s, "rows": rows, "identical_data": identical}
+
+
+def bench_forecaster(checkpoint: str, candidates: list[int], repeats: int, device: str,
+                     threads: int) -> dict[str, Any]:
+    """Scene-rollouts per second of `forecaster.rollout` for one scene and N candidate plans, N in `candidates`.
+
+    Uses the checkpoint's model, or a freshly initialised default-size model when `checkpoint` is empty (speed does
+    not depend on the weights). Reports the median wall time over `repeats` calls after one warm-up call, the
+    parameter count and size, and the process's peak resident memory.
+    """
+    import resource
+
+    import torch
+
+    from drive_mbrl.features import HIST_FEATURES
+    from drive_mbrl.fit import load_forecaster, resolve_device
+    from drive_mbrl.forecaster import Forecaster, ForecasterConfig, rollout
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    model = load_forecaster(checkpoint, dev)[0] if checkpoint else Forecaster(ForecasterConfig()).to(dev).eval()
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    history = torch.randn(c.agents, c.history_len, len(HIST_FEATURES), generator=gen).to(dev)
+    mask = torch.ones(c.agents, dtype=torch.bool, device=dev)
+    rows = []
+    with torch.inference_mode():
+        for n in candidates:
+            plans = torch.randint(0, c.num_actions, (n, c.horizon), generator=gen).to(dev)
+            rollout(model, history, mask, plans)
+            times = []
+            for _ in range(repeats):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                rollout(model, history, mask, plans)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            t = median(times)
+            rows.append({"candidates": n, "ms_median": t * 1e3, "scene_rollouts_per_s": n / t})
+    params = sum(p.numel() for p in model.parameters())
+    return {"device": str(dev), "threads": torch.get_num_threads(), "members": c.members, "modes": c.modes,
+            "horizon": c.horizon, "agents": c.agents, "parameters": params, "parameter_mb": params * 4 / 2**20,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}

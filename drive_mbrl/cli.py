@@ -201,6 +201,19 @@ def run_validate(cfg: C.ValidateConfig, run_dir: Path) -> dict[str, Any]:
     return {"checkpoint": cfg.checkpoint, "data": sources, **figures}
 
 
+def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_forecaster
+
+    metrics = bench_forecaster(cfg.checkpoint, cfg.candidates, cfg.repeats, cfg.device, cfg.threads)
+    print(f"device {metrics['device']} ({metrics['threads']} threads), {metrics['members']} members x "
+          f"{metrics['modes']} modes, {metrics['parameters']:,} parameters ({metrics['parameter_mb']:.1f} MB), "
+          f"peak RSS {metrics['peak_rss_mb']:.0f} MB")
+    for row in metrics["rows"]:
+        print(f"N={row['candidates']:>5}: {row['ms_median']:8.2f} ms/call, "
+              f"{row['scene_rollouts_per_s']:10.0f} scene-rollouts/s")
+    return metrics
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
@@ -208,6 +221,8 @@ COMMANDS: dict[str, Command] = {
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
+    "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
+                                "forecaster scene-rollouts/s vs number of candidate plans"),
 }
 
 

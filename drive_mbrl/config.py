@@ -134,3 +134,14 @@ class ValidateConfig:
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     hdr_samples: int = opt(256, "Monte Carlo samples per prediction for coverage", lo=16, hi=100000)
     seed: int = opt(0, "seed of the coverage sampling and the action shuffle", lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class BenchForecasterConfig:
+    """`drive-mbrl bench forecaster`: scene-rollouts/s of the forecaster against the number of candidate plans."""
+
+    checkpoint: str = opt("", "forecaster checkpoint; empty = a fresh model of the default size")
+    candidates: list[int] = opt([1, 4, 16, 64, 256, 1024, 4096], "numbers N of candidate plans", lo=1, hi=1 << 20)
+    repeats: int = opt(10, "timed calls per N (median reported)", lo=1, hi=10000)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)

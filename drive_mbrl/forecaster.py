@@ -179,3 +179,24 @@ class Forecaster(nn.Module):
         ego = self.ego_head(h[:, :, 0])  # (E, B, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
+
+
+def rollout(model: Forecaster, history: torch.Tensor, agent_mask: torch.Tensor,
+            plans: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Roll N candidate ego action sequences of each of S scenes through every member and mode in one call.
+
+    history: (S, A, L, F) or (A, L, F) for one scene; agent_mask: (S, A) or (A,); plans: (S, N, H) or (N, H) int64
+    meta-action indices. Returns the forecaster's outputs with the scene and candidate axes kept apart:
+        mean, log_std: (E, S, N, A, K, H, 4); logits: (E, S, N, A, K); reward, crash_logit: (E, S, N, H)
+    (the S axis is dropped again when a single scene was passed). Runs on the model's device.
+    """
+    single = history.dim() == 3
+    if single:
+        history, agent_mask, plans = history[None], agent_mask[None], plans[None]
+    S, N, H = plans.shape
+    assert history.shape[0] == S and agent_mask.shape[0] == S, "history, agent_mask and plans need the same S"
+    flat_hist = history[:, None].expand(S, N, *history.shape[1:]).reshape(S * N, *history.shape[1:])
+    flat_mask = agent_mask[:, None].expand(S, N, agent_mask.shape[1]).reshape(S * N, -1)
+    out = model(flat_hist, flat_mask, plans.reshape(S * N, H))
+    shaped = {k: v.reshape(v.shape[0], S, N, *v.shape[2:]) for k, v in out.items()}
+    return {k: v[:, 0] for k, v in shaped.items()} if single else shaped

@@ -10,7 +10,7 @@ import torch
 
 from drive_mbrl.features import HIST_FEATURES, Scenes, SceneSpec, episode_scenes, physics_baselines, to_ego_frame
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
-from drive_mbrl.forecaster import EnsembleLinear, Forecaster, ForecasterConfig
+from drive_mbrl.forecaster import EnsembleLinear, Forecaster, ForecasterConfig, rollout
 from drive_mbrl.losses import mixture_log_prob
 from drive_mbrl.validation import auroc, hdr_levels, validate
 from tests.conftest import make_episode, straight_state
@@ -176,3 +176,20 @@ def test_non_finite_batch_stops_training_and_keeps_the_last_good_checkpoint(tmp_
         _fit(tmp_path, 2, scenes)
     assert (tmp_path / BEST).read_bytes() == good
     assert torch.load(tmp_path / LAST, weights_only=False)["state"]["epoch"] == 1
+
+
+def test_rollout_of_many_plans_matches_one_call_per_plan():
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    scenes = cv_scenes(2)
+    history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
+    plans = torch.randint(0, 5, (2, 6, TINY.horizon))
+    out = rollout(model, history, mask, plans)
+    assert out["mean"].shape == (TINY.members, 2, 6, TINY.agents, TINY.modes, TINY.horizon, 4)
+    for s in range(2):
+        for n in (0, 5):
+            ref = model(history[s : s + 1], mask[s : s + 1], plans[s, n : n + 1])
+            for key in ref:
+                torch.testing.assert_close(out[key][:, s, n], ref[key][:, 0], rtol=1e-5, atol=1e-5)
+    single = rollout(model, history[1], mask[1], plans[1])
+    torch.testing.assert_close(single["reward"], out["reward"][:, 1])
