@@ -93,19 +93,29 @@ def run_evaluate(cfg: C.EvaluateConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
+    from dataclasses import replace
+
     from drive_mbrl.data import RunSpec
     from drive_mbrl.evaluate import format_table
     from drive_mbrl.scenarios import load_scenario
 
     scenario = load_scenario(cfg.scenario)
-    spec = RunSpec(scenario, cfg.collect_agent, cfg.collect_episodes, cfg.seed)
-    collected = _collect_into(spec, run_dir / "dataset", cfg.workers, "", f"collect {scenario.name}")
+    collected = {}
+    for agent in cfg.collect_agents:
+        spec = RunSpec(scenario, agent, cfg.collect_episodes, cfg.seed)
+        collected[agent] = _collect_into(spec, run_dir / "data" / agent, cfg.workers, "",
+                                         f"collect {scenario.name}/{agent}")
     evaluations = {agent: evaluate_agent(cfg.scenario, agent, cfg.eval_episodes, cfg.seed + C.EVAL_SEED,
                                          cfg.workers, "", run_dir / "eval" / agent)
                    for agent in cfg.eval_agents}
     print(format_table(evaluations))
-    print(f"dataset:  {run_dir / 'dataset'}\nmetrics:  {run_dir / 'metrics.json'}")
-    return {"collect": collected, "evaluate": evaluations}
+    fit_cfg = replace(cfg.fit, dataset=[str(run_dir / "data" / a) for a in cfg.collect_agents],
+                      holdout=[str(run_dir / "eval" / a) for a in cfg.eval_agents],
+                      out=str(run_dir / "forecaster"))
+    fitted = run_fit(fit_cfg, run_dir)
+    print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
+          f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
+    return {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
 
 
 def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any]:

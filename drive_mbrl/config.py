@@ -59,19 +59,6 @@ class EvaluateConfig:
 
 
 @dataclass
-class PipelineConfig:
-    """`drive-mbrl pipeline`: the main job, every stage on one scenario; rerunning reuses finished stages."""
-
-    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
-    collect_agent: str = opt("idm", "agent that collects the training data", choices=BUILTIN_AGENTS)
-    collect_episodes: int = opt(20, "episodes to collect", lo=1, hi=10**7)
-    eval_agents: list[str] = opt(["slower", "idm"], "agents to evaluate", choices=BUILTIN_AGENTS)
-    eval_episodes: int = opt(20, "evaluation episodes per agent", lo=1, hi=10**7)
-    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
-    seed: int = opt(0, "base seed of collection; evaluation uses seed + 1,000,000", lo=0, hi=2**31 - 1)
-
-
-@dataclass
 class BenchCollectConfig:
     """`drive-mbrl bench collect`: collection throughput [steps/s] against the worker count, same seeds."""
 
@@ -83,19 +70,23 @@ class BenchCollectConfig:
     seed: int = opt(0, "base seed", lo=0, hi=2**31 - 1)
 
 
-def validate(cfg: Any) -> Any:
-    """Check every field of the dataclass `cfg` against its metadata; returns `cfg` or raises ConfigError."""
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Check every field of the dataclass `cfg` (nested ones too, named `outer.inner`) against its metadata;
+    returns `cfg` or raises ConfigError naming the key and what is allowed."""
     assert is_dataclass(cfg), f"validate expects a config dataclass, got {type(cfg).__name__}"
     for f in fields(cfg):
-        value, meta = getattr(cfg, f.name), f.metadata
+        value, meta, key = getattr(cfg, f.name), f.metadata, prefix + f.name
+        if is_dataclass(value):
+            validate(value, prefix=f"{key}.")
+            continue
         items = value if isinstance(value, list) else [value]
         for item in items:
             lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
             if choices is not None and item not in choices:
-                raise ConfigError(f"{f.name}={item!r} is not allowed: choose one of {', '.join(map(str, choices))}")
+                raise ConfigError(f"{key}={item!r} is not allowed: choose one of {', '.join(map(str, choices))}")
             if lo is not None and item < lo or hi is not None and item > hi:
-                raise ConfigError(f"{f.name}={item!r} is out of range: allowed {lo} <= {f.name} <= {hi} "
-                                  f"({f.name}: {meta['help']})")
+                raise ConfigError(f"{key}={item!r} is out of range: allowed {lo} <= {key} <= {hi} "
+                                  f"({key}: {meta['help']})")
     return cfg
 
 
@@ -145,3 +136,27 @@ class BenchForecasterConfig:
     repeats: int = opt(10, "timed calls per N (median reported)", lo=1, hi=10000)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
+
+
+def _pipeline_fit() -> FitConfig:
+    return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2)
+
+
+@dataclass
+class PipelineConfig:
+    """`drive-mbrl pipeline`: the main job, every stage on one scenario; rerunning reuses finished stages.
+
+    Stages: collect (each of `collect_agents`) -> evaluate the rule agents on held-out seeds -> fit the forecaster
+    on the collected data and validate it on the held-out evaluation episodes.
+    """
+
+    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
+    collect_agents: list[str] = opt(["idm", "explore"], "agents that collect the training data",
+                                    choices=BUILTIN_AGENTS)
+    collect_episodes: int = opt(20, "episodes to collect per collecting agent", lo=1, hi=10**7)
+    eval_agents: list[str] = opt(["slower", "idm"], "agents to evaluate", choices=BUILTIN_AGENTS)
+    eval_episodes: int = opt(20, "evaluation episodes per agent", lo=1, hi=10**7)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    seed: int = opt(0, "base seed of collection; evaluation uses seed + 1,000,000", lo=0, hi=2**31 - 1)
+    fit: FitConfig = field(default_factory=_pipeline_fit)
+    """Forecaster training settings (its dataset/holdout/out are set by the pipeline)."""

@@ -169,8 +169,14 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
                                  "rng": rng.bit_generator.state})
         if on_epoch:
             on_epoch(record)
+    # Post-hoc calibration of the best weights' predicted spread on the validation split.
+    from drive_mbrl.validation import calibrate
+
+    model.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True)["model"])
+    scales = calibrate(model, val, device, seed=settings.seed)
+    _save_torch(out / BEST, {"model": model.state_dict()})
     return {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_nll": state["best_val"],
-            "history": state["history"]}
+            "std_scale": scales, "history": state["history"]}
 
 
 def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[Forecaster, dict]:

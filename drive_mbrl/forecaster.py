@@ -124,6 +124,7 @@ class Forecaster(nn.Module):
         self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
         self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("std_scale", torch.ones(c.horizon))  # post-hoc calibration (validation.calibrate)
         self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
         self.norm = EnsembleLayerNorm(c.members, c.width)
@@ -176,6 +177,7 @@ class Forecaster(nn.Module):
                         last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)  # (B, A, H, 4)
         mean = cv[None, :, :, None] + rest[..., 0, :, :] * self.target_scale
         log_std = (rest[..., 1, :, :] + self.target_scale.log()).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        log_std = log_std + self.std_scale.log()[:, None]
         ego = self.ego_head(h[:, :, 0])  # (E, B, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
