@@ -182,7 +182,8 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
     if last.any():
         d, e = disagreement[last], err[:, :, H - 1][last]
         top = d >= np.percentile(d, 90)
-        figures["epistemic"] = {"l2_top_decile_disagreement": float(e[top].mean()),
+        figures["epistemic"] = {"disagreement_mean": float(d.mean()), "disagreement_p90": float(np.percentile(d, 90)),
+                                "l2_top_decile_disagreement": float(e[top].mean()),
                                 "l2_rest": float(e[~top].mean()) if (~top).any() else None}
         shuffled = predict(model, scenes, device, actions=scenes.actions[rng.permutation(B)])
         s_ml = np.argmax(shuffled["log_weight"], axis=-1)
