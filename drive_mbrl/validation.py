@@ -104,11 +104,24 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+SCALE_GRID = np.geomspace(0.2, 5.0, 29)
+
+
+def fit_std_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weight: np.ndarray,
+                  samples: int = 128, seed: int = 0) -> float:
+    """The factor in `SCALE_GRID` that, multiplying every component's std, brings the highest-density-region
+    coverage closest to nominal (mean |coverage(a) - a| over a = 0.1 .. 0.9). Shapes as in `hdr_levels`."""
+    def miscalibration(factor: float) -> float:
+        levels = hdr_levels(truth, mean, std * factor, log_weight, samples, np.random.default_rng(seed))
+        return float(np.mean(np.abs((levels[:, None] < LEVELS).mean(0) - LEVELS)))
+
+    return float(min(SCALE_GRID, key=miscalibration))
+
+
 def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: int = 128,
               seed: int = 0) -> list[float]:
-    """Fit the model's per-horizon std scale on `scenes` (a validation split, never the test data): for each step h,
-    the factor in [0.2, 5] whose highest-density-region coverage is closest to nominal (mean |coverage(a) - a|
-    over a = 0.1 .. 0.9). Sets `model.std_scale` and returns the factors."""
+    """Fit the model's per-horizon std scale on `scenes` (a validation split, never the test data) with
+    `fit_std_scale` over the surrounding vehicles; sets `model.std_scale` and returns the factors."""
     model.std_scale.fill_(1.0)
     pred = predict(model, scenes, device)
     known = scenes.future_mask.copy()
@@ -116,15 +129,9 @@ def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: 
     scales = []
     for h in range(pred["mean"].shape[3]):
         sel = known[:, :, h]
-        if not sel.any():
-            scales.append(1.0)
-            continue
-        truth, mean = scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel]
-        std, logw = pred["std"][:, :, :, h][sel], pred["log_weight"][sel]
-        best = min(np.geomspace(0.2, 5.0, 29), key=lambda f: np.mean(np.abs(
-            (hdr_levels(truth, mean, std * f, logw, samples, np.random.default_rng(seed))[:, None] < LEVELS)
-            .mean(0) - LEVELS)))
-        scales.append(float(best))
+        scales.append(fit_std_scale(scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel],
+                                    pred["std"][:, :, :, h][sel], pred["log_weight"][sel], samples, seed)
+                      if sel.any() else 1.0)
     model.std_scale.copy_(torch.tensor(scales))
     return scales
 

@@ -12,7 +12,7 @@ from drive_mbrl.features import HIST_FEATURES, Scenes, SceneSpec, episode_scenes
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
 from drive_mbrl.forecaster import EnsembleLinear, Forecaster, ForecasterConfig, rollout
 from drive_mbrl.losses import mixture_log_prob
-from drive_mbrl.validation import auroc, hdr_levels, validate
+from drive_mbrl.validation import auroc, fit_std_scale, hdr_levels, validate
 from tests.conftest import make_episode, straight_state
 
 TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
@@ -92,6 +92,14 @@ def test_hdr_coverage_of_a_known_gaussian_is_nominal():
         assert abs((levels < a).mean() - a) < 0.03
     exact = 1 - np.exp(-0.5 * (truth**2).sum(-1))
     assert np.abs(levels - exact).mean() < 0.03
+
+
+def test_std_scale_undoes_a_twice_too_wide_prediction():
+    rng = np.random.default_rng(1)
+    n = 3000
+    truth = rng.standard_normal((n, 2))
+    factor = fit_std_scale(truth, np.zeros((n, 1, 2)), np.full((n, 1, 2), 2.0), np.zeros((n, 1)), samples=256)
+    assert factor == pytest.approx(0.5, rel=0.1)
 
 
 def test_auroc_by_hand():
