@@ -43,18 +43,13 @@ class CollectConfig:
 
 
 @dataclass
-class EvaluateConfig:
-    """`drive-mbrl evaluate`: closed-loop episodes and safety metrics (held-out seeds by default)."""
+class EvaluateConfig(CollectConfig):
+    """`drive-mbrl evaluate`: closed-loop episodes and safety metrics (held-out seeds by default). The episodes are
+    stored like collected ones (and resume the same way); only these defaults differ from collect's."""
 
-    scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
-    agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
     episodes: int = opt(100, "number of evaluation episodes", lo=1, hi=10**7)
     seed: int = opt(EVAL_SEED, "base seed: episode i is reset with seed + i (default disjoint from collect's)",
                     lo=0, hi=2**31 - 1)
-    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
-    ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
-    record_hz: int = opt(0, "[Hz] track recording rate; 0 = every simulation frame", lo=0, hi=1000)
-    max_steps: int = opt(0, "cap on policy steps per episode; 0 = the scenario's own end", lo=0, hi=10**6)
     out: str = opt("", "folder for the evaluated episodes; empty = <run dir>/episodes (resumable)")
 
 
