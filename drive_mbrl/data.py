@@ -60,6 +60,13 @@ def episode_path(root: Path, index: int) -> Path:
     return root / EPISODES / f"ep_{index:06d}.npz"
 
 
+def _file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp's default is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write `path` through `write(file)` into a temp file in the same folder, fsync it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +76,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

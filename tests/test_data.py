@@ -1,6 +1,7 @@
 """Episode files and manifests: round trip, atomic writes, resume, corrupt input, same data for any worker count."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ def test_episode_round_trip_is_exact(tmp_path: Path):
     loaded = load_episode(path)
     assert episode_digest(loaded) == episode_digest(episode)
     assert np.load(path)["state"].shape == (3, 2, 7), "files are plain numpy archives"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "written with the usual permissions, not mkstemp's 0600"
 
 
 def test_truncated_episode_file_names_the_file(tmp_path: Path):
