@@ -103,7 +103,7 @@ class FitConfig:
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)
     batch_size: int = opt(256, "scenes per minibatch", lo=1, hi=1 << 20)
-    lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)
+    lr: float = opt(5e-4, "AdamW peak learning rate (one-cycle: warm-up, then cosine decay)", lo=1e-7, hi=1.0)
     patience: int = opt(8, "early stopping: epochs without a better validation NLL", lo=1, hi=100000)
     val_fraction: float = opt(0.2, "share of episodes held out for validation (split by episode)", lo=0.01, hi=0.9)
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)

@@ -25,7 +25,9 @@ from torch.nn import functional as F
 
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 3.0
+LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
+"""Bounds of every predicted std, in the target's units ([m], [m/s]): a floor of 5 cm keeps the Gaussian NLL from
+collapsing onto vehicles that drive exactly at constant speed (and then exploding on the next small error)."""
 
 
 @dataclass(frozen=True)

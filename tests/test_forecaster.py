@@ -134,10 +134,22 @@ def test_episode_scenes_are_in_the_ego_frame():
                                (2.0, 0.0, 3.0, 0.0), atol=1e-12)
 
 
-def _fit(tmp: Path, epochs: int, scenes: Scenes, **kw) -> dict:
+def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None) -> dict:
     settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0)
-    return fit(scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200)), kw.get("config", TINY),
-               settings, tmp, {}, CPU)
+    return fit(scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200)), TINY, settings, tmp, {}, CPU,
+               on_epoch)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    def on_epoch(record):
+        if record["epoch"] == epoch:
+            raise Interrupt
+
+    return on_epoch
 
 
 def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path):
@@ -154,9 +166,10 @@ def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path):
 def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
     scenes = cv_scenes(200)
     _fit(tmp_path / "straight", 4, scenes)
-    _fit(tmp_path / "resumed", 2, scenes)
+    with pytest.raises(Interrupt):
+        _fit(tmp_path / "resumed", 4, scenes, on_epoch=_interrupt_after(2))
     resumed = _fit(tmp_path / "resumed", 4, scenes)
-    assert resumed["epochs"] == 4
+    assert resumed["epochs"] == 4 and len(resumed["history"]) == 4
     a = torch.load(tmp_path / "straight" / LAST, weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / LAST, weights_only=False)["model"]
     for key in a:
@@ -177,27 +190,25 @@ def test_save_load_round_trip_gives_the_same_predictions(tmp_path: Path):
 
 def test_non_finite_batch_stops_training_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     scenes = cv_scenes(200)
-    _fit(tmp_path, 1, scenes)
-    good = (tmp_path / BEST).read_bytes()
-    scenes.future[3, 1, 0, 0] = np.inf
+    train, val = scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200))
+    snapshot = {}
+
+    def corrupt_after_first_epoch(record):
+        snapshot["best"] = (tmp_path / BEST).read_bytes()
+        train.future[3, 1, 0, 0] = np.inf
+
+    settings = TrainSettings(epochs=3, batch_size=32, patience=100, seed=0)
     with pytest.raises(NonFiniteLoss, match="epoch 1"):
-        _fit(tmp_path, 2, scenes)
-    assert (tmp_path / BEST).read_bytes() == good
+        fit(train, val, TINY, settings, tmp_path, {}, CPU, corrupt_after_first_epoch)
+    assert (tmp_path / BEST).read_bytes() == snapshot["best"]
     assert torch.load(tmp_path / LAST, weights_only=False)["state"]["epoch"] == 1
 
 
-def test_rollout_of_many_plans_matches_one_call_per_plan():
-    torch.manual_seed(0)
-    model = Forecaster(TINY).eval()
-    scenes = cv_scenes(2)
-    history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
-    plans = torch.randint(0, 5, (2, 6, TINY.horizon))
-    out = rollout(model, history, mask, plans)
-    assert out["mean"].shape == (TINY.members, 2, 6, TINY.agents, TINY.modes, TINY.horizon, 4)
-    for s in range(2):
-        for n in (0, 5):
-            ref = model(history[s : s + 1], mask[s : s + 1], plans[s, n : n + 1])
-            for key in ref:
-                torch.testing.assert_close(out[key][:, s, n], ref[key][:, 0], rtol=1e-5, atol=1e-5)
-    single = rollout(model, history[1], mask[1], plans[1])
-    torch.testing.assert_close(single["reward"], out["reward"][:, 1])
+def test_learning_rate_schedule_by_hand():
+    from drive_mbrl.fit import lr_factor
+
+    assert lr_factor(0, 100) == pytest.approx(0.2)  # 5 warm-up steps
+    assert lr_factor(4, 100) == pytest.approx(1.0)
+    assert lr_factor(5, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 100) == pytest.approx(0.05)
+    assert lr_factor(int(5 + 95 / 2), 100) == pytest.approx(0.05 + 0.95 * 0.5, abs=0.02)
