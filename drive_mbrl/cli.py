@@ -181,18 +181,21 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
         bar.set_postfix(train=f"{record['train_loss']:.3f}", val_nll=f"{record['val_nll']:.3f}")
         bar.refresh()
 
+    start = time.perf_counter()
     try:
         history = fit(train, val, model_cfg, settings, out,
                       {"data": sources, "history_dt": cfg.history_dt, "train_scenes": len(train),
                        "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist()))}, device, on_epoch)
     finally:
         bar.close()
+    train_seconds = time.perf_counter() - start
     model, _ = load_forecaster(out, device)
     held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else val
     figures = validate(model, held, device, policy_dt, seed=cfg.seed)
     _forecaster_report(figures, run_dir, f"forecaster on {'held-out data' if cfg.holdout else 'the val split'}")
     print(f"checkpoint: {out}")
-    return {"checkpoint": str(out), "fit": {k: v for k, v in history.items() if k != "history"},
+    return {"checkpoint": str(out), "train_seconds": train_seconds,
+            "fit": {k: v for k, v in history.items() if k != "history"},
             "learning_curve": history["history"], "validation": figures,
             "train_scenes": len(train), "val_scenes": len(val)}
 
