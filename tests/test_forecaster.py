@@ -212,3 +212,20 @@ def test_learning_rate_schedule_by_hand():
     assert lr_factor(5, 100) == pytest.approx(1.0)
     assert lr_factor(100, 100) == pytest.approx(0.05)
     assert lr_factor(int(5 + 95 / 2), 100) == pytest.approx(0.05 + 0.95 * 0.5, abs=0.02)
+
+
+def test_rollout_of_many_plans_matches_one_call_per_plan():
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    scenes = cv_scenes(2)
+    history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
+    plans = torch.randint(0, 5, (2, 6, TINY.horizon))
+    out = rollout(model, history, mask, plans)
+    assert out["mean"].shape == (TINY.members, 2, 6, TINY.agents, TINY.modes, TINY.horizon, 4)
+    for s in range(2):
+        for n in (0, 5):
+            ref = model(history[s : s + 1], mask[s : s + 1], plans[s, n : n + 1])
+            for key in ref:
+                torch.testing.assert_close(out[key][:, s, n], ref[key][:, 0], rtol=1e-5, atol=1e-5)
+    single = rollout(model, history[1], mask[1], plans[1])
+    torch.testing.assert_close(single["reward"], out["reward"][:, 1])
