@@ -229,3 +229,20 @@ def test_rollout_of_many_plans_matches_one_call_per_plan():
                 torch.testing.assert_close(out[key][:, s, n], ref[key][:, 0], rtol=1e-5, atol=1e-5)
     single = rollout(model, history[1], mask[1], plans[1])
     torch.testing.assert_close(single["reward"], out["reward"][:, 1])
+
+
+def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.errors import DataError
+    from drive_mbrl.fit import load_scenes
+    from drive_mbrl.scenarios import load_scenario
+
+    for name in ("highway", "merge"):
+        collect(RunSpec(load_scenario(name), "slower", 1, 0, max_steps=3), tmp_path / name)
+    config = ForecasterConfig(agents=4, history_len=2, horizon=2)
+    scenes, summary = load_scenes([str(tmp_path / "highway")], config, history_dt=0.2)
+    assert len(scenes) == 3 and summary["sources"][0]["steps"] == 3
+    with pytest.raises(DataError, match="one scenario"):
+        load_scenes([str(tmp_path / "highway"), str(tmp_path / "merge")], config, history_dt=0.2)
+    with pytest.raises(DataError, match="not a multiple"):
+        load_scenes([str(tmp_path / "highway")], config, history_dt=0.3)
