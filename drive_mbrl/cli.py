@@ -21,6 +21,7 @@ from drive_mbrl import config as C
 from drive_mbrl.errors import DriveMbrlError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,13 @@ def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
 def evaluate_agent(scenario: str, agent: str, episodes: int, seed: int, workers: int, ray_address: str,
                    out: Path, record_hz: int = 0, max_steps: int = 0) -> dict[str, Any]:
     """Run (or resume) evaluation episodes into `out` and summarise episodes 0 .. episodes-1."""
-    from drive_mbrl.data import EPISODES, RunSpec, load_episode
+    from drive_mbrl.data import RunSpec, episode_path, load_episode
     from drive_mbrl.evaluate import summarise
     from drive_mbrl.scenarios import load_scenario
 
     spec = RunSpec(load_scenario(scenario), agent, episodes, seed, record_hz, max_steps)
     _collect_into(spec, out, workers, ray_address, f"evaluate {spec.scenario.name}/{agent}")
-    loaded = [load_episode(out / EPISODES / f"ep_{i:06d}.npz") for i in range(episodes)]
+    loaded = [load_episode(episode_path(out, i)) for i in range(episodes)]
     return {"scenario": spec.scenario.name, "agent": agent, "seed": seed, **summarise(loaded)}
 
 
@@ -280,6 +281,10 @@ def _run_hydra(name: str) -> None:
             _remove_if_only_hydra_files(run_dir)
             print(f"drive-mbrl {name.replace('_', ' ')}: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            print(f"\ndrive-mbrl {name.replace('_', ' ')}: interrupted; everything finished so far is on disk in "
+                  f"{run_dir} — rerun the same command to resume", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     task()
 

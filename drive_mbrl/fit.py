@@ -143,6 +143,10 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
     state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "stale": 0, "history": []}
     rng = np.random.default_rng(settings.seed)
     if (out / LAST).exists():
+        previous = json.loads((out / META).read_text()).get("model") if (out / META).exists() else None
+        if previous != config.to_dict():
+            raise DataError(f"{out} holds training of another model config ({previous} there, {config.to_dict()} "
+                            "now): choose another out= folder, or delete it to start over")
         last = torch.load(out / LAST, map_location=device, weights_only=False)
         model.load_state_dict(last["model"])
         optim.load_state_dict(last["optim"])

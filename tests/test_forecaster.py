@@ -259,3 +259,14 @@ def test_the_ego_future_is_learned_from_its_actions(tmp_path: Path):
     figures = validate(model, scenes.subset(np.arange(160, 200)), CPU, policy_dt=1.0, hdr_samples=32)
     conditioning = figures["ego_conditioning"]
     assert conditioning["ego_l2_true_actions"] < 1.0 < 3.0 < conditioning["ego_l2_shuffled_actions"]
+
+
+def test_resuming_into_a_folder_of_another_model_config_is_refused(tmp_path: Path):
+    from drive_mbrl.errors import DataError
+
+    scenes = cv_scenes(200)
+    _fit(tmp_path, 1, scenes)
+    other = ForecasterConfig(**{**TINY.to_dict(), "width": 16})
+    with pytest.raises(DataError, match="another model config"):
+        fit(scenes.subset(np.arange(160)), scenes.subset(np.arange(160, 200)), other, TrainSettings(epochs=1),
+            tmp_path, {}, CPU)
