@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -285,14 +286,14 @@ def collect(spec: RunSpec, out: Path, workers: int = 1, ray_address: str = "",
     manifest = build_manifest(spec.scenario, spec.agent, spec.seed, spec.record_hz, spec.max_steps)
     done = open_dataset(out, manifest)
     jobs = spec.jobs(skip=done)
-    started = datetime.now(timezone.utc)
+    started = time.perf_counter()
     steps = 0
     for episode in run_episodes(jobs, workers, ray_address):
         save_episode(out, episode)
         steps += episode.steps
         if on_episode:
             on_episode(episode)
-    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    seconds = time.perf_counter() - started
     return {"dataset": str(out), "episodes_total": len(done) + len(jobs), "episodes_new": len(jobs),
             "episodes_resumed": len(set(done) & set(range(spec.episodes))), "steps_new": steps,
             "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 and steps else 0.0}

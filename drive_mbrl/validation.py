@@ -183,7 +183,7 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
         if not sel.any():
             continue
         e = err[:, :, h][sel]
-        through = np.where(others[:, :, : h + 1].all(-1), True, False) & sel
+        through = others[:, :, : h + 1].all(-1) & sel
         levels = hdr_levels(truth[:, :, h][sel], pred["mean"][:, :, :, h][sel], pred["std"][:, :, :, h][sel],
                             pred["log_weight"][sel], hdr_samples, rng)
         log_density = _mixture_log_density(truth[:, :, h][sel][:, None], pred["mean"][:, :, :, h][sel],
