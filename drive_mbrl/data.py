@@ -32,7 +32,7 @@ import numpy as np
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import DataError
 from drive_mbrl.rollout import EpisodeJob, EpisodeRunner, recording_stride
-from drive_mbrl.scenarios import Scenario, action_names, env_timing, make_env, scenario_from_dict
+from drive_mbrl.scenarios import Scenario, action_names, env_timing, make_env, reset_env, scenario_from_dict
 from drive_mbrl.types import EPISODE_FIELDS, NONDETERMINISTIC_FIELDS, STATE_FIELDS, STATE_UNITS, Episode
 
 MANIFEST = "manifest.json"
@@ -137,7 +137,7 @@ def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, ma
     """The manifest of a new dataset (builds the env once to read its rates, action names and full config)."""
     env = make_env(scenario)
     try:
-        env.reset(seed=seed)
+        reset_env(env, seed)
         sim_hz, policy_hz = env_timing(env)
         stride = recording_stride(sim_hz, policy_hz, record_hz)
         resolved = json.loads(json.dumps(env.unwrapped.config, default=str))

@@ -14,7 +14,7 @@ import numpy as np
 
 from drive_mbrl.agents import infer_meta_action, make_agent
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.scenarios import Scenario, env_timing, make_env
+from drive_mbrl.scenarios import Scenario, env_timing, make_env, reset_env
 from drive_mbrl.tracking import TrackRecorder
 from drive_mbrl.types import Agent, Episode
 
@@ -65,7 +65,7 @@ class EpisodeRunner:
         recorder = TrackRecorder(job.scenario.perception_range, stride, 1.0 / sim_hz)
         frames_per_step = sim_hz // policy_hz // stride
 
-        obs, _ = env.reset(seed=job.seed)
+        obs, _ = reset_env(env, job.seed)
         agent.reset(env, job.seed)
         recorder.attach(env)
         actions, rewards, components, crashed, terminated, truncated, decision_ms, decision_frame = \

@@ -125,6 +125,7 @@ def make_env(scenario: Scenario) -> Any:
     except gym.error.Error as exc:
         raise ConfigError(f"scenario {scenario.name}: env_id '{scenario.env_id}' is not a registered "
                           f"highway-env id ({exc})") from exc
+    _snapshot_vehicle_classes()  # before any env of this process has reset, which gym.make does (see reset_env)
     with warnings.catch_warnings():
         # The *-v0 ids are pinned on purpose (see ANCHORS.md); silence gymnasium's "out of date" notice.
         warnings.filterwarnings("ignore", message=".*is out of date.*")
@@ -137,6 +138,39 @@ def make_env(scenario: Scenario) -> Any:
                           f"options of {scenario.env_id}; known keys: {', '.join(sorted(defaults))}")
     env.unwrapped.configure(scenario.env_config)
     return env
+
+
+_PRISTINE: dict[type, dict[str, Any]] = {}
+"""Class-level constants of highway-env's vehicle classes as imported, keyed by class."""
+
+
+def _vehicle_classes() -> list[type]:
+    from highway_env.vehicle import behavior, controller, kinematics
+
+    return [kinematics.Vehicle, controller.ControlledVehicle, controller.MDPVehicle, behavior.IDMVehicle,
+            behavior.LinearVehicle, behavior.AggressiveVehicle, behavior.DefensiveVehicle]
+
+
+def _snapshot_vehicle_classes() -> None:
+    if not _PRISTINE:
+        _PRISTINE.update({cls: {k: v for k, v in vars(cls).items() if k.isupper()} for cls in _vehicle_classes()})
+
+
+def reset_env(env: Any, seed: int) -> tuple[Any, dict]:
+    """`env.reset(seed=seed)` after restoring highway-env's vehicle classes to their imported constants.
+
+    Some envs change class attributes for the whole process when they reset (intersection-v0 sets IDMVehicle's
+    DISTANCE_WANTED, COMFORT_ACC_MAX and COMFORT_ACC_MIN), which would make an episode depend on the scenarios run
+    before it in the same process — and data depend on how episodes were spread over workers. Restoring them before
+    every reset makes each episode a function of its scenario and seed alone.
+    """
+    _snapshot_vehicle_classes()
+    for cls in _PRISTINE:
+        for name in [k for k in vars(cls) if k.isupper() and k not in _PRISTINE[cls]]:
+            delattr(cls, name)
+        for name, value in _PRISTINE[cls].items():
+            setattr(cls, name, value)
+    return env.reset(seed=seed)
 
 
 def env_timing(env: Any) -> tuple[int, int]:

@@ -103,3 +103,14 @@ def test_lane_offset_and_heading_on_a_straight_highway():
     np.testing.assert_allclose(episode.lane_offset[p], episode.state[..., 1][p] - 4.0 * episode.lane_id[p],
                                atol=1e-4)
     assert np.abs(episode.lane_heading[p]).max() < 1e-6
+
+
+def test_an_episode_does_not_depend_on_the_scenarios_run_before_it():
+    # intersection-v0 changes IDMVehicle's class constants when it resets; reset_env undoes that for the next one.
+    from drive_mbrl.data import episode_digest
+
+    runner, highway = EpisodeRunner(), load_scenario("highway")
+    fresh = episode_digest(runner.run(EpisodeJob(highway, "random", 0, 5, max_steps=3)))
+    runner.run(EpisodeJob(load_scenario("intersection"), "slower", 0, 1, max_steps=2))
+    after = episode_digest(runner.run(EpisodeJob(highway, "random", 0, 5, max_steps=3)))
+    assert after == fresh
