@@ -171,8 +171,8 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP * math.sqrt(config.members))
             if not (torch.isfinite(terms["total"]) and torch.isfinite(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss/gradient at epoch {state['epoch']}, batch {b} "
-                                    f"(loss {float(terms['total'].detach())}, grad norm {float(grad_norm)}); training stopped, "
-                                    f"the checkpoints in {out} are from the last good epoch")
+                                    f"(loss {float(terms['total'].detach())}, grad norm {float(grad_norm)}); "
+                                    f"training stopped, the checkpoints in {out} are from the last good epoch")
             optim.step()
             sched.step()
             total += float(terms["total"].detach()) / config.members
