@@ -32,7 +32,7 @@ import numpy as np
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import DataError
 from drive_mbrl.rollout import EpisodeJob, EpisodeRunner, recording_stride
-from drive_mbrl.scenarios import Scenario, action_names, env_timing, make_env, reset_env, scenario_from_dict
+from drive_mbrl.scenarios import Scenario, action_names, env_timing, make_env, reset_env
 from drive_mbrl.types import EPISODE_FIELDS, NONDETERMINISTIC_FIELDS, STATE_FIELDS, STATE_UNITS, Episode
 
 MANIFEST = "manifest.json"
@@ -217,11 +217,6 @@ def load_dataset(root: Path | str) -> tuple[dict[str, Any], list[Episode]]:
     manifest = read_manifest(root)
     paths = sorted((root / EPISODES).glob("ep_*.npz"))
     return manifest, [load_episode(p) for p in paths]
-
-
-def dataset_scenario(manifest: dict[str, Any]) -> Scenario:
-    """The scenario a dataset was collected on, as recorded in its manifest."""
-    return scenario_from_dict(manifest["scenario"], source="manifest")
 
 
 @dataclass(frozen=True)

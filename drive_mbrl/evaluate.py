@@ -20,7 +20,6 @@ import numpy as np
 from drive_mbrl.types import EGO_TRACK, STATE_FIELDS, Episode
 
 _X, _Y, _VX, _VY, _HEADING, _LENGTH, _WIDTH = range(len(STATE_FIELDS))
-TTC_CAP = np.inf
 
 
 def time_to_collision(state: np.ndarray, present: np.ndarray, ego: int = EGO_TRACK) -> np.ndarray:

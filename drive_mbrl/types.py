@@ -22,8 +22,6 @@ STATE_FIELDS: tuple[str, ...] = ("x", "y", "vx", "vy", "heading", "length", "wid
 STATE_UNITS: tuple[str, ...] = ("m", "m", "m/s", "m/s", "rad", "m", "m")
 EGO_TRACK = 0
 """The ego vehicle is always track 0; other vehicles get ids 1, 2, ... in order of first appearance."""
-NO_ACTION = -1
-"""Action value for agents without a discrete action (never written for the built-in agents)."""
 
 
 @dataclass
