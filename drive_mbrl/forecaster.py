@@ -3,10 +3,18 @@
 For a scene (features.py) it predicts, for every agent slot and each of the next H policy steps, a mixture of K
 diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned on the ego's candidate actions:
 
-    token_a   = MLP([history of agent a, ego action sequence, is_ego])          per agent a          (E, B, A, D)
-    token     = attention blocks across the agent tokens (masked)               interactions          (E, B, A, D)
-    heads     = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
-                ego token: H rewards and H collision logits
+    encode (once per scene, plan-independent):
+      token_a = MLP([history of agent a, is_ego])                                per agent a          (E, B, A, D)
+      token   = attention blocks across the agent tokens (masked)                interactions         (E, B, A, D)
+    decode (once per scene x candidate plan):
+      plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
+      z_a     = MLP(W_h token_a + W_p plan + (U_h token_a) * (U_p plan))   each agent reads the plan   (E, B, N, A, D)
+      heads   = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
+                ego's z: H rewards and H collision logits
+
+Splitting encode from decode is what makes planning cheap: a planner scores N candidate plans of one scene with
+one encoding and N light decodes, instead of N full passes (`rollout`). The interactions between agents are
+modelled in the encoder; the ego's plan reaches every agent's prediction through its decoder (ego-conditioning).
 
 E ensemble members hold separate weights (every parameter has a leading member axis E) and run as one batched matmul
 (`EnsembleLinear`, as in mbrl-lib's `EnsembleLinearLayer`; PETS, Chua et al. 2018), so member disagreement
@@ -43,6 +51,9 @@ class ForecasterConfig:
     width: int = 128
     heads: int = 4
     blocks: int = 2
+    decoder_width: int = 64
+    """Width of the per-plan decoder: its cost is paid once per agent x candidate plan x member, so it is kept
+    narrower than the scene encoder (`width`), whose cost is paid once per scene."""
     policy_dt: float = 1.0
     """[s] between horizon steps (constant-velocity residual uses it)."""
 
@@ -121,7 +132,7 @@ class Forecaster(nn.Module):
     def __init__(self, config: ForecasterConfig):
         super().__init__()
         self.config = c = config
-        feats = c.history_len * len(HIST_FEATURES) + c.horizon * c.num_actions + 1
+        feats = c.history_len * len(HIST_FEATURES) + 1
         self.register_buffer("hist_mean", torch.zeros(len(HIST_FEATURES)))
         self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
@@ -130,9 +141,14 @@ class Forecaster(nn.Module):
         self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
         self.norm = EnsembleLayerNorm(c.members, c.width)
+        dw = c.decoder_width
+        self.plan_encoder = EnsembleMLP(c.members, [c.horizon * c.num_actions, dw, dw])
+        self.token_in = EnsembleLinear(c.members, c.width, 2 * dw)
+        self.plan_in = EnsembleLinear(c.members, dw, 2 * dw)
+        self.decoder = EnsembleLinear(c.members, dw, dw)
         per_mode = c.horizon * len(TARGET_FEATURES)
-        self.trajectory_head = EnsembleLinear(c.members, c.width, c.modes * (1 + 2 * per_mode))
-        self.ego_head = EnsembleLinear(c.members, c.width, 2 * c.horizon)
+        self.trajectory_head = EnsembleLinear(c.members, dw, c.modes * (1 + 2 * per_mode))
+        self.ego_head = EnsembleLinear(c.members, dw, 2 * c.horizon)
 
     def set_normalisation(self, hist_mean: torch.Tensor, hist_std: torch.Tensor, target_scale: torch.Tensor,
                           reward_mean: float) -> None:
@@ -141,48 +157,70 @@ class Forecaster(nn.Module):
         self.target_scale.copy_(target_scale.clamp_min(1e-3))
         self.reward_mean.fill_(reward_mean)
 
-    def forward(self, history: torch.Tensor, agent_mask: torch.Tensor,
-                actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Predict the scene's futures.
-
-        history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A) bool; actions: (B, H) int64 (-1 none).
-        Returns (E members, K modes, H steps, 4 targets):
-            mean, log_std: (E, B, A, K, H, 4)  [m], [m/s] in the decision's ego frame; log of std in those units
-            logits: (E, B, A, K)   mode log-probabilities (log_softmax over K)
-            reward: (E, B, H)      predicted env reward of each step
-            crash_logit: (E, B, H) logit of "the ego has crashed by the end of step h"
-        """
+    def encode(self, history: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
+        """Plan-independent scene encoding. history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A)
+        bool. Returns agent tokens (E, B, A, D) that have attended to each other."""
         c = self.config
         B, A, L, Fh = history.shape
         assert (A, L, Fh) == (c.agents, c.history_len, len(HIST_FEATURES)), f"history shape {tuple(history.shape)}"
-        assert actions.shape == (B, c.horizon), f"actions shape {tuple(actions.shape)}, want ({B}, {c.horizon})"
         x = ((history - self.hist_mean) / self.hist_std).reshape(B, A, L * Fh)
-        act = F.one_hot(actions.clamp_min(0), c.num_actions).float() * (actions >= 0).unsqueeze(-1).float()
-        act = act.reshape(B, 1, -1).expand(B, A, -1)
-        is_ego = torch.zeros(B, A, 1, device=history.device)
+        is_ego = torch.zeros(B, A, 1, device=history.device, dtype=history.dtype)
         is_ego[:, 0] = 1.0
-        tokens = torch.cat([x, act, is_ego], dim=-1).unsqueeze(0).expand(c.members, -1, -1, -1)
-        h = self.encoder(tokens)  # (E, B, A, D)
+        h = self.encoder(torch.cat([x, is_ego], dim=-1).unsqueeze(0).expand(c.members, -1, -1, -1))
         mask = agent_mask.clone()
         mask[:, 0] = True  # the ego is always there; also keeps attention rows non-empty
         for block in self.blocks:
             h = block(h, mask)
-        h = self.norm(h)
-        out = self.trajectory_head(h)  # (E, B, A, K * (1 + 2 * H * 4))
-        K, H, T = c.modes, c.horizon, len(TARGET_FEATURES)
+        return self.norm(h)
+
+    def decode(self, tokens: torch.Tensor, history: torch.Tensor, plans: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Futures of every agent under each of N plans per scene.
+
+        tokens: (E, B, A, D) from `encode`; history: (B, A, L, F) the same scenes; plans: (B, N, H) int64 ego
+        meta-actions (-1: none). Returns (E members, B scenes, N plans, K modes, H steps, 4 targets):
+            mean, log_std: (E, B, N, A, K, H, 4)  [m], [m/s] in the decision's ego frame; log of std in those units
+            logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K)
+            reward: (E, B, N, H)      predicted env reward of each step
+            crash_logit: (E, B, N, H) logit of "the ego has crashed by the end of step h"
+        """
+        c = self.config
+        E, B, A, _ = tokens.shape
+        N, H = plans.shape[1], c.horizon
+        assert plans.shape == (B, N, H), f"plans shape {tuple(plans.shape)}, want ({B}, N, {H})"
+        act = F.one_hot(plans.clamp_min(0), c.num_actions).to(tokens.dtype) * (plans >= 0).unsqueeze(-1)
+        plan = self.plan_encoder(act.reshape(B, N, H * c.num_actions).unsqueeze(0).expand(E, -1, -1, -1))
+        # Additive and multiplicative (bilinear) mixing of each agent's token with the plan: how a plan moves an agent
+        # depends on who the agent is (the ego follows it, a follower reacts to it, a far vehicle ignores it).
+        t_add, t_mul = self.token_in(tokens)[:, :, None].chunk(2, dim=-1)  # (E, B, 1, A, D)
+        p_add, p_mul = self.plan_in(F.silu(plan))[:, :, :, None].chunk(2, dim=-1)  # (E, B, N, 1, D)
+        z = F.silu(torch.addcmul(t_add + p_add, t_mul, p_mul))  # (E, B, N, A, decoder_width)
+        z = F.silu(self.decoder(z))
+        out = self.trajectory_head(z)  # (E, B, N, A, K * (1 + 2 * H * 4))
+        K, T = c.modes, len(TARGET_FEATURES)
         logits = out[..., :K]
-        rest = out[..., K:].reshape(c.members, B, A, K, 2, H, T)
+        rest = out[..., K:].reshape(E, B, N, A, K, 2, H, T)
         # Residual on constant velocity from the last history frame (de-normalised ego-frame state).
         last = history[:, :, -1, :T]  # (B, A, 4) x, y, vx, vy
         t = torch.arange(1, H + 1, device=history.device, dtype=history.dtype) * c.policy_dt
         cv = torch.cat([last[..., None, :2] + last[..., None, 2:4] * t[:, None],
                         last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)  # (B, A, H, 4)
-        mean = cv[None, :, :, None] + rest[..., 0, :, :] * self.target_scale
+        mean = cv[None, :, None, :, None] + rest[..., 0, :, :] * self.target_scale
         log_std = (rest[..., 1, :, :] + self.target_scale.log()).clamp(LOG_STD_MIN, LOG_STD_MAX)
         log_std = log_std + self.std_scale.log()[:, None]
-        ego = self.ego_head(h[:, :, 0])  # (E, B, 2H)
+        ego = self.ego_head(z[:, :, :, 0])  # (E, B, N, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
+
+    def forward(self, history: torch.Tensor, agent_mask: torch.Tensor,
+                actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predict each scene's futures under its own action sequence (training and validation).
+
+        history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A) bool; actions: (B, H) int64 (-1 none).
+        Returns `decode`'s outputs without the plan axis: mean, log_std (E, B, A, K, H, 4); logits (E, B, A, K);
+        reward, crash_logit (E, B, H).
+        """
+        out = self.decode(self.encode(history, agent_mask), history, actions[:, None])
+        return {k: v[:, :, 0] for k, v in out.items()}
 
 
 def rollout(model: Forecaster, history: torch.Tensor, agent_mask: torch.Tensor,
@@ -190,17 +228,13 @@ def rollout(model: Forecaster, history: torch.Tensor, agent_mask: torch.Tensor,
     """Roll N candidate ego action sequences of each of S scenes through every member and mode in one call.
 
     history: (S, A, L, F) or (A, L, F) for one scene; agent_mask: (S, A) or (A,); plans: (S, N, H) or (N, H) int64
-    meta-action indices. Returns the forecaster's outputs with the scene and candidate axes kept apart:
+    meta-action indices. Each scene is encoded once and decoded under its N plans. Returns
         mean, log_std: (E, S, N, A, K, H, 4); logits: (E, S, N, A, K); reward, crash_logit: (E, S, N, H)
     (the S axis is dropped again when a single scene was passed). Runs on the model's device.
     """
     single = history.dim() == 3
     if single:
         history, agent_mask, plans = history[None], agent_mask[None], plans[None]
-    S, N, H = plans.shape
-    assert history.shape[0] == S and agent_mask.shape[0] == S, "history, agent_mask and plans need the same S"
-    flat_hist = history[:, None].expand(S, N, *history.shape[1:]).reshape(S * N, *history.shape[1:])
-    flat_mask = agent_mask[:, None].expand(S, N, agent_mask.shape[1]).reshape(S * N, -1)
-    out = model(flat_hist, flat_mask, plans.reshape(S * N, H))
-    shaped = {k: v.reshape(v.shape[0], S, N, *v.shape[2:]) for k, v in out.items()}
-    return {k: v[:, 0] for k, v in shaped.items()} if single else shaped
+    assert history.shape[0] == plans.shape[0] == agent_mask.shape[0], "history, agent_mask and plans need the same S"
+    out = model.decode(model.encode(history, agent_mask), history, plans)
+    return {k: v[:, 0] for k, v in out.items()} if single else out
