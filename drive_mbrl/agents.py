@@ -23,6 +23,10 @@ from drive_mbrl.errors import ConfigError
 from drive_mbrl.types import Agent
 
 BUILTIN_AGENTS = ("random", "slower", "idm", "explore")
+"""Rule agents that need no options."""
+AGENTS = (*BUILTIN_AGENTS, "mpc", "oracle")
+"""Every agent name: `mpc` plans on a learned forecaster (mpc.py, option `checkpoint`), `oracle` plans on copies of
+the true simulator (oracle.py)."""
 EXPLORE_WEIGHTS = {"LANE_LEFT": 0.15, "IDLE": 0.3, "LANE_RIGHT": 0.15, "FASTER": 0.15, "SLOWER": 0.25}
 """Relative probabilities of the `explore` agent's actions (renormalised over the actions a scenario has)."""
 SPEED_CHANGE_THRESHOLD = 1.0
@@ -123,8 +127,18 @@ def infer_meta_action(env: Any, lane_before: tuple, lane_after: tuple, speed_bef
     return int(actions["IDLE"])
 
 
-def make_agent(name: str) -> Agent:
-    """Build an agent by name; raises ConfigError listing the known names."""
+def make_agent(name: str, options: dict[str, Any] | None = None) -> Agent:
+    """Build an agent by name with its options (planner settings, checkpoint); raises ConfigError listing the
+    known names. The planning agents are imported here, lazily, so rule agents never pull in torch."""
+    options = options or {}
+    if name == "mpc":
+        from drive_mbrl.mpc import MPCAgent
+
+        return MPCAgent(**options)
+    if name == "oracle":
+        from drive_mbrl.oracle import OracleAgent
+
+        return OracleAgent(**options)
     if name == "random":
         return RandomAgent()
     if name == "slower":
@@ -133,4 +147,4 @@ def make_agent(name: str) -> Agent:
         return IDMAgent()
     if name == "explore":
         return ExploreAgent()
-    raise ConfigError(f"agent={name!r} is not known: choose one of {', '.join(BUILTIN_AGENTS)}")
+    raise ConfigError(f"agent={name!r} is not known: choose one of {', '.join(AGENTS)}")

@@ -58,11 +58,27 @@ def _collect_into(spec: Any, out: Path, workers: int, ray_address: str, desc: st
         bar.close()
 
 
+def agent_options(cfg: C.CollectConfig) -> str:
+    """The agent's options as canonical JSON: a planner's checkpoint (absolute) and settings; '' for rule agents."""
+    from dataclasses import asdict
+
+    from drive_mbrl.data import agent_options_json
+
+    if cfg.agent == "mpc":
+        if not cfg.checkpoint:
+            raise C.ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+        return agent_options_json({"checkpoint": str(Path(cfg.checkpoint).resolve()), "planner": asdict(cfg.planner)})
+    if cfg.agent == "oracle":
+        return agent_options_json({"planner": asdict(cfg.planner)})
+    return ""
+
+
 def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.data import RunSpec
     from drive_mbrl.scenarios import load_scenario
 
-    spec = RunSpec(load_scenario(cfg.scenario), cfg.agent, cfg.episodes, cfg.seed, cfg.record_hz, cfg.max_steps)
+    spec = RunSpec(load_scenario(cfg.scenario), cfg.agent, cfg.episodes, cfg.seed, cfg.record_hz, cfg.max_steps,
+                   agent_options(cfg))
     out = Path(cfg.out) if cfg.out else run_dir / "dataset"
     metrics = _collect_into(spec, out, cfg.workers, cfg.ray_address, f"collect {spec.scenario.name}/{cfg.agent}")
     print(f"dataset: {out} ({metrics['episodes_total']} episodes, {metrics['episodes_new']} new, "
@@ -71,13 +87,13 @@ def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_agent(scenario: str, agent: str, episodes: int, seed: int, workers: int, ray_address: str,
-                   out: Path, record_hz: int = 0, max_steps: int = 0) -> dict[str, Any]:
+                   out: Path, record_hz: int = 0, max_steps: int = 0, options: str = "") -> dict[str, Any]:
     """Run (or resume) evaluation episodes into `out` and summarise episodes 0 .. episodes-1."""
     from drive_mbrl.data import RunSpec, episode_path, load_episode
     from drive_mbrl.evaluate import summarise
     from drive_mbrl.scenarios import load_scenario
 
-    spec = RunSpec(load_scenario(scenario), agent, episodes, seed, record_hz, max_steps)
+    spec = RunSpec(load_scenario(scenario), agent, episodes, seed, record_hz, max_steps, options)
     _collect_into(spec, out, workers, ray_address, f"evaluate {spec.scenario.name}/{agent}")
     loaded = [load_episode(episode_path(out, i)) for i in range(episodes)]
     return {"scenario": spec.scenario.name, "agent": agent, "seed": seed, **summarise(loaded)}
@@ -88,7 +104,7 @@ def run_evaluate(cfg: C.EvaluateConfig, run_dir: Path) -> dict[str, Any]:
 
     out = Path(cfg.out) if cfg.out else run_dir / "episodes"
     metrics = evaluate_agent(cfg.scenario, cfg.agent, cfg.episodes, cfg.seed, cfg.workers, cfg.ray_address, out,
-                             cfg.record_hz, cfg.max_steps)
+                             cfg.record_hz, cfg.max_steps, agent_options(cfg))
     print(format_table({cfg.agent: metrics}))
     return metrics
 

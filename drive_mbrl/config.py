@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from drive_mbrl.agents import BUILTIN_AGENTS
+from drive_mbrl.agents import AGENTS, BUILTIN_AGENTS
 from drive_mbrl.errors import ConfigError
 
 EVAL_SEED = 1_000_000
@@ -27,12 +27,55 @@ def opt(default: Any, help: str, lo: float | None = None, hi: float | None = Non
     return field(default=default, metadata=metadata)
 
 
+RISK_MEASURES = ("mean", "cvar", "worst")
+"""Risk measures of the planner over sampled plan costs (planning.risk_measure)."""
+UNCERTAINTY_LEVELS = (0.9, 0.95, 0.99, 0.995, 0.999)
+"""Quantile levels of validation-data uncertainty stored in calibrated forecaster checkpoints (fallback thresholds)."""
+FALLBACKS = ("slower",)
+
+
+@dataclass
+class PlannerConfig:
+    """The MPC planner (`agent=mpc`): search budget, objective, risk and fallback. See planning.py."""
+
+    budget: int = opt(512, "candidate plans scored per decision, through every member (all iterations together); "
+                      "all action sequences are enumerated when they fit, categorical CEM beyond", lo=1, hi=10**6)
+    iterations: int = opt(2, "CEM iterations (the budget is split over them)", lo=1, hi=100)
+    elites: float = opt(0.1, "share of each CEM population refitted to", lo=0.001, hi=1.0)
+    samples: int = opt(4, "sampled futures per member and plan (mode per agent + one Gaussian draw)", lo=1, hi=4096)
+    gamma: float = opt(0.9, "discount over the horizon", lo=0.0, hi=1.0)
+    collision_cost: float = opt(5.0, "cost of a predicted collision, on top of the rewards lost after it", lo=0.0,
+                                hi=1e6)
+    risk: str = opt("cvar", "risk measure over the sampled costs of a plan", choices=RISK_MEASURES)
+    alpha: float = opt(0.2, "CVaR level: mean of the worst alpha share of samples (1 = mean)", lo=1e-6, hi=1.0)
+    chance_epsilon: float = opt(0.2, "reject plans whose collision probability exceeds this (1 = off)", lo=0.0,
+                                hi=1.0)
+    epistemic_weight: float = opt(0.0, "cost per metre of member disagreement (aversion to the unknown)", lo=0.0,
+                                  hi=1e6)
+    explore_weight: float = opt(0.0, "bonus per metre of member disagreement (collect data where the model is "
+                                "weak)", lo=0.0, hi=1e6)
+    margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
+                             hi=50.0)
+    margin_lat: float = opt(0.2, "[m] added to the sum of half widths", lo=0.0, hi=10.0)
+    substeps: int = opt(2, "collision checks per horizon step (linear interpolation)", lo=1, hi=100)
+    uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "
+                                   "exceeds this quantile of the validation data's", choices=UNCERTAINTY_LEVELS)
+    fallback: str = opt("slower", "what drives when no plan is safe or the model is unsure", choices=FALLBACKS)
+    oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
+                            "(num_actions^depth sequences)", lo=1, hi=6)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    threads: int = opt(0, "torch CPU threads of the planner; 0 = torch's default", lo=0, hi=1024)
+    seed: int = opt(0, "seed of the planner's sampling (each episode adds its own seed)", lo=0, hi=2**31 - 1)
+
+
 @dataclass
 class CollectConfig:
     """`drive-mbrl collect`: run an agent on a scenario and store every vehicle's tracks."""
 
     scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
-    agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
+    agent: str = opt("idm", "ego driver", choices=AGENTS)
+    checkpoint: str = opt("", "forecaster checkpoint folder for agent=mpc (from `drive-mbrl fit`)")
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
     workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)

@@ -38,7 +38,8 @@ from drive_mbrl.types import EPISODE_FIELDS, NONDETERMINISTIC_FIELDS, STATE_FIEL
 MANIFEST = "manifest.json"
 EPISODES = "episodes"
 # Manifest fields that must match for a rerun to resume into an existing folder.
-_IDENTITY = ("schema_version", "scenario", "agent", "seed", "record_hz", "max_steps")
+_IDENTITY = ("schema_version", "scenario", "agent", "agent_options", "seed", "record_hz", "max_steps")
+_IDENTITY_DEFAULTS = {"agent_options": {}}  # manifests written before the field existed
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -133,7 +134,8 @@ def load_episode(path: Path) -> Episode:
     return episode
 
 
-def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, max_steps: int) -> dict[str, Any]:
+def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, max_steps: int,
+                   agent_options: str = "") -> dict[str, Any]:
     """The manifest of a new dataset (builds the env once to read its rates, action names and full config)."""
     env = make_env(scenario)
     try:
@@ -151,6 +153,7 @@ def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, ma
         "scenario": scenario.to_dict(),
         "env_config_resolved": resolved,
         "agent": agent,
+        "agent_options": json.loads(agent_options) if agent_options else {},
         "action_inferred": agent == "idm",
         "action_names": names,
         "seed": seed,
@@ -194,7 +197,7 @@ def open_dataset(root: Path, manifest: dict[str, Any]) -> list[int]:
     if (root / MANIFEST).exists():
         old = read_manifest(root)
         for key in _IDENTITY:
-            if old.get(key) != manifest.get(key):
+            if old.get(key, _IDENTITY_DEFAULTS.get(key)) != manifest.get(key):
                 raise DataError(f"{root} already holds a dataset with a different {key} ({old.get(key)!r} there, "
                                 f"{manifest.get(key)!r} now): choose another out= folder, or delete it to start over")
     else:
@@ -229,11 +232,19 @@ class RunSpec:
     seed: int
     record_hz: int = 0
     max_steps: int = 0
+    agent_options: str = ""
+    """JSON of the agent's options (`agent_options_json`); part of the dataset's identity."""
 
     def jobs(self, skip: Iterable[int] = ()) -> list[EpisodeJob]:
         done = set(skip)
-        return [EpisodeJob(self.scenario, self.agent, i, episode_seed(self.seed, i), self.record_hz, self.max_steps)
+        return [EpisodeJob(self.scenario, self.agent, i, episode_seed(self.seed, i), self.record_hz, self.max_steps,
+                           self.agent_options)
                 for i in range(self.episodes) if i not in done]
+
+
+def agent_options_json(options: dict[str, Any]) -> str:
+    """Canonical JSON of an agent's options (sorted keys), so equal options give equal dataset identities."""
+    return json.dumps(options, sort_keys=True, default=str) if options else ""
 
 
 def run_episodes(jobs: list[EpisodeJob], workers: int = 1, ray_address: str = "") -> Iterator[Episode]:
@@ -278,7 +289,8 @@ def collect(spec: RunSpec, out: Path, workers: int = 1, ray_address: str = "",
     Returns figures for metrics.json: episodes on disk, newly collected, steps and wall time of this call.
     """
     out = Path(out)
-    manifest = build_manifest(spec.scenario, spec.agent, spec.seed, spec.record_hz, spec.max_steps)
+    manifest = build_manifest(spec.scenario, spec.agent, spec.seed, spec.record_hz, spec.max_steps,
+                              spec.agent_options)
     done = open_dataset(out, manifest)
     jobs = spec.jobs(skip=done)
     started = time.perf_counter()

@@ -64,12 +64,15 @@ def episode_metrics(episode: Episode) -> dict[str, float]:
 
 def summarise(episodes: list[Episode]) -> dict[str, Any]:
     """Aggregate figures over episodes for metrics.json: episodes, return_mean/std, crash_rate, speed_mean [m/s],
-    ttc_min_p5 [s], decision_ms_p50/p99 [ms] over all decisions, steps."""
+    ttc_min_p5 [s], decision_ms_p50/p99 [ms] over all decisions, steps, fallback_rate (share of decisions a
+    planner handed to its fallback) and fallback_reasons (count per reason)."""
     if not episodes:
         raise ValueError("summarise needs at least one episode")
     rows = [episode_metrics(ep) for ep in episodes]
     col = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
     decisions = np.concatenate([ep.decision_ms for ep in episodes])
+    fallbacks = np.concatenate([ep.fallback for ep in episodes])
+    reasons, counts = np.unique(fallbacks[fallbacks != ""], return_counts=True)
     ttc_p5 = float(np.percentile(col["ttc_min"], 5, method="lower"))
     return {
         "episodes": len(episodes),
@@ -81,13 +84,15 @@ def summarise(episodes: list[Episode]) -> dict[str, Any]:
         "decision_ms_p50": float(np.percentile(decisions, 50)),
         "decision_ms_p99": float(np.percentile(decisions, 99)),
         "steps": int(col["steps"].sum()),
+        "fallback_rate": float((fallbacks != "").mean()) if len(fallbacks) else 0.0,
+        "fallback_reasons": {str(r): int(n) for r, n in zip(reasons, counts, strict=True)},
     }
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """A plain-text table, one row per name (e.g. agent), columns the summary keys."""
     keys = ["episodes", "return_mean", "return_std", "crash_rate", "speed_mean", "ttc_min_p5",
-            "decision_ms_p50", "decision_ms_p99"]
+            "decision_ms_p50", "decision_ms_p99", "fallback_rate"]
     def cell(value: Any) -> str:
         if value is None:
             return "inf"

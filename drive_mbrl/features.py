@@ -88,36 +88,51 @@ def to_ego_frame(state: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return out
 
 
+def scene_history(state: np.ndarray, present: np.ndarray, lane_offset: np.ndarray, lane_heading: np.ndarray,
+                  frame: int, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The input part of the scene at recorded frame `frame`: the ego and its V nearest tracks there.
+
+    state (T, M, 7), present (T, M), lane_offset and lane_heading (T, M) as in `Episode`. Returns history
+    (A, L, len(HIST_FEATURES)) float32 in the ego frame at `frame`, track (A,) int64 (-1 empty slot) and lane
+    (A, 2) float32 (offset from the lane centre [m], lane heading in the ego frame [rad]). Used for recorded
+    episodes and, by planners, for the live recording of the running episode.
+    """
+    A, L = spec.agents, spec.history_len
+    origin = state[frame, EGO_TRACK].astype(np.float64)
+    others = np.flatnonzero(present[frame])
+    others = others[others != EGO_TRACK]
+    dist = np.hypot(state[frame, others, X] - origin[X], state[frame, others, Y] - origin[Y])
+    slots = np.concatenate([[EGO_TRACK], others[np.argsort(dist, kind="stable")][: A - 1]]).astype(np.int64)
+    track = np.full(A, -1, np.int64)
+    track[: len(slots)] = slots
+    hist_frames = frame - spec.history_stride * np.arange(L - 1, -1, -1)
+    hist = np.zeros((A, L, len(HIST_FEATURES)), np.float32)
+    for j, f in enumerate(hist_frames):
+        if f < 0:
+            continue
+        local = to_ego_frame(state[f, slots].astype(np.float64), origin)
+        ok = present[f, slots]
+        lane_dir = lane_heading[f, slots] - origin[HEADING]
+        feats = np.stack([local[:, X], local[:, Y], local[:, VX], local[:, VY], np.cos(local[:, HEADING]),
+                          np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH],
+                          lane_offset[f, slots], np.cos(lane_dir), np.sin(lane_dir), ok], axis=-1)
+        hist[: len(slots), j] = np.where(ok[:, None], np.nan_to_num(feats), 0.0)
+    lane = np.zeros((A, 2), np.float32)
+    lane[: len(slots)] = np.nan_to_num(np.stack(
+        [lane_offset[frame, slots], lane_heading[frame, slots] - origin[HEADING]], axis=-1))
+    return hist, track, lane
+
+
 def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> Scenes:
     """All scenes of one episode, one per policy decision that has at least one history frame."""
     state, present = episode.state, episode.present
     frames = state.shape[0]
-    A, L, H = spec.agents, spec.history_len, spec.horizon
+    A, H = spec.agents, spec.horizon
     rows: list[dict[str, np.ndarray]] = []
     for s, frame in enumerate(episode.decision_frame):
         origin = state[frame, EGO_TRACK].astype(np.float64)
-        others = np.flatnonzero(present[frame])
-        others = others[others != EGO_TRACK]
-        dist = np.hypot(state[frame, others, X] - origin[X], state[frame, others, Y] - origin[Y])
-        slots = np.concatenate([[EGO_TRACK], others[np.argsort(dist, kind="stable")][: A - 1]]).astype(np.int64)
-        track = np.full(A, -1, np.int64)
-        track[: len(slots)] = slots
-
-        hist_frames = frame - spec.history_stride * np.arange(L - 1, -1, -1)
-        hist = np.zeros((A, L, len(HIST_FEATURES)), np.float32)
-        for j, f in enumerate(hist_frames):
-            if f < 0:
-                continue
-            local = to_ego_frame(state[f, slots].astype(np.float64), origin)
-            ok = present[f, slots]
-            lane_dir = episode.lane_heading[f, slots] - origin[HEADING]
-            feats = np.stack([local[:, X], local[:, Y], local[:, VX], local[:, VY], np.cos(local[:, HEADING]),
-                              np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH],
-                              episode.lane_offset[f, slots], np.cos(lane_dir), np.sin(lane_dir), ok], axis=-1)
-            hist[: len(slots), j] = np.where(ok[:, None], np.nan_to_num(feats), 0.0)
-        lane = np.zeros((A, 2), np.float32)
-        lane[: len(slots)] = np.nan_to_num(np.stack(
-            [episode.lane_offset[frame, slots], episode.lane_heading[frame, slots] - origin[HEADING]], axis=-1))
+        hist, track, lane = scene_history(state, present, episode.lane_offset, episode.lane_heading, frame, spec)
+        slots = track[track >= 0]
 
         future = np.full((A, H, len(TARGET_FEATURES)), np.nan, np.float32)
         fmask = np.zeros((A, H), bool)

@@ -8,7 +8,7 @@ diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned 
       token   = attention blocks across the agent tokens (masked)                interactions         (E, B, A, D)
     decode (once per scene x candidate plan):
       plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
-      z_a     = MLP(W_h token_a + W_p plan + (U_h token_a) * (U_p plan))   each agent reads the plan   (E, B, N, A, D)
+      z_a     = MLP(W_h token_a + W_p plan + (U_h token_a) * (U_p plan))   each agent reads the plan  (E, B, N, A, D')
       heads   = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
                 ego's z: H rewards and H collision logits
 
@@ -31,11 +31,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from drive_mbrl.config import UNCERTAINTY_LEVELS
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES
 
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
 """Bounds of every predicted std, in the target's units ([m], [m/s]): a floor of 5 cm keeps the Gaussian NLL from
 collapsing onto vehicles that drive exactly at constant speed (and then exploding on the next small error)."""
+
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,14 @@ class Forecaster(nn.Module):
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("std_scale", torch.ones(c.horizon))  # post-hoc calibration (validation.calibrate)
+        # Quantiles (UNCERTAINTY_LEVELS) of plan_uncertainty's disagreement and spread on validation data: the
+        # planner's fallback thresholds. +inf until validation.calibrate sets them.
+        self.register_buffer("uncertainty_quantiles", torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf))
         self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
         self.norm = EnsembleLayerNorm(c.members, c.width)
         dw = c.decoder_width
+        self._columns: dict[tuple[int, str], torch.Tensor] = {}
         self.plan_encoder = EnsembleMLP(c.members, [c.horizon * c.num_actions, dw, dw])
         self.token_in = EnsembleLinear(c.members, c.width, 2 * dw)
         self.plan_in = EnsembleLinear(c.members, dw, 2 * dw)
@@ -173,19 +179,22 @@ class Forecaster(nn.Module):
             h = block(h, mask)
         return self.norm(h)
 
-    def decode(self, tokens: torch.Tensor, history: torch.Tensor, plans: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode(self, tokens: torch.Tensor, history: torch.Tensor, plans: torch.Tensor,
+               positions_only: bool = False) -> dict[str, torch.Tensor]:
         """Futures of every agent under each of N plans per scene.
 
         tokens: (E, B, A, D) from `encode`; history: (B, A, L, F) the same scenes; plans: (B, N, H) int64 ego
-        meta-actions (-1: none). Returns (E members, B scenes, N plans, K modes, H steps, 4 targets):
-            mean, log_std: (E, B, N, A, K, H, 4)  [m], [m/s] in the decision's ego frame; log of std in those units
+        meta-actions (-1: none). Returns (E members, B scenes, N plans, K modes, H steps, T targets):
+            mean, log_std: (E, B, N, A, K, H, T)  [m], [m/s] in the decision's ego frame; log of std in those units
             logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K)
             reward: (E, B, N, H)      predicted env reward of each step
             crash_logit: (E, B, N, H) logit of "the ego has crashed by the end of step h"
+        with T = 4 (x, y, vx, vy), or T = 2 (x, y) when `positions_only`: a planner's fast path that computes
+        only the head's position columns (about half the work per plan).
         """
         c = self.config
         E, B, A, _ = tokens.shape
-        N, H = plans.shape[1], c.horizon
+        N, H, K = plans.shape[1], c.horizon, c.modes
         assert plans.shape == (B, N, H), f"plans shape {tuple(plans.shape)}, want ({B}, N, {H})"
         act = F.one_hot(plans.clamp_min(0), c.num_actions).to(tokens.dtype) * (plans >= 0).unsqueeze(-1)
         plan = self.plan_encoder(act.reshape(B, N, H * c.num_actions).unsqueeze(0).expand(E, -1, -1, -1))
@@ -193,23 +202,36 @@ class Forecaster(nn.Module):
         # depends on who the agent is (the ego follows it, a follower reacts to it, a far vehicle ignores it).
         t_add, t_mul = self.token_in(tokens)[:, :, None].chunk(2, dim=-1)  # (E, B, 1, A, D)
         p_add, p_mul = self.plan_in(F.silu(plan))[:, :, :, None].chunk(2, dim=-1)  # (E, B, N, 1, D)
-        z = F.silu(torch.addcmul(t_add + p_add, t_mul, p_mul))  # (E, B, N, A, decoder_width)
-        z = F.silu(self.decoder(z))
-        out = self.trajectory_head(z)  # (E, B, N, A, K * (1 + 2 * H * 4))
-        K, T = c.modes, len(TARGET_FEATURES)
+        z = F.relu(torch.addcmul(t_add + p_add, t_mul, p_mul))  # (E, B, N, A, decoder_width)
+        z = F.relu(self.decoder(z))
+        T = 2 if positions_only else len(TARGET_FEATURES)
+        cols = self._head_columns(T, tokens.device)
+        head = self.trajectory_head
+        out = torch.baddbmm(head.bias[..., cols], z.reshape(E, -1, z.shape[-1]), head.weight[..., cols])
+        out = out.reshape(E, B, N, A, -1)  # (E, B, N, A, K * (1 + 2 * H * T))
         logits = out[..., :K]
         rest = out[..., K:].reshape(E, B, N, A, K, 2, H, T)
         # Residual on constant velocity from the last history frame (de-normalised ego-frame state).
-        last = history[:, :, -1, :T]  # (B, A, 4) x, y, vx, vy
+        last = history[:, :, -1, :4]  # (B, A, 4) x, y, vx, vy
         t = torch.arange(1, H + 1, device=history.device, dtype=history.dtype) * c.policy_dt
         cv = torch.cat([last[..., None, :2] + last[..., None, 2:4] * t[:, None],
-                        last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)  # (B, A, H, 4)
-        mean = cv[None, :, None, :, None] + rest[..., 0, :, :] * self.target_scale
-        log_std = (rest[..., 1, :, :] + self.target_scale.log()).clamp(LOG_STD_MIN, LOG_STD_MAX)
-        log_std = log_std + self.std_scale.log()[:, None]
+                        last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)[..., :T]  # (B, A, H, T)
+        scale = self.target_scale[:T]
+        mean = torch.addcmul(cv[None, :, None, :, None], rest[..., 0, :, :], scale)
+        log_std = (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX) + self.std_scale.log()[:, None]
         ego = self.ego_head(z[:, :, :, 0])  # (E, B, N, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
+
+    def _head_columns(self, targets: int, device: torch.device) -> torch.Tensor:
+        """Columns of the trajectory head that hold the mode logits and the first `targets` target features."""
+        key = (targets, str(device))
+        if key not in self._columns:
+            c, T = self.config, len(TARGET_FEATURES)
+            index = torch.arange(c.modes * (1 + 2 * c.horizon * T), device=device)
+            rest = index[c.modes:].reshape(c.modes, 2, c.horizon, T)[..., :targets]
+            self._columns[key] = torch.cat([index[: c.modes], rest.reshape(-1)])
+        return self._columns[key]
 
     def forward(self, history: torch.Tensor, agent_mask: torch.Tensor,
                 actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,3 +260,24 @@ def rollout(model: Forecaster, history: torch.Tensor, agent_mask: torch.Tensor,
     assert history.shape[0] == plans.shape[0] == agent_mask.shape[0], "history, agent_mask and plans need the same S"
     out = model.decode(model.encode(history, agent_mask), history, plans)
     return {k: v[:, 0] for k, v in out.items()} if single else out
+
+
+def plan_uncertainty(out: dict[str, torch.Tensor], agent_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How unsure the model is about a scene's future under each plan, at the last horizon step, over the agents
+    present (the ego included), taking the largest agent:
+
+    - disagreement [m] (epistemic): std across members of each member's expected position, summed over x and y;
+    - spread [m] (aleatoric): the predicted std of the position, averaged over modes (by probability) and members,
+      summed over x and y.
+
+    out: outputs of `Forecaster.decode` (or `rollout`) with members first: mean, log_std (E, ..., A, K, H, 4),
+    logits (E, ..., A, K); agent_mask: (..., A) bool broadcastable to them. Returns two (...) tensors.
+    """
+    p = out["logits"].exp()[..., None]  # (E, ..., A, K, 1)
+    expected = (p * out["mean"][..., -1, :2]).sum(-2)  # (E, ..., A, 2)
+    disagreement = expected.std(0, unbiased=False).sum(-1)  # (..., A)
+    spread = (p * out["log_std"][..., -1, :2].exp()).sum(-2).mean(0).sum(-1)  # (..., A)
+    mask = agent_mask.clone()
+    mask[..., 0] = True
+    zero = torch.zeros((), dtype=disagreement.dtype, device=disagreement.device)
+    return torch.where(mask, disagreement, zero).amax(-1), torch.where(mask, spread, zero).amax(-1)

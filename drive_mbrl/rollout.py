@@ -6,6 +6,7 @@ here, so recorded data and measured driving figures can never disagree. It knows
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ class EpisodeJob:
     of the policy rate."""
     max_steps: int = 0
     """Stop after this many policy steps (0: the scenario's own end)."""
+    agent_options: str = ""
+    """JSON of the agent's options (a planner's checkpoint and settings); '' for rule agents."""
 
 
 def recording_stride(sim_hz: int, policy_hz: int, record_hz: int) -> int:
@@ -49,6 +52,7 @@ class EpisodeRunner:
 
     def __init__(self) -> None:
         self._envs: dict[str, Any] = {}
+        self._agents: dict[tuple[str, str], Agent] = {}
 
     def env(self, scenario: Scenario) -> Any:
         key = repr(scenario.to_dict())
@@ -56,10 +60,17 @@ class EpisodeRunner:
             self._envs[key] = make_env(scenario)
         return self._envs[key]
 
+    def agent(self, name: str, options: str) -> Agent:
+        """One agent per (name, options) per worker: a planner loads its model once, not once per episode."""
+        key = (name, options)
+        if key not in self._agents:
+            self._agents[key] = make_agent(name, json.loads(options) if options else None)
+        return self._agents[key]
+
     def run(self, job: EpisodeJob, agent: Agent | None = None) -> Episode:
         """Run `job` to its end and return the recorded episode."""
         env = self.env(job.scenario)
-        agent = agent or make_agent(job.agent)
+        agent = agent or self.agent(job.agent, job.agent_options)
         sim_hz, policy_hz = env_timing(env)
         stride = recording_stride(sim_hz, policy_hz, job.record_hz)
         recorder = TrackRecorder(job.scenario.perception_range, stride, 1.0 / sim_hz)
@@ -68,8 +79,10 @@ class EpisodeRunner:
         obs, _ = reset_env(env, job.seed)
         agent.reset(env, job.seed)
         recorder.attach(env)
-        actions, rewards, components, crashed, terminated, truncated, decision_ms, decision_frame = \
-            [], [], [], [], [], [], [], []
+        if hasattr(agent, "attach_tracks"):  # planners read the scene from the recording of this very episode
+            agent.attach_tracks(recorder)
+        actions, rewards, components, crashed, terminated, truncated, decision_ms, decision_frame, fallback = \
+            [], [], [], [], [], [], [], [], []
         component_names: list[str] | None = None
         done = False
         while not done:
@@ -79,6 +92,7 @@ class EpisodeRunner:
             start = time.perf_counter()
             action = int(agent.act(obs, env))
             decision_ms.append((time.perf_counter() - start) * 1e3)
+            fallback.append(getattr(agent, "last_fallback", ""))
             obs, reward, term, trunc, info = env.step(action)
             if agent.drives_itself:
                 action = infer_meta_action(env, lane_before, ego.target_lane_index, speed_before, float(ego.speed))
@@ -102,6 +116,7 @@ class EpisodeRunner:
             reward_component_names=np.asarray(component_names or [], dtype=str),
             crashed=np.asarray(crashed), terminated=np.asarray(terminated), truncated=np.asarray(truncated),
             decision_ms=np.asarray(decision_ms, dtype=np.float64),
+            fallback=np.asarray(fallback, dtype=str).reshape(len(actions)),
         )
 
     def close(self) -> None:

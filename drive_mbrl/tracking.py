@@ -112,17 +112,25 @@ class TrackRecorder:
         return (vehicle_state(vehicle), int(index[2]), self._edge(index), float(lateral),
                 float(lane.heading_at(longitudinal)))
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    @property
+    def frame_dt(self) -> float:
+        """[s] between recorded frames."""
+        return self.stride * self.sim_dt
+
+    def arrays(self, frames: list[int] | None = None) -> dict[str, np.ndarray]:
         """The recording so far as arrays: frame_time (T,), state (T, M, F), present (T, M), lane_id, lane_edge,
-        lane_offset, lane_heading (T, M), lane_edges (L,), vehicle_class (M,)."""
-        frames, tracks = len(self._rows), len(self._ids)
+        lane_offset, lane_heading (T, M), lane_edges (L,), vehicle_class (M,). `frames` picks recorded frames
+        (T = len(frames); a planner needs only its history window), default all."""
+        rows = self._rows if frames is None else [self._rows[f] for f in frames]
+        times = self._times if frames is None else [self._times[f] for f in frames]
+        frames, tracks = len(rows), len(self._ids)
         state = np.full((frames, tracks, len(STATE_FIELDS)), np.nan, dtype=np.float32)
         present = np.zeros((frames, tracks), dtype=bool)
         lane_id = np.full((frames, tracks), -1, dtype=np.int16)
         lane_edge = np.full((frames, tracks), -1, dtype=np.int16)
         lane_offset = np.full((frames, tracks), np.nan, dtype=np.float32)
         lane_heading = np.full((frames, tracks), np.nan, dtype=np.float32)
-        for t, row in enumerate(self._rows):
+        for t, row in enumerate(rows):
             for track, (values, lane, edge, offset, heading) in row.items():
                 state[t, track] = values
                 present[t, track] = True
@@ -131,7 +139,7 @@ class TrackRecorder:
                 lane_offset[t, track] = offset
                 lane_heading[t, track] = heading
         return {
-            "frame_time": np.asarray(self._times, dtype=np.float64),
+            "frame_time": np.asarray(times, dtype=np.float64),
             "state": state,
             "present": present,
             "lane_id": lane_id,

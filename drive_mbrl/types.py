@@ -74,6 +74,13 @@ class Episode:
     """(S,) bool."""
     decision_ms: np.ndarray
     """(S,) float64 [ms] wall time of the agent's decision (not deterministic; excluded from data identity)."""
+    fallback: np.ndarray | None = None
+    """(S,) str why a planning agent handed that step to its fallback ('' = it did not). Optional in files (episodes
+    of rule agents written before it existed load with all '')."""
+
+    def __post_init__(self) -> None:
+        if self.fallback is None:
+            self.fallback = np.full(self.action.shape[0], "", dtype="<U1")
 
     @property
     def steps(self) -> int:
@@ -85,13 +92,15 @@ class Episode:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> Episode:
-        kwargs = {f.name: arrays[f.name] for f in fields(cls)}
+        kwargs = {f.name: arrays[f.name] for f in fields(cls) if f.name in arrays or f.name not in OPTIONAL_FIELDS}
         kwargs["index"] = int(kwargs["index"])
         kwargs["seed"] = int(kwargs["seed"])
         return cls(**kwargs)
 
 
-EPISODE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Episode))
+OPTIONAL_FIELDS: frozenset[str] = frozenset({"fallback"})
+EPISODE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Episode) if f.name not in OPTIONAL_FIELDS)
+"""Fields every episode file holds (`OPTIONAL_FIELDS` may be missing)."""
 NONDETERMINISTIC_FIELDS: frozenset[str] = frozenset({"decision_ms"})
 
 

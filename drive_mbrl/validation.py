@@ -23,7 +23,7 @@ import torch
 
 from drive_mbrl.features import Scenes, physics_baselines
 from drive_mbrl.fit import tensors
-from drive_mbrl.forecaster import Forecaster
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, Forecaster, plan_uncertainty
 from drive_mbrl.losses import ensemble_mixture
 
 LEVELS = np.round(np.arange(0.1, 1.0, 0.1), 2)
@@ -154,7 +154,23 @@ def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: 
                                     pred["std"][:, :, :, h][sel], pred["log_weight"][sel], samples, seed)
                       if sel.any() else 1.0)
     model.std_scale.copy_(torch.tensor(scales))
+    calibrate_uncertainty(model, scenes, device)
     return scales
+
+
+def calibrate_uncertainty(model: Forecaster, scenes: Scenes, device: torch.device, batch_size: int = 512) -> None:
+    """Store the quantiles (`UNCERTAINTY_LEVELS`) of `plan_uncertainty` on `scenes` under their own actions in
+    `model.uncertainty_quantiles`: the planner falls back when a plan is less certain than that."""
+    model.eval()
+    stats = []
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            batch = tensors(scenes.subset(np.arange(start, min(start + batch_size, len(scenes)))), device)
+            out = model(batch["history"], batch["agent_mask"], batch["actions"])
+            stats.append(torch.stack(plan_uncertainty(out, batch["agent_mask"]), dim=-1).cpu())
+    values = torch.cat(stats).double()  # (B, 2)
+    levels = torch.tensor(UNCERTAINTY_LEVELS, dtype=values.dtype)
+    model.uncertainty_quantiles.copy_(torch.quantile(values, levels, dim=0).T.to(model.uncertainty_quantiles))
 
 
 def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt: float, seed: int = 0,

@@ -54,7 +54,9 @@ def test_inferred_meta_action(env, lanes, speeds, expected):
 
 
 def test_unknown_agent_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="random, slower, idm, explore"):
+    with pytest.raises(ConfigError, match="random, slower, idm, explore, mpc, oracle"):
+        make_agent("planner")
+    with pytest.raises(ConfigError, match="agent=mpc needs checkpoint="):
         make_agent("mpc")
 
 

@@ -1,0 +1,110 @@
+"""`agent=mpc`: the risk-aware MPC planner on a learned forecaster, as an `Agent` of the episode loop.
+
+At every policy step it cuts the current scene from the running episode's own track recording (the same
+`features.scene_history` that training data went through), plans with `planning.plan_scene`, and executes the
+first action of the chosen plan, or hands the step to its fallback (SLOWER, a braking floor) and records why
+(`last_fallback`, stored per step in the episode). The previous plan, shifted by one step, warm-starts the next
+search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from drive_mbrl.config import PlannerConfig, validate
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.features import SceneSpec, scene_history
+
+
+def planner_config(options: dict[str, Any] | PlannerConfig | None) -> PlannerConfig:
+    """A validated PlannerConfig from a dict of overrides (unknown keys are an error)."""
+    if isinstance(options, PlannerConfig):
+        config = options
+    else:
+        known = {f.name for f in fields(PlannerConfig)}
+        unknown = sorted(set(options or {}) - known)
+        if unknown:
+            raise ConfigError(f"planner has no setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        config = PlannerConfig(**(options or {}))
+    validate(config, "planner.")
+    return config
+
+
+class MPCAgent:
+    """Plans with a forecaster checkpoint (see the module docstring). `fault` (tests): a hook applied to the
+    forecaster's outputs before scoring."""
+
+    drives_itself = False
+
+    def __init__(self, checkpoint: str = "", planner: dict[str, Any] | PlannerConfig | None = None,
+                 fault: Any = None):
+        import torch
+
+        from drive_mbrl.fit import load_forecaster, resolve_device
+
+        if not checkpoint:
+            raise ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+        self.settings = planner_config(planner)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.device = resolve_device(self.settings.device)
+        self.model, self.meta = load_forecaster(checkpoint, self.device)
+        c = self.model.config
+        self.spec = SceneSpec(agents=c.agents, history_len=c.history_len, history_stride=1, horizon=c.horizon)
+        self.fault = fault
+        self.last_fallback = ""
+        self.last_decision: Any = None
+        self._recorder: Any = None
+
+    def reset(self, env: Any, seed: int) -> None:
+        import torch
+
+        names = env.unwrapped.action_type.actions_indexes
+        if env.action_space.n != self.model.config.num_actions:
+            raise ConfigError(f"the forecaster was trained for {self.model.config.num_actions} actions, this "
+                              f"scenario has {env.action_space.n}: use a checkpoint trained on this scenario")
+        self._fallback_action = int(names["SLOWER"])
+        self._idle = int(names.get("IDLE", 0))
+        self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
+        self._warm: Any = None
+        self.last_fallback = ""
+
+    def attach_tracks(self, recorder: Any) -> None:
+        """Called by the episode loop after each reset with its track recorder (the planner's perception)."""
+        stride = self.meta["history_dt"] / recorder.frame_dt
+        if abs(stride - round(stride)) > 1e-6 or round(stride) < 1:
+            raise ConfigError(f"the forecaster's history step ({self.meta['history_dt']} s) is not a multiple of "
+                              f"the recording's frame time ({recorder.frame_dt} s): evaluate with record_hz=0")
+        self._stride = int(round(stride))
+        self._recorder = recorder
+
+    def scene(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current scene: history (A, L, F) float32 and agent_mask (A,) bool, ego frame."""
+        last = self._recorder.frames - 1
+        window = [f for f in last - self._stride * np.arange(self.spec.history_len - 1, -1, -1) if f >= 0]
+        arrays = self._recorder.arrays(window)
+        history, track, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
+                                          arrays["lane_heading"], len(window) - 1, self.spec)
+        return history, track >= 0
+
+    def act(self, obs: Any, env: Any) -> int:
+        import torch
+
+        from drive_mbrl.planning import plan_scene
+
+        if self._recorder is None:
+            raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
+        history, mask = self.scene()
+        with torch.inference_mode():
+            decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
+                                  torch.as_tensor(mask, device=self.device), self.settings, self._generator,
+                                  self._warm, self.fault)
+        self.last_decision = decision
+        self.last_fallback = decision.fallback
+        plan = decision.plan
+        self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
+        return self._fallback_action if decision.fallback else int(plan[0])
+

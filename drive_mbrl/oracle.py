@@ -1,0 +1,51 @@
+"""`agent=oracle`: plans on copies of the true simulator, the peer a learned-model planner is measured against.
+
+At each decision it copies the env and expands the tree of action sequences exhaustively to `planner.oracle_depth`
+policy steps (prefixes are shared: num_actions + num_actions^2 + ... simulated steps per decision), scoring each
+sequence by its discounted env reward (a crash ends the sequence). This is a perfect model with a budget, the way
+rl-agents' tree-search planners use highway-env; it shows what planning can reach and what it costs per decision.
+Duck-typed on highway-env's env (deep copies of `env.unwrapped`); imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from drive_mbrl.mpc import planner_config
+
+
+def copy_env(env: Any) -> Any:
+    """A deep copy of the simulator that steps on its own (the episode's track recorder hook is dropped)."""
+    twin = copy.deepcopy(env.unwrapped)
+    twin.road.__dict__.pop("step", None)  # TrackRecorder patches road.step on the instance
+    return twin
+
+
+class OracleAgent:
+    drives_itself = False
+
+    def __init__(self, planner: dict[str, Any] | None = None):
+        self.settings = planner_config(planner)
+        self.last_fallback = ""
+
+    def reset(self, env: Any, seed: int) -> None:
+        self._actions = list(range(env.action_space.n))
+
+    def action_values(self, env: Any, depth: int) -> list[float]:
+        """Best discounted return of each first action over `depth` steps from this simulator state."""
+        values = []
+        for action in self._actions:
+            twin = copy_env(env)
+            _, reward, terminated, truncated, _ = twin.step(action)
+            value = float(reward)
+            if twin.vehicle.crashed:
+                value -= self.settings.collision_cost
+            elif depth > 1 and not (terminated or truncated):
+                value += self.settings.gamma * max(self.action_values(twin, depth - 1))
+            values.append(value)
+        return values
+
+    def act(self, obs: Any, env: Any) -> int:
+        values = self.action_values(env, self.settings.oracle_depth)
+        return self._actions[max(range(len(values)), key=values.__getitem__)]

@@ -1,0 +1,299 @@
+"""The planner: search functions against known optima, risk measures by hand, the vectorised objective against a
+loop reference, plan_scene with a fake model, and fault injection on a real episode."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from drive_mbrl.config import RISK_MEASURES, UNCERTAINTY_LEVELS, PlannerConfig
+from drive_mbrl.planning import (
+    categorical_cem,
+    cem,
+    collisions,
+    enumerate_plans,
+    exhaustive_search,
+    mppi,
+    plan_scene,
+    risk_measure,
+    score_plans,
+    unique_plans,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_risk_measures_by_hand():
+    costs = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 7.0, 6.0]])
+    assert risk_measure(costs, "mean").item() == pytest.approx(4.5)
+    assert risk_measure(costs, "cvar", 1.0).item() == pytest.approx(4.5)  # CVaR_1 is the mean
+    assert risk_measure(costs, "cvar", 0.25).item() == pytest.approx(7.5)  # mean of the worst 2 of 8
+    assert risk_measure(costs, "cvar", 0.1).item() == pytest.approx(8.0)  # ceil(0.8) = 1 sample: the worst
+    assert risk_measure(costs, "worst").item() == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="choose one of"):
+        risk_measure(costs, "var")
+    assert set(RISK_MEASURES) == {"mean", "cvar", "worst"}
+
+
+def test_enumeration_and_unique_plans():
+    plans = enumerate_plans(3, 4)
+    assert plans.shape == (81, 4) and len(unique_plans(plans, 3)) == 81
+    torch.testing.assert_close(unique_plans(torch.cat([plans, plans[:5]]).flip(0), 3), plans)
+
+
+def _distance_to(target: torch.Tensor):
+    return lambda plans: (plans != target).sum(-1).to(torch.float32) + 0.01 * plans.sum(-1)
+
+
+def test_exhaustive_search_finds_the_optimum():
+    target = torch.tensor([4, 0, 2, 2])
+    result = exhaustive_search(_distance_to(target), 5, 4)
+    assert torch.equal(result.plan, target) and result.evaluated == 625
+
+
+def test_categorical_cem_finds_the_optimum_of_a_space_beyond_its_budget():
+    target = torch.tensor([1, 3, 0, 4, 2, 2, 1])  # 5^7 = 78,125 sequences, 6 x 200 evaluated
+    result = categorical_cem(_distance_to(target), 5, 7, population=200, iterations=6, elites=20, generator=gen())
+    assert torch.equal(result.plan, target) and result.evaluated <= 1200
+
+
+def test_categorical_cem_evaluates_included_plans_and_skips_infeasible_ones():
+    target = torch.tensor([2, 2, 2])
+    seen = []
+
+    def objective(plans):
+        seen.append(plans)
+        cost = _distance_to(target)(plans)
+        return torch.where(plans[:, 0] == 0, torch.full_like(cost, math.inf), cost)
+
+    result = categorical_cem(objective, 3, 3, population=4, iterations=1, elites=2, generator=gen(),
+                             include=target[None])
+    assert (seen[0] == target).all(-1).any() and torch.equal(result.plan, target)
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_continuous_search_finds_the_minimum_of_a_quadratic(method: str):
+    optimum = torch.tensor([[0.3, -0.5], [0.1, 0.7], [-0.8, 0.2]])
+    low, high = torch.full((2,), -1.0), torch.full((2,), 1.0)
+
+    def objective(plans):
+        return ((plans - optimum) ** 2).sum((-1, -2))
+
+    if method == "cem":
+        result = cem(objective, 3, low, high, population=256, iterations=8, elites=25, generator=gen())
+    else:
+        result = mppi(objective, 3, low, high, samples=256, iterations=8, temperature=0.02, generator=gen())
+    assert torch.allclose(result.plan, optimum, atol=0.05), result.plan
+
+
+def test_warm_start_at_the_optimum_keeps_it():
+    optimum = torch.tensor([[0.5, 0.5]])
+    low, high = torch.zeros(2), torch.ones(2)
+    result = cem(lambda p: ((p - optimum) ** 2).sum((-1, -2)), 1, low, high, population=8, iterations=1, elites=2,
+                 generator=gen(), init_mean=optimum)
+    assert result.cost == 0.0 and torch.equal(result.plan, optimum)
+
+
+def _collisions_reference(positions, start, size, mask, settings):
+    """Loop over members, plans, samples, steps, substeps and agents."""
+    E, N, A, M, H, _ = positions.shape
+    out = torch.zeros(E, N, M, H, dtype=torch.bool)
+    for e in range(E):
+        for n in range(N):
+            for m in range(M):
+                crashed = False
+                for h in range(H):
+                    for k in range(1, settings.substeps + 1):
+                        w = k / settings.substeps
+                        for a in range(1, A):
+                            prev_e = start[0] if h == 0 else positions[e, n, 0, m, h - 1]
+                            prev_a = start[a] if h == 0 else positions[e, n, a, m, h - 1]
+                            pe = prev_e + w * (positions[e, n, 0, m, h] - prev_e)
+                            pa = prev_a + w * (positions[e, n, a, m, h] - prev_a)
+                            reach_x = (size[0, 0] + size[a, 0]) / 2 + settings.margin_long
+                            reach_y = (size[0, 1] + size[a, 1]) / 2 + settings.margin_lat
+                            if mask[a] and abs(pa[0] - pe[0]) < reach_x and abs(pa[1] - pe[1]) < reach_y:
+                                crashed = True
+                    out[e, n, m, h] = crashed
+    return out
+
+
+def test_vectorised_collisions_match_a_loop_reference():
+    torch.manual_seed(0)
+    positions = torch.randn(2, 3, 4, 5, 3, 2) * torch.tensor([8.0, 3.0])
+    start = torch.randn(4, 2) * torch.tensor([8.0, 3.0])
+    size = torch.tensor([[5.0, 2.0], [4.0, 1.8], [6.0, 2.2], [5.0, 2.0]])
+    mask = torch.tensor([True, True, False, True])
+    settings = PlannerConfig(substeps=3)
+    fast = collisions(positions, start, size, mask, settings)
+    reference = _collisions_reference(positions, start, size, mask, settings)
+    assert fast.any() and not fast.all()
+    assert torch.equal(fast, reference)
+
+
+def _scene_outputs(ego_speeds: list[float], E: int = 2, K: int = 2, H: int = 3, reward: float = 1.0):
+    """Forecaster outputs for N plans: the ego drives at ego_speeds[n] m/s along x; one car sits still 25 m ahead.
+    Stds are tiny, so every sample equals the mean."""
+    N, A = len(ego_speeds), 2
+    mean = torch.zeros(E, N, A, K, H, 2)
+    t = torch.arange(1, H + 1, dtype=torch.float32)
+    mean[:, :, 0, :, :, 0] = torch.tensor(ego_speeds)[None, :, None, None] * t
+    mean[:, :, 1, :, :, 0] = 25.0
+    out = {"mean": mean, "log_std": torch.full_like(mean, math.log(1e-4)),
+           "logits": torch.full((E, N, A, K), -math.log(K)), "reward": torch.full((E, N, H), reward)}
+    history_last = torch.zeros(A, 12)
+    history_last[1, 0] = 25.0
+    history_last[:, 6], history_last[:, 7] = 5.0, 2.0
+    return out, history_last, torch.ones(A, dtype=torch.bool)
+
+
+def test_plan_costs_by_hand():
+    # Plan 0 stands still (no collision): cost = -(1 + 0.9 + 0.81). Plan 1 drives at 10 m/s: the gap 25 m closes
+    # below reach 5 + 1 = 6 m during the second step (at 20 m the gap is 5 m): collision in step index 1. Like the
+    # env, which pays the crash step's reward and then ends, it keeps the rewards of steps 0 and 1 and pays
+    # collision_cost * gamma^1.
+    out, last, mask = _scene_outputs([0.0, 10.0])
+    settings = PlannerConfig(gamma=0.9, collision_cost=5.0, risk="mean", chance_epsilon=1.0, samples=3)
+    scores = score_plans(out, last, mask, settings, gen())
+    assert scores["cost"][0].item() == pytest.approx(-(1 + 0.9 + 0.81))
+    assert scores["cost"][1].item() == pytest.approx(-(1 + 0.9) + 5.0 * 0.9)
+    assert scores["collision_prob"].tolist() == [0.0, 1.0]
+    # The chance constraint rejects plan 1; a NaN output makes a plan infeasible and is flagged.
+    constrained = score_plans(out, last, mask, replace(settings, chance_epsilon=0.5), gen())
+    assert math.isinf(constrained["cost"][1].item()) and math.isfinite(constrained["cost"][0].item())
+    out["mean"][0, 0, 1, 0, 2, 0] = float("nan")
+    broken = score_plans(out, last, mask, settings, gen())
+    assert broken["finite"].tolist() == [False, True] and math.isinf(broken["cost"][0].item())
+
+
+def test_risk_averse_plans_avoid_a_rare_collision():
+    # Two equally likely modes for the car ahead: it stays 25 m ahead or it cuts in at 8 m. Plan 1 (10 m/s) earns
+    # more reward but collides in the cut-in mode; risk-neutral planning takes it, CVaR_0.5 does not.
+    out, last, mask = _scene_outputs([0.0, 10.0], K=2)
+    out["mean"][:, :, 1, 1, :, 0] = 8.0  # mode 1: the other car sits at 8 m
+    out["reward"] = torch.tensor([0.2, 1.0])[None, :, None].expand(2, 2, 3).clone()
+    out["mean"][:, :, 1, 0, :, 0] = 60.0
+    base = PlannerConfig(gamma=0.9, collision_cost=1.0, chance_epsilon=1.0, samples=64)
+    neutral = score_plans(out, last, mask, replace(base, risk="mean"), gen())
+    averse = score_plans(out, last, mask, replace(base, risk="cvar", alpha=0.5), gen())
+    assert 0.3 < neutral["collision_prob"][1].item() < 0.7
+    assert int(neutral["cost"].argmin()) == 1 and int(averse["cost"].argmin()) == 0
+
+
+class FakeModel:
+    """A forecaster stand-in with a known best plan: reward 1 per step for action `best`, 0 otherwise; the ego
+    and one far-away car never meet."""
+
+    def __init__(self, best: list[int], num_actions: int = 5):
+        self.config = type("C", (), {"num_actions": num_actions, "horizon": len(best), "members": 2, "modes": 1})
+        self.best = torch.tensor(best)
+        self.uncertainty_quantiles = torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf)
+
+    def encode(self, history, mask):
+        return torch.zeros(2, 1, 2, 4)
+
+    def decode(self, tokens, history, plans, positions_only=False):
+        B, N, H = plans.shape
+        mean = torch.zeros(2, B, N, 2, 1, H, 2)
+        mean[..., 1, :, :, 0] = 500.0
+        reward = (plans == self.best).float()[None].expand(2, B, N, H)
+        return {"mean": mean, "log_std": torch.full_like(mean, -5.0), "logits": torch.zeros(2, B, N, 2, 1),
+                "reward": reward}
+
+
+@pytest.mark.parametrize("budget", [3125, 300])
+def test_plan_scene_finds_the_known_best_plan(budget: int):
+    model = FakeModel([3, 1, 4, 1, 0])
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    history[:, :, 6:8] = torch.tensor([5.0, 2.0])
+    decision = plan_scene(model, history, mask, PlannerConfig(budget=budget, iterations=4), gen())
+    assert decision.plan.tolist() == [3, 1, 4, 1, 0] and decision.fallback == ""
+    assert decision.evaluated == (3125 if budget == 3125 else decision.evaluated) and decision.evaluated <= max(
+        budget, 3125)
+    assert decision.collision_prob == 0.0
+
+
+def test_plan_scene_falls_back_on_nan_and_on_exploding_uncertainty():
+    model = FakeModel([2, 2, 2])
+    model.uncertainty_quantiles = torch.full((2, len(UNCERTAINTY_LEVELS)), 1.0)
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    settings = PlannerConfig(budget=125)
+
+    def nan(out):
+        return {**out, "mean": out["mean"] * float("nan")}
+
+    def wide(out):
+        return {**out, "log_std": out["log_std"] + 10.0}
+
+    assert plan_scene(model, history, mask, settings, gen(), fault=nan).fallback == "model_output_not_finite"
+    assert plan_scene(model, history, mask, settings, gen(), fault=wide).fallback == "spread_too_wide"
+    assert plan_scene(model, history, mask, settings, gen()).fallback == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small forecaster trained for a few epochs on 3 short real highway episodes (calibrated, so it has
+    uncertainty limits)."""
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.fit import TrainSettings, fit, load_scenes, split_by_episode
+    from drive_mbrl.forecaster import ForecasterConfig
+    from drive_mbrl.scenarios import load_scenario
+
+    root = tmp_path_factory.mktemp("tiny")
+    collect(RunSpec(load_scenario("highway"), "explore", 4, 0, max_steps=12), root / "data")
+    config = ForecasterConfig(agents=4, history_len=3, horizon=3, members=2, modes=2, width=16, heads=2, blocks=1,
+                              decoder_width=16)
+    scenes, sources = load_scenes([str(root / "data")], config, history_dt=0.2)
+    train, val = split_by_episode(scenes.episode, 0.25, 0)
+    torch.manual_seed(0)
+    fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=3, batch_size=16, seed=0),
+        root / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
+    return root / "ck"
+
+
+def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_checkpoint: Path):
+    from drive_mbrl.mpc import MPCAgent
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+    from drive_mbrl.scenarios import load_scenario
+
+    calls = {"n": 0}
+
+    def fault(out):  # NaN from the 3rd decision's first batch on, exploding spread from the 5th on
+        calls["n"] += 1
+        step = agent_steps()
+        if step >= 4:
+            return {**out, "log_std": out["log_std"] + 20.0}
+        if step >= 2:
+            return {**out, "mean": out["mean"] * float("nan")}
+        return out
+
+    agent = MPCAgent(str(tiny_checkpoint), {"budget": 64, "threads": 1, "chance_epsilon": 1.0}, fault=fault)
+    decisions: list[int] = []
+    original_act = agent.act
+
+    def agent_steps() -> int:
+        return len(decisions)
+
+    def act(obs, env):
+        action = original_act(obs, env)
+        decisions.append(action)
+        return action
+
+    agent.act = act
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "mpc", 0, 5, max_steps=6), agent)
+    finally:
+        runner.close()
+    assert episode.steps == 6 or episode.crashed[-1]
+    reasons = list(episode.fallback)
+    assert reasons[2:4] == ["model_output_not_finite"] * 2
+    assert all(r == "spread_too_wide" for r in reasons[4:])
+    slower = 4  # highway-env's DiscreteMetaAction: SLOWER
+    assert all(a == slower for a, r in zip(episode.action, reasons, strict=True) if r)
