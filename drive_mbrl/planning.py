@@ -118,6 +118,22 @@ def categorical_cem(objective: Objective, num_actions: int, horizon: int, popula
     return SearchResult(best_plan, best_cost, plans, costs, evaluated)
 
 
+def _gaussian_start(horizon: int, low: torch.Tensor, high: torch.Tensor, init_mean: torch.Tensor | None,
+                    rel_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial mean (the warm start, or the box centre) and std (relative to the box size) of a (H, D) search."""
+    mean = init_mean.clone() if init_mean is not None else ((low + high) / 2).expand(horizon, -1).clone()
+    return mean, (rel_std * (high - low)).expand(horizon, -1).clone()
+
+
+def _perturb(mean: torch.Tensor, std: torch.Tensor, count: int, low: torch.Tensor, high: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+    """`count` Gaussian perturbations of mean (H, D) clipped to the box; the first is the mean itself."""
+    noise = torch.randn(count, *mean.shape, generator=generator, device=mean.device)
+    plans = torch.minimum(torch.maximum(mean + std * noise, low), high)
+    plans[0] = mean
+    return plans
+
+
 def cem(objective: Objective, horizon: int, low: torch.Tensor, high: torch.Tensor, population: int,
         iterations: int, elites: int, generator: torch.Generator, init_mean: torch.Tensor | None = None,
         init_std: float = 0.5, min_std: float = 1e-3) -> SearchResult:
@@ -126,15 +142,11 @@ def cem(objective: Objective, horizon: int, low: torch.Tensor, high: torch.Tenso
     init_mean: (H, D) warm start (for example the previous solution shifted by one step); default the box centre.
     init_std is relative to the box size. Returns the best plan seen.
     """
-    device = low.device
-    mean = init_mean.clone() if init_mean is not None else ((low + high) / 2).expand(horizon, -1).clone()
-    std = (init_std * (high - low)).expand(horizon, -1).clone()
+    mean, std = _gaussian_start(horizon, low, high, init_mean, init_std)
     best_plan, best_cost, evaluated = mean.clone(), math.inf, 0
     plans = costs = torch.empty(0)
     for _ in range(iterations):
-        noise = torch.randn(population, *mean.shape, generator=generator, device=device)
-        plans = torch.minimum(torch.maximum(mean + std * noise, low), high)
-        plans[0] = mean  # the current mean is always a candidate
+        plans = _perturb(mean, std, population, low, high, generator)  # the current mean is always a candidate
         costs = objective(plans)
         evaluated += population
         order = torch.argsort(costs)
@@ -156,15 +168,11 @@ def mppi(objective: Objective, horizon: int, low: torch.Tensor, high: torch.Tens
     init_mean: (H, D) warm start; noise_std is relative to the box size. Returns the final weighted mean (its cost
     evaluated once more) unless a sample was better.
     """
-    device = low.device
-    mean = init_mean.clone() if init_mean is not None else ((low + high) / 2).expand(horizon, -1).clone()
-    std = (noise_std * (high - low)).expand(horizon, -1).clone()
+    mean, std = _gaussian_start(horizon, low, high, init_mean, noise_std)
     best_plan, best_cost, evaluated = mean.clone(), math.inf, 0
     plans = costs = torch.empty(0)
     for _ in range(iterations):
-        noise = torch.randn(samples, *mean.shape, generator=generator, device=device)
-        plans = torch.minimum(torch.maximum(mean + std * noise, low), high)
-        plans[0] = mean
+        plans = _perturb(mean, std, samples, low, high, generator)
         costs = objective(plans)
         evaluated += samples
         finite = torch.isfinite(costs)
