@@ -103,3 +103,77 @@ def bench_forecaster(checkpoint: str, candidates: list[int], repeats: int, devic
     return {"device": str(dev), "threads": torch.get_num_threads(), "members": c.members, "modes": c.modes,
             "horizon": c.horizon, "agents": c.agents, "parameters": params, "parameter_mb": params * 4 / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
+
+
+def _latency(times_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(times_ms)
+    return {"ms_p50": median(ordered), "ms_p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "decisions": len(ordered)}
+
+
+def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list[int], decisions: int,
+               oracle_decisions: int, planner: Any, seed: int) -> dict[str, Any]:
+    """Decision latency of the MPC planner (p50, p99 [ms]) for each candidate budget x ensemble size, on scenes of
+    real episodes, with the oracle's latency in the same run.
+
+    Scenes: `decisions` policy steps of fresh idm episodes on `scenario` (seeds from `seed`), cut exactly as the
+    planner cuts them. Every setting plans the same scenes, settings alternating per scene so that machine noise
+    hits them alike. Ensembles smaller than the checkpoint's use its first members (`forecaster.member_subset`).
+    The oracle drives `oracle_decisions` steps of an episode of the same scenario; its decision times are the
+    episode loop's own.
+    """
+    from dataclasses import asdict, replace
+
+    import numpy as np
+    import torch
+
+    from drive_mbrl.data import agent_options_json
+    from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
+    from drive_mbrl.forecaster import member_subset
+    from drive_mbrl.planning import plan_scene
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+
+    if planner.threads:
+        torch.set_num_threads(planner.threads)
+    dev = resolve_device(planner.device)
+    model, meta = load_forecaster(checkpoint, dev)
+    if max(members) > model.config.members:
+        raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
+    models = {m: member_subset(model, m) for m in members}
+    with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
+        episodes = max(1, -(-decisions // 25))
+        collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")
+        scenes, _ = load_scenes([str(Path(tmp) / "ds")], model.config, meta["history_dt"])
+    pick = np.linspace(0, len(scenes) - 1, min(decisions, len(scenes))).round().astype(int)
+    inputs = [(torch.as_tensor(scenes.history[i], device=dev), torch.as_tensor(scenes.agent_mask[i], device=dev))
+              for i in pick]
+    times: dict[tuple[int, int], list[float]] = {(b, m): [] for b in budgets for m in members}
+    evaluated: dict[tuple[int, int], int] = {}
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.inference_mode():
+        for (b, m) in times:  # warm-up
+            plan_scene(models[m], *inputs[0], replace(planner, budget=b), gen)
+        for history, mask in inputs:
+            for (b, m), row in times.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                decision = plan_scene(models[m], history, mask, replace(planner, budget=b), gen)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                row.append((time.perf_counter() - start) * 1e3)
+                evaluated[(b, m)] = decision.evaluated
+    oracle = None
+    if oracle_decisions:
+        runner = EpisodeRunner()
+        try:
+            episode = runner.run(EpisodeJob(load_scenario(scenario), "oracle", 0, seed, max_steps=oracle_decisions,
+                                            agent_options=agent_options_json({"planner": asdict(planner)})))
+        finally:
+            runner.close()
+        oracle = {"depth": planner.oracle_depth, **_latency(list(episode.decision_ms))}
+    return {"device": str(dev), "threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
+            "scenario": scenario, "samples": planner.samples, "iterations": planner.iterations,
+            "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row)}
+                     for (b, m), row in times.items()],
+            "oracle": oracle}

@@ -232,6 +232,23 @@ def run_validate(cfg: C.ValidateConfig, run_dir: Path) -> dict[str, Any]:
     return {"checkpoint": cfg.checkpoint, "data": sources, **figures}
 
 
+def run_bench_plan(cfg: C.BenchPlanConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_plan
+
+    if not cfg.checkpoint:
+        raise C.ConfigError("bench plan needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+    metrics = bench_plan(cfg.checkpoint, cfg.scenario, cfg.budgets, cfg.members, cfg.decisions,
+                         cfg.oracle_decisions, cfg.planner, cfg.seed)
+    print(f"device {metrics['device']}, {metrics['threads']} threads, {metrics['samples']} samples per member")
+    for row in metrics["rows"]:
+        print(f"budget {row['budget']:>5} ({row['plans_scored']} scored), members {row['members']}: "
+              f"p50 {row['ms_p50']:.1f} ms, p99 {row['ms_p99']:.1f} ms")
+    if metrics["oracle"]:
+        o = metrics["oracle"]
+        print(f"oracle (depth {o['depth']}): p50 {o['ms_p50']:.1f} ms, p99 {o['ms_p99']:.1f} ms")
+    return metrics
+
+
 def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.bench import bench_forecaster
 
@@ -252,6 +269,7 @@ COMMANDS: dict[str, Command] = {
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
+    "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),
 }

@@ -178,6 +178,21 @@ class BenchForecasterConfig:
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
 
 
+@dataclass
+class BenchPlanConfig:
+    """`drive-mbrl bench plan`: MPC decision latency (p50, p99) against candidate budget and ensemble size, with the
+    oracle's latency in the same run."""
+
+    checkpoint: str = opt("", "forecaster checkpoint folder; required")
+    scenario: str = opt("highway", "scenario whose idm episodes give the scenes")
+    budgets: list[int] = opt([64, 256, 512, 1024], "candidate plans per decision", lo=1, hi=10**6)
+    members: list[int] = opt([1, 5], "ensemble sizes (the checkpoint's first members)", lo=1, hi=64)
+    decisions: int = opt(60, "scenes planned per setting", lo=1, hi=10**6)
+    oracle_decisions: int = opt(5, "oracle decisions timed (0 = skip the oracle)", lo=0, hi=10**4)
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
+    seed: int = opt(EVAL_SEED, "seed of the episodes and of the planner's sampling", lo=0, hi=2**31 - 1)
+
+
 def _pipeline_fit() -> FitConfig:
     return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2)
 

@@ -25,7 +25,7 @@ statistics fitted on training data, so a checkpoint is self-contained. Knows not
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -281,3 +281,17 @@ def plan_uncertainty(out: dict[str, torch.Tensor], agent_mask: torch.Tensor) -> 
     mask[..., 0] = True
     zero = torch.zeros((), dtype=disagreement.dtype, device=disagreement.device)
     return torch.where(mask, disagreement, zero).amax(-1), torch.where(mask, spread, zero).amax(-1)
+
+
+def member_subset(model: Forecaster, members: int) -> Forecaster:
+    """A forecaster made of the first `members` members of `model` (every parameter has the member axis first;
+    buffers are shared statistics). For benchmarks against the ensemble size."""
+    import copy
+
+    if members == model.config.members:
+        return model
+    subset = copy.deepcopy(model)
+    subset.config = replace(model.config, members=members)
+    for param in subset.parameters():
+        param.data = param.data[:members].clone()
+    return subset
