@@ -135,6 +135,63 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     return {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
 
 
+def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """The MBRL loop (see TrainConfig). Every stage resumes (episodes by index, fits by folder), so a rerun of the
+    same command after an interrupt continues where it stopped; the learning curve is rebuilt from the stages."""
+    from dataclasses import asdict, replace
+
+    from drive_mbrl.data import RunSpec, agent_options_json, read_manifest
+    from drive_mbrl.plots import learning_curve_png
+    from drive_mbrl.scenarios import load_scenario
+
+    scenario = load_scenario(cfg.scenario)
+    data = [run_dir / "data" / "seed"]
+    _collect_into(RunSpec(scenario, cfg.seed_agent, cfg.seed_episodes, cfg.seed), data[0], cfg.workers, "",
+                  f"seed data {scenario.name}/{cfg.seed_agent}")
+    resolved = read_manifest(data[0])["env_config_resolved"]
+    longest = int(round(float(resolved["duration"]) * float(resolved["policy_frequency"])))
+    curve: list[dict[str, Any]] = []
+    previous = None
+    for it in range(cfg.iterations):
+        steps = sum(_dataset_steps(d) for d in data)
+        ck = run_dir / "model" / f"iter{it}"
+        fit_cfg = replace(cfg.fit, dataset=[str(d) for d in data], holdout=[], out=str(ck),
+                          init=str(previous) if previous else "",
+                          epochs=cfg.finetune_epochs if previous else cfg.fit.epochs)
+        fitted = run_fit(fit_cfg, run_dir / "model" / f"iter{it}_report")
+        options = agent_options_json({"checkpoint": str(ck.resolve()), "planner": asdict(cfg.planner)})
+        evaluation = evaluate_agent(cfg.scenario, "mpc", cfg.eval_episodes, C.EVAL_SEED, cfg.workers, "",
+                                    run_dir / "eval" / f"iter{it}", options=options)
+        h = fitted["validation"]["per_horizon"]
+        curve.append({"iteration": it, "real_steps": steps, "return_mean": evaluation["return_mean"],
+                      "crash_rate": evaluation["crash_rate"], "speed_mean": evaluation["speed_mean"],
+                      "fallback_rate": evaluation["fallback_rate"], "model_l2_last": h[-1]["ml_l2_mean"],
+                      "baseline_l2_last": h[-1]["baselines"]["cv_lane_keeping"]["l2_mean"]})
+        print(f"iteration {it}: {steps} real steps, return {evaluation['return_mean']:.2f}, crashes "
+              f"{evaluation['crash_rate']:.0%}, speed {evaluation['speed_mean']:.1f} m/s")
+        learning_curve_png(curve, run_dir / "learning_curve.png")
+        previous = ck
+        # Episodes that fit the remaining real-step budget even if every one runs to the scenario's end.
+        episodes = min(cfg.episodes_per_iteration, (cfg.max_real_steps - steps) // longest)
+        if it == cfg.iterations - 1 or episodes <= 0:
+            continue
+        explore = replace(cfg.planner, explore_weight=cfg.collect_explore_weight)
+        out = run_dir / "data" / f"iter{it}"
+        spec = RunSpec(scenario, "mpc", episodes, cfg.seed + 10_000 * (it + 1),
+                       max_steps=0, agent_options=agent_options_json({"checkpoint": str(ck.resolve()),
+                                                                      "planner": asdict(explore)}))
+        _collect_into(spec, out, cfg.workers, "", f"collect {scenario.name}/mpc iteration {it}")
+        data.append(out)
+    return {"learning_curve": curve, "real_steps": sum(_dataset_steps(d) for d in data),
+            "checkpoint": str(previous), "plot": str(run_dir / "learning_curve.png")}
+
+
+def _dataset_steps(root: Path) -> int:
+    from drive_mbrl.data import load_dataset
+
+    return sum(ep.steps for ep in load_dataset(root)[1])
+
+
 def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.bench import bench_collect
 
@@ -181,10 +238,13 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy_dt, actions = dataset_rates(cfg.dataset[0])
-    model_cfg = ForecasterConfig(agents=cfg.agents, history_len=cfg.history_len, horizon=cfg.horizon,
-                                 num_actions=actions, members=cfg.members, modes=cfg.modes, width=cfg.width,
-                                 heads=cfg.heads, blocks=cfg.blocks, decoder_width=cfg.decoder_width,
-                                 policy_dt=policy_dt)
+    if cfg.init:
+        model_cfg = load_forecaster(cfg.init)[0].config
+    else:
+        model_cfg = ForecasterConfig(agents=cfg.agents, history_len=cfg.history_len, horizon=cfg.horizon,
+                                     num_actions=actions, members=cfg.members, modes=cfg.modes, width=cfg.width,
+                                     heads=cfg.heads, blocks=cfg.blocks, decoder_width=cfg.decoder_width,
+                                     policy_dt=policy_dt)
     scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
     train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
     train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))
@@ -203,7 +263,8 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     try:
         history = fit(train, val, model_cfg, settings, out,
                       {"data": sources, "history_dt": cfg.history_dt, "train_scenes": len(train),
-                       "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist()))}, device, on_epoch)
+                       "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist()))}, device, on_epoch,
+                      Path(cfg.init) if cfg.init else None)
     finally:
         bar.close()
     train_seconds = time.perf_counter() - start
@@ -269,6 +330,7 @@ COMMANDS: dict[str, Command] = {
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
+    "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),
     "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),

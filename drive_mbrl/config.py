@@ -135,6 +135,8 @@ class FitConfig:
     dataset: list[str] = opt([], "dataset folders to train on (e.g. [data/idm,data/random]); required")
     holdout: list[str] = opt([], "datasets with held-out seeds to validate on at the end (default: the val split)")
     out: str = opt("", "checkpoint folder; empty = <run dir>/checkpoint. Rerun with the same folder to resume")
+    init: str = opt("", "checkpoint to fine-tune from (its architecture and normalisation are used; the "
+                    "architecture keys below are then ignored)")
     agents: int = opt(8, "ego + nearest vehicles per scene", lo=2, hi=64)
     history_len: int = opt(5, "history frames per agent (the decision frame included)", lo=1, hi=50)
     history_dt: float = opt(0.2, "[s] between history frames (a multiple of the dataset's dt)", lo=0.01, hi=5.0)
@@ -191,6 +193,29 @@ class BenchPlanConfig:
     oracle_decisions: int = opt(5, "oracle decisions timed (0 = skip the oracle)", lo=0, hi=10**4)
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
     seed: int = opt(EVAL_SEED, "seed of the episodes and of the planner's sampling", lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class TrainConfig:
+    """`drive-mbrl train`: the model-based RL loop. Seed data from an exploring agent, then per iteration: fit (the
+    first) or fine-tune (later) the forecaster on all real data so far, evaluate the planner on it, and collect more
+    data with the planner (with its exploration bonus), until the real-step budget is spent."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    iterations: int = opt(4, "fit -> evaluate -> collect iterations", lo=1, hi=1000)
+    seed_agent: str = opt("explore", "agent that collects the seed data", choices=BUILTIN_AGENTS)
+    seed_episodes: int = opt(60, "episodes of seed data", lo=1, hi=10**6)
+    episodes_per_iteration: int = opt(30, "planner episodes collected per iteration", lo=0, hi=10**6)
+    max_real_steps: int = opt(5000, "real env steps of training data in total (collection stops there)", lo=1,
+                              hi=10**9)
+    eval_episodes: int = opt(20, "evaluation episodes per iteration (held-out seeds)", lo=1, hi=10**6)
+    finetune_epochs: int = opt(15, "epochs of each fine-tuning after the first fit", lo=1, hi=10**5)
+    collect_explore_weight: float = opt(0.5, "the planner's exploration bonus while collecting", lo=0.0, hi=1e6)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=40),
+                           metadata={"help": "first fit (dataset/out are set by the loop)"})
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    seed: int = opt(0, "base seed of collection episodes", lo=0, hi=2**31 - 1)
 
 
 def _pipeline_fit() -> FitConfig:

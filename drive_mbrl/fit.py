@@ -130,13 +130,24 @@ def evaluate_loss(model: Forecaster, scenes: Scenes, device: torch.device, batch
 
 def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSettings, out: Path,
         meta_extra: dict[str, Any], device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train (or resume training) a forecaster into checkpoint folder `out`; returns the fit history summary."""
+        on_epoch: Callable[[dict[str, float]], None] | None = None, init: Path | None = None) -> dict[str, Any]:
+    """Train (or resume training) a forecaster into checkpoint folder `out`; returns the fit history summary.
+
+    init: a checkpoint to fine-tune from (its weights and feature normalisation; `config` must be its config).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    norm = normalisation(train)
-    model = build_model(config, norm).to(device)
+    if init is not None:
+        model, init_meta = load_forecaster(init, device)
+        if init_meta["model"] != config.to_dict():
+            raise DataError(f"cannot fine-tune {init}: its model config {init_meta['model']} differs from "
+                            f"{config.to_dict()}")
+        model.std_scale.fill_(1.0)  # recalibrated after training
+        norm = init_meta["normalisation"]
+    else:
+        norm = normalisation(train)
+        model = build_model(config, norm).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * max(1, -(-len(train) // settings.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, total_steps))

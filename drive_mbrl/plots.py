@@ -43,3 +43,29 @@ def forecaster_report_png(figures: dict[str, Any], path: Path, title: str) -> Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def learning_curve_png(curve: list[dict[str, Any]], path: Path) -> Path:
+    """Real env steps of training data vs the planner's return, crash rate, speed and the model's error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["real_steps"] for row in curve]
+    panels = [("return_mean", "return (mean per episode)"), ("crash_rate", "crash rate"),
+              ("speed_mean", "speed [m/s]"), ("model_l2_last", "forecaster L2 at the last step [m]")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.plot(steps, [row[key] for row in curve], "o-", lw=2, label="MPC on the learned model")
+        if key == "model_l2_last":
+            ax.plot(steps, [row["baseline_l2_last"] for row in curve], "s--", label="CV, lateral held")
+        ax.set(xlabel="real env steps of training data", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("model-based RL learning curve")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
