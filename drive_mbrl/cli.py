@@ -67,6 +67,9 @@ def agent_options(cfg: C.CollectConfig) -> str:
     if cfg.agent == "mpc":
         if not cfg.checkpoint:
             raise C.ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+        from drive_mbrl.fit import load_forecaster
+
+        load_forecaster(cfg.checkpoint)  # a bad checkpoint fails here, before any episode or file
         return agent_options_json({"checkpoint": str(Path(cfg.checkpoint).resolve()), "planner": asdict(cfg.planner)})
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})

@@ -8,7 +8,7 @@ diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned 
       token   = attention blocks across the agent tokens (masked)                interactions         (E, B, A, D)
     decode (once per scene x candidate plan):
       plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
-      z_a     = MLP(W_h token_a + W_p plan + (U_h token_a) * (U_p plan))   each agent reads the plan  (E, B, N, A, D')
+      z_a     = MLP(LN(W_h token_a + W_p plan + (U_h token_a) * (U_p plan)))   each agent reads the plan (E,B,N,A,D')
       heads   = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
                 ego's z: H rewards and H collision logits
 
@@ -151,6 +151,7 @@ class Forecaster(nn.Module):
         self.plan_encoder = EnsembleMLP(c.members, [c.horizon * c.num_actions, dw, dw])
         self.token_in = EnsembleLinear(c.members, c.width, 2 * dw)
         self.plan_in = EnsembleLinear(c.members, dw, 2 * dw)
+        self.mix_norm = EnsembleLayerNorm(c.members, dw)
         self.decoder = EnsembleLinear(c.members, dw, dw)
         per_mode = c.horizon * len(TARGET_FEATURES)
         self.trajectory_head = EnsembleLinear(c.members, dw, c.modes * (1 + 2 * per_mode))
@@ -202,7 +203,8 @@ class Forecaster(nn.Module):
         # depends on who the agent is (the ego follows it, a follower reacts to it, a far vehicle ignores it).
         t_add, t_mul = self.token_in(tokens)[:, :, None].chunk(2, dim=-1)  # (E, B, 1, A, D)
         p_add, p_mul = self.plan_in(F.silu(plan))[:, :, :, None].chunk(2, dim=-1)  # (E, B, N, 1, D)
-        z = F.relu(torch.addcmul(t_add + p_add, t_mul, p_mul))  # (E, B, N, A, decoder_width)
+        # Normalised before the activation: the product term alone made training diverge at the peak learning rate.
+        z = F.relu(self.mix_norm(torch.addcmul(t_add + p_add, t_mul, p_mul)))  # (E, B, N, A, decoder_width)
         z = F.relu(self.decoder(z))
         T = 2 if positions_only else len(TARGET_FEATURES)
         cols = self._head_columns(T, tokens.device)

@@ -121,3 +121,38 @@ def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
                                                             "highway_env_constant_speed"}
     missing = run_cli("validate", "checkpoint=nowhere", "dataset=[ds]", cwd=tmp_path)
     assert missing.returncode == 2 and "nowhere is not a forecaster checkpoint" in missing.stderr
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("evaluate", ["agent=mpc"], "agent=mpc needs checkpoint="),
+    ("evaluate", ["agent=mpc", "checkpoint=nowhere"], "nowhere is not a forecaster checkpoint"),
+    ("evaluate", ["agent=planner"], "agent='planner' is not allowed"),
+    ("evaluate", ["planner.risk=var"], "planner.risk='var' is not allowed"),
+    ("bench", ["plan"], "bench plan needs checkpoint="),
+])
+def test_planner_bad_input_gives_a_short_error(tmp_path: Path, command, args, message):
+    result = run_cli(command, *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_loop_smoke_then_resume(tmp_path: Path):
+    """Smoke test of the MBRL loop on a tiny budget: every stage runs, the curve counts real steps, the budget
+    caps collection, and a rerun resumes (reuses every stage) with the same curve."""
+    args = ["train", "iterations=2", "seed_episodes=2", "episodes_per_iteration=2", "eval_episodes=1",
+            "max_real_steps=70", "fit.epochs=1", "finetune_epochs=1", "fit.width=16", "fit.heads=2",
+            "fit.members=2", "fit.blocks=1", "fit.decoder_width=16", "planner.budget=32", "planner.threads=1",
+            "hydra.run.dir=run"]
+    first = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    curve = metrics["learning_curve"]
+    assert [row["iteration"] for row in curve] == [0, 1]
+    seed_steps = sum(ep.steps for ep in load_dataset(tmp_path / "run" / "data" / "seed")[1])
+    assert curve[0]["real_steps"] == seed_steps < curve[1]["real_steps"] <= 70
+    assert metrics["real_steps"] == curve[1]["real_steps"]
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 10_000
+    again = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["learning_curve"] == curve
