@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -240,14 +240,17 @@ def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
 
 
 def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_mask: torch.Tensor,
-                settings: PlannerConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                settings: PlannerConfig, generator: torch.Generator,
+                plans: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Costs of N plans of one scene from the forecaster's predictions under them.
 
     out: `Forecaster.decode` outputs with the scene axis removed (mean (E, N, A, K, H, 4), reward (E, N, H), ...);
     history_last: (A, F) the agents' features at the decision (x, y, ..., length, width as in HIST_FEATURES);
     agent_mask: (A,) bool. Each of the E x M samples of a plan gets the cost
         -sum_h gamma^h r_h alive_h + collision_cost * gamma^{h_c} * crashed
-    with r the member's predicted reward and alive_h "no collision before step h". Returns (N,) tensors:
+    with r the member's predicted reward and alive_h "no collision before step h", minus `progress_weight` x the
+    sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
+    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
     cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
     finite), collision_prob, disagreement and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
@@ -263,7 +266,13 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
                                                                                                     dtype=torch.int64))
     penalty = torch.where(crashed.any(-1), settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
                           torch.zeros_like(returns))
-    costs = (penalty - returns).permute(1, 0, 2).reshape(N, E * settings.samples)
+    costs = penalty - returns
+    if settings.progress_weight:
+        speed = positions[:, :, 0, :, -1, 0] / (H * settings.policy_dt)  # (E, N, M) ego's mean forward speed
+        costs = costs - settings.progress_weight * speed
+    costs = costs.permute(1, 0, 2).reshape(N, E * settings.samples)
+    if settings.comfort_weight and plans is not None:
+        costs = costs + settings.comfort_weight * (plans[:, 1:] != plans[:, :-1]).sum(-1, keepdim=True)
     collision_prob = crashed[..., -1].to(returns.dtype).mean((0, 2))
     disagreement, spread = plan_uncertainty(out, agent_mask)
     cost = risk_measure(costs, settings.risk, settings.alpha) \
@@ -316,6 +325,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
+    settings = replace(settings, policy_dt=c.policy_dt)
     tokens = model.encode(history[None], agent_mask[None])
     last = history[:, -1]
     seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -325,7 +335,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         out = {k: v[:, 0] for k, v in out.items()}
         if fault is not None:
             out = fault(out)
-        scores = score_plans(out, last, agent_mask, settings, generator)
+        scores = score_plans(out, last, agent_mask, settings, generator, plans)
         seen.append((plans, scores))
         return scores["cost"]
 

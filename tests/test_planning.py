@@ -164,6 +164,11 @@ def test_plan_costs_by_hand():
     assert scores["cost"][0].item() == pytest.approx(-(1 + 0.9 + 0.81))
     assert scores["cost"][1].item() == pytest.approx(-(1 + 0.9) + 5.0 * 0.9)
     assert scores["collision_prob"].tolist() == [0.0, 1.0]
+    # Driving terms: plan 1's ego averages 30 m / 3 s = 10 m/s; it changes action twice.
+    shaped = replace(settings, progress_weight=0.5, comfort_weight=0.25)
+    terms = score_plans(out, last, mask, shaped, gen(), plans=torch.tensor([[0, 0, 0], [0, 1, 0]]))
+    assert terms["cost"][0].item() == pytest.approx(scores["cost"][0].item())
+    assert terms["cost"][1].item() == pytest.approx(scores["cost"][1].item() - 0.5 * 10.0 + 0.25 * 2)
     # The chance constraint rejects plan 1; a NaN output makes a plan infeasible and is flagged.
     constrained = score_plans(out, last, mask, replace(settings, chance_epsilon=0.5), gen())
     assert math.isinf(constrained["cost"][1].item()) and math.isfinite(constrained["cost"][0].item())
@@ -191,7 +196,8 @@ class FakeModel:
     and one far-away car never meet."""
 
     def __init__(self, best: list[int], num_actions: int = 5):
-        self.config = type("C", (), {"num_actions": num_actions, "horizon": len(best), "members": 2, "modes": 1})
+        self.config = type("C", (), {"num_actions": num_actions, "horizon": len(best), "members": 2, "modes": 1,
+                                     "policy_dt": 1.0})
         self.best = torch.tensor(best)
         self.uncertainty_quantiles = torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf)
 
