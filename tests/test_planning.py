@@ -167,8 +167,8 @@ def test_plan_costs_by_hand():
     # Driving terms: plan 1's ego averages 30 m / 3 s = 10 m/s; it changes action twice.
     shaped = replace(settings, progress_weight=0.5, comfort_weight=0.25)
     terms = score_plans(out, last, mask, shaped, gen(), plans=torch.tensor([[0, 0, 0], [0, 1, 0]]))
-    assert terms["cost"][0].item() == pytest.approx(scores["cost"][0].item())
-    assert terms["cost"][1].item() == pytest.approx(scores["cost"][1].item() - 0.5 * 10.0 + 0.25 * 2)
+    assert terms["cost"][0].item() == pytest.approx(scores["cost"][0].item(), abs=1e-3)  # draws of std 1e-4
+    assert terms["cost"][1].item() == pytest.approx(scores["cost"][1].item() - 0.5 * 10.0 + 0.25 * 2, abs=1e-3)
     # The chance constraint rejects plan 1; a NaN output makes a plan infeasible and is flagged.
     constrained = score_plans(out, last, mask, replace(settings, chance_epsilon=0.5), gen())
     assert math.isinf(constrained["cost"][1].item()) and math.isfinite(constrained["cost"][0].item())
