@@ -149,7 +149,7 @@ class FitConfig:
     modes: int = opt(3, "Gaussian modes per agent", lo=1, hi=32)
     width: int = opt(128, "token width", lo=8, hi=4096)
     blocks: int = opt(2, "attention blocks across agents", lo=0, hi=16)
-    decoder_width: int = opt(64, "width of the per-plan decoder (its cost is paid per candidate plan)", lo=8,
+    decoder_width: int = opt(128, "width of the per-plan decoder (its cost is paid per candidate plan)", lo=8,
                              hi=4096)
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)

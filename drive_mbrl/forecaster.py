@@ -53,9 +53,9 @@ class ForecasterConfig:
     width: int = 128
     heads: int = 4
     blocks: int = 2
-    decoder_width: int = 64
-    """Width of the per-plan decoder: its cost is paid once per agent x candidate plan x member, so it is kept
-    narrower than the scene encoder (`width`), whose cost is paid once per scene."""
+    decoder_width: int = 128
+    """Width of the per-plan decoder: its cost is paid once per agent x candidate plan x member (the planner's main
+    cost). 64 halves that cost but trained far worse on highway (validation NLL +1.2 vs -0.5 after 7 epochs)."""
     policy_dt: float = 1.0
     """[s] between horizon steps (constant-velocity residual uses it)."""
 
