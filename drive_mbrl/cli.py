@@ -67,13 +67,22 @@ def agent_options(cfg: C.CollectConfig) -> str:
     if cfg.agent == "mpc":
         if not cfg.checkpoint:
             raise C.ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
-        from drive_mbrl.fit import load_forecaster
-
-        load_forecaster(cfg.checkpoint)  # a bad checkpoint fails here, before any episode or file
-        return agent_options_json({"checkpoint": str(Path(cfg.checkpoint).resolve()), "planner": asdict(cfg.planner)})
+        return mpc_options(cfg.checkpoint, cfg.planner)
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
     return ""
+
+
+def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
+    """agent=mpc's options as canonical JSON (absolute checkpoint path); a bad checkpoint fails here, before any
+    episode or file is written."""
+    from dataclasses import asdict
+
+    from drive_mbrl.data import agent_options_json
+    from drive_mbrl.fit import load_forecaster
+
+    load_forecaster(checkpoint)
+    return agent_options_json({"checkpoint": str(Path(checkpoint).resolve()), "planner": asdict(planner)})
 
 
 def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
@@ -133,6 +142,11 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
                       holdout=[str(run_dir / "eval" / a) for a in cfg.eval_agents],
                       out=str(run_dir / "forecaster"))
     fitted = run_fit(fit_cfg, run_dir)
+    if cfg.plan_episodes:
+        options = mpc_options(run_dir / "forecaster", cfg.planner)
+        evaluations["mpc"] = evaluate_agent(cfg.scenario, "mpc", cfg.plan_episodes, cfg.seed + C.EVAL_SEED,
+                                            cfg.workers, "", run_dir / "eval" / "mpc", options=options)
+        print(format_table(evaluations))
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
     return {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
@@ -141,9 +155,9 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
 def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
     """The MBRL loop (see TrainConfig). Every stage resumes (episodes by index, fits by folder), so a rerun of the
     same command after an interrupt continues where it stopped; the learning curve is rebuilt from the stages."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    from drive_mbrl.data import RunSpec, agent_options_json, read_manifest
+    from drive_mbrl.data import RunSpec, read_manifest
     from drive_mbrl.plots import learning_curve_png
     from drive_mbrl.scenarios import load_scenario
 
@@ -162,7 +176,7 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
                           init=str(previous) if previous else "",
                           epochs=cfg.finetune_epochs if previous else cfg.fit.epochs)
         fitted = run_fit(fit_cfg, run_dir / "model" / f"iter{it}_report")
-        options = agent_options_json({"checkpoint": str(ck.resolve()), "planner": asdict(cfg.planner)})
+        options = mpc_options(ck, cfg.planner)
         evaluation = evaluate_agent(cfg.scenario, "mpc", cfg.eval_episodes, C.EVAL_SEED, cfg.workers, "",
                                     run_dir / "eval" / f"iter{it}", options=options)
         h = fitted["validation"]["per_horizon"]
@@ -181,8 +195,7 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
         explore = replace(cfg.planner, explore_weight=cfg.collect_explore_weight)
         out = run_dir / "data" / f"iter{it}"
         spec = RunSpec(scenario, "mpc", episodes, cfg.seed + 10_000 * (it + 1),
-                       max_steps=0, agent_options=agent_options_json({"checkpoint": str(ck.resolve()),
-                                                                      "planner": asdict(explore)}))
+                       agent_options=mpc_options(ck, explore))
         _collect_into(spec, out, cfg.workers, "", f"collect {scenario.name}/mpc iteration {it}")
         data.append(out)
     return {"learning_curve": curve, "real_steps": sum(_dataset_steps(d) for d in data),

@@ -223,7 +223,7 @@ class TrainConfig:
 
 
 def _pipeline_fit() -> FitConfig:
-    return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2)
+    return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2, decoder_width=64)
 
 
 @dataclass
@@ -231,7 +231,8 @@ class PipelineConfig:
     """`drive-mbrl pipeline`: the main job, every stage on one scenario; rerunning reuses finished stages.
 
     Stages: collect (each of `collect_agents`) -> evaluate the rule agents on held-out seeds -> fit the forecaster
-    on the collected data and validate it on the held-out evaluation episodes.
+    on the collected data and validate it on the held-out evaluation episodes -> evaluate the MPC planner on the
+    forecaster (same held-out seeds as the rule agents).
     """
 
     scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
@@ -244,3 +245,5 @@ class PipelineConfig:
     seed: int = opt(0, "base seed of collection; evaluation uses seed + 1,000,000", lo=0, hi=2**31 - 1)
     fit: FitConfig = field(default_factory=_pipeline_fit)
     """Forecaster training settings (its dataset/holdout/out are set by the pipeline)."""
+    plan_episodes: int = opt(10, "evaluation episodes of the MPC planner (0 skips the stage)", lo=0, hi=10**7)
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
