@@ -231,6 +231,31 @@ def test_rollout_of_many_plans_matches_one_call_per_plan():
     torch.testing.assert_close(single["reward"], out["reward"][:, 1])
 
 
+def test_planner_fast_paths_match_the_full_model():
+    """decode(positions_only=True) equals the full decode's position columns; a member subset equals the first
+    members of the full ensemble."""
+    from drive_mbrl.forecaster import member_subset
+
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    scenes = cv_scenes(1)
+    history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
+    plans = torch.randint(0, 5, (1, 7, TINY.horizon))
+    with torch.no_grad():
+        tokens = model.encode(history, mask)
+        full = model.decode(tokens, history, plans)
+        fast = model.decode(tokens, history, plans, positions_only=True)
+        for key in ("mean", "log_std"):
+            torch.testing.assert_close(fast[key], full[key][..., :2])
+        for key in ("logits", "reward"):
+            torch.testing.assert_close(fast[key], full[key])
+        two = member_subset(model, 2)
+        sub = two.decode(two.encode(history, mask), history, plans)
+    assert two.config.members == 2 and model.config.members == TINY.members
+    for key in full:
+        torch.testing.assert_close(sub[key], full[key][:2])
+
+
 def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
     from drive_mbrl.data import RunSpec, collect
     from drive_mbrl.errors import DataError
