@@ -239,6 +239,33 @@ def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
     return hit.cummax(-1).values
 
 
+def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
+                 agent_mask: torch.Tensor, settings: PlannerConfig,
+                 plans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cost of every sampled future (see `score_plans`).
+
+    positions: (E, N, A, M, H, 2) sampled futures; reward: (E, N, H) each member's predicted rewards. Returns costs
+    (N, E x M) (member-major), crashed (E, N, M, H) and discounted returns (E, N, M).
+    """
+    E, N, A, M, H, _ = positions.shape
+    crashed = collisions(positions, history_last[:, :2], history_last[:, 6:8], agent_mask, settings)  # (E,N,M,H)
+    alive = torch.cat([torch.ones_like(crashed[..., :1]), ~crashed[..., :-1]], dim=-1).to(positions.dtype)
+    discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
+    returns = (discount * alive * reward[:, :, None, :]).sum(-1)  # (E, N, M)
+    hit = crashed.any(-1)
+    first_crash = torch.where(hit, crashed.to(torch.int64).argmax(-1), torch.full_like(hit, H, dtype=torch.int64))
+    penalty = torch.where(hit, settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
+                          torch.zeros_like(returns))
+    costs = penalty - returns
+    if settings.progress_weight:
+        speed = positions[:, :, 0, :, -1, 0] / (H * settings.policy_dt)  # (E, N, M) ego's mean forward speed
+        costs = costs - settings.progress_weight * speed
+    costs = costs.permute(1, 0, 2).reshape(N, E * M)
+    if settings.comfort_weight and plans is not None:
+        costs = costs + settings.comfort_weight * (plans[:, 1:] != plans[:, :-1]).sum(-1, keepdim=True)
+    return costs, crashed, returns
+
+
 def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_mask: torch.Tensor,
                 settings: PlannerConfig, generator: torch.Generator,
                 plans: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -257,22 +284,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     """
     E, N, A, K, H, _ = out["mean"].shape
     positions = sample_positions(out, settings.samples, generator)
-    crashed = collisions(positions, history_last[:, :2], history_last[:, 6:8], agent_mask, settings)  # (E,N,M,H)
-    alive = torch.cat([torch.ones_like(crashed[..., :1]), ~crashed[..., :-1]], dim=-1).to(positions.dtype)
-    discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
-    reward = out["reward"][:, :, None, :]  # (E, N, 1, H)
-    returns = (discount * alive * reward).sum(-1)  # (E, N, M)
-    first_crash = torch.where(crashed.any(-1), crashed.to(torch.int64).argmax(-1), torch.full_like(returns, H,
-                                                                                                    dtype=torch.int64))
-    penalty = torch.where(crashed.any(-1), settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
-                          torch.zeros_like(returns))
-    costs = penalty - returns
-    if settings.progress_weight:
-        speed = positions[:, :, 0, :, -1, 0] / (H * settings.policy_dt)  # (E, N, M) ego's mean forward speed
-        costs = costs - settings.progress_weight * speed
-    costs = costs.permute(1, 0, 2).reshape(N, E * settings.samples)
-    if settings.comfort_weight and plans is not None:
-        costs = costs + settings.comfort_weight * (plans[:, 1:] != plans[:, :-1]).sum(-1, keepdim=True)
+    costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans)
     collision_prob = crashed[..., -1].to(returns.dtype).mean((0, 2))
     disagreement, spread = plan_uncertainty(out, agent_mask)
     cost = risk_measure(costs, settings.risk, settings.alpha) \

@@ -20,6 +20,7 @@ from drive_mbrl.planning import (
     mppi,
     plan_scene,
     risk_measure,
+    sample_costs,
     score_plans,
     unique_plans,
 )
@@ -135,6 +136,36 @@ def test_vectorised_collisions_match_a_loop_reference():
     reference = _collisions_reference(positions, start, size, mask, settings)
     assert fast.any() and not fast.all()
     assert torch.equal(fast, reference)
+
+
+def test_vectorised_sample_costs_match_a_loop_reference():
+    torch.manual_seed(1)
+    E, N, A, M, H = 2, 4, 3, 3, 4
+    positions = torch.randn(E, N, A, M, H, 2) * torch.tensor([10.0, 3.0])
+    positions[:, :, 0, :, :, 0] += torch.arange(1, H + 1) * 5.0  # the ego moves forward
+    reward = torch.rand(E, N, H)
+    last = torch.zeros(A, 12)
+    last[:, :2] = torch.randn(A, 2) * torch.tensor([10.0, 3.0])
+    last[:, 6], last[:, 7] = 5.0, 2.0
+    mask = torch.ones(A, dtype=torch.bool)
+    plans = torch.randint(0, 5, (N, H))
+    settings = PlannerConfig(gamma=0.8, collision_cost=3.0, progress_weight=0.2, comfort_weight=0.1, policy_dt=1.0)
+    costs, crashed, _ = sample_costs(positions, reward, last, mask, settings, plans)
+    reference_hits = _collisions_reference(positions, last[:, :2], last[:, 6:8], mask, settings)
+    assert crashed.any() and not crashed.all()
+    for e in range(E):
+        for n in range(N):
+            changes = sum(int(plans[n, h] != plans[n, h - 1]) for h in range(1, H))
+            for m in range(M):
+                value = 0.0
+                for h in range(H):
+                    value -= settings.gamma ** h * float(reward[e, n, h])
+                    if reference_hits[e, n, m, h]:
+                        value += settings.collision_cost * settings.gamma ** h
+                        break
+                value -= settings.progress_weight * float(positions[e, n, 0, m, H - 1, 0]) / H
+                value += settings.comfort_weight * changes
+                assert costs[n, e * M + m].item() == pytest.approx(value, abs=1e-5)
 
 
 def _scene_outputs(ego_speeds: list[float], E: int = 2, K: int = 2, H: int = 3, reward: float = 1.0):
