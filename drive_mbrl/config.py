@@ -50,6 +50,8 @@ class PlannerConfig:
     alpha: float = opt(0.2, "CVaR level: mean of the worst alpha share of samples (1 = mean)", lo=1e-6, hi=1.0)
     chance_epsilon: float = opt(0.2, "reject plans whose collision probability exceeds this (1 = off)", lo=0.0,
                                 hi=1.0)
+    chance_steps: int = opt(2, "steps the chance constraint looks ahead (0 = the whole horizon): far-future "
+                            "collisions are uncertain for every plan and are left to the cost", lo=0, hi=100)
     epistemic_weight: float = opt(0.0, "cost per metre of member disagreement (aversion to the unknown)", lo=0.0,
                                   hi=1e6)
     explore_weight: float = opt(0.0, "bonus per metre of member disagreement (collect data where the model is "

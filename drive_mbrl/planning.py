@@ -279,13 +279,14 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
     cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
-    finite), collision_prob, disagreement and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
+    finite), collision_prob (share of samples colliding within the first `chance_steps` steps), disagreement and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
     """
     E, N, A, K, H, _ = out["mean"].shape
     positions = sample_positions(out, settings.samples, generator)
     costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans)
-    collision_prob = crashed[..., -1].to(returns.dtype).mean((0, 2))
+    steps = settings.chance_steps or H
+    collision_prob = crashed[..., min(steps, H) - 1].to(returns.dtype).mean((0, 2))
     disagreement, spread = plan_uncertainty(out, agent_mask)
     cost = risk_measure(costs, settings.risk, settings.alpha) \
         + (settings.epistemic_weight - settings.explore_weight) * disagreement
