@@ -56,6 +56,9 @@ class PlannerConfig:
                                   hi=1e6)
     explore_weight: float = opt(0.0, "bonus per metre of member disagreement (collect data where the model is "
                                 "weak)", lo=0.0, hi=1e6)
+    ego_model: str = opt("kinematic", "the ego's own motion under a plan: `kinematic` integrates highway-env's "
+                         "controller (exact on straight lanes), `learned` takes the forecaster's prediction",
+                         choices=("kinematic", "learned"))
     progress_weight: float = opt(0.0, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
@@ -157,7 +160,7 @@ class FitConfig:
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)
     batch_size: int = opt(256, "scenes per minibatch", lo=1, hi=1 << 20)
     lr: float = opt(5e-4, "AdamW peak learning rate (one-cycle: warm-up, then cosine decay)", lo=1e-7, hi=1.0)
-    patience: int = opt(8, "early stopping: epochs without a better validation NLL", lo=1, hi=100000)
+    patience: int = opt(15, "early stopping: epochs without a better validation NLL", lo=1, hi=100000)
     val_fraction: float = opt(0.2, "share of episodes held out for validation (split by episode)", lo=0.01, hi=0.9)
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")

@@ -66,7 +66,12 @@ class MPCAgent:
         if env.action_space.n != self.model.config.num_actions:
             raise ConfigError(f"the forecaster was trained for {self.model.config.num_actions} actions, this "
                               f"scenario has {env.action_space.n}: use a checkpoint trained on this scenario")
+        from drive_mbrl.scenarios import action_names, env_timing
+
         self._fallback_action = int(names["SLOWER"])
+        self._names = action_names(env)
+        sim_hz, policy_hz = env_timing(env)
+        self._frames_per_step, self._sim_dt = sim_hz // policy_hz, 1.0 / sim_hz
         self._idle = int(names.get("IDLE", 0))
         self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
         self._warm: Any = None
@@ -98,13 +103,38 @@ class MPCAgent:
         if self._recorder is None:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
+        ego_path = None
+        if self.settings.ego_model == "kinematic":
+            from drive_mbrl.egomotion import rollout_ego
+
+            state = ego_state(env)
+            ego_path = lambda plans: rollout_ego(state, plans, self._names, self._frames_per_step,  # noqa: E731
+                                                 self._sim_dt)
         with torch.inference_mode():
             decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
                                   torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault)
+                                  self._warm, self.fault, ego_path)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
         return self._fallback_action if decision.fallback else int(plan[0])
 
+
+
+def ego_state(env: Any) -> Any:
+    """The ego's own set-points and lane from the simulator (what the ego knows about itself), for
+    `egomotion.rollout_ego`. Duck-typed on highway-env's MDPVehicle and straight lanes."""
+    from drive_mbrl.egomotion import EgoState
+
+    base = env.unwrapped
+    ego = base.vehicle
+    lane = base.road.network.get_lane(ego.lane_index)
+    s, lateral = lane.local_coordinates(ego.position)
+    lane_heading = float(lane.heading_at(s))
+    return EgoState(speed=float(ego.speed), heading=float(ego.heading) - lane_heading, lateral=float(lateral),
+                    lane_heading=lane_heading - float(ego.heading), lane=int(ego.lane_index[2]),
+                    target_lane=int(ego.target_lane_index[2]),
+                    lanes=len(base.road.network.all_side_lanes(ego.lane_index)),
+                    lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
+                    target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))

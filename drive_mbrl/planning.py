@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from drive_mbrl.config import UNCERTAINTY_LEVELS, PlannerConfig
-from drive_mbrl.forecaster import plan_uncertainty
+from drive_mbrl.forecaster import LOG_STD_MIN, plan_uncertainty
 
 RISK_MEASURES = ("mean", "cvar", "worst")
 
@@ -279,7 +279,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
     cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
-    finite), collision_prob (share of samples colliding within the first `chance_steps` steps), disagreement and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
+    finite), collision_prob (share of samples colliding within the first `chance_steps` steps), disagreement
+    and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
     """
     E, N, A, K, H, _ = out["mean"].shape
@@ -328,13 +329,16 @@ Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
-               fault: Fault | None = None) -> Decision:
+               fault: Fault | None = None,
+               ego_path: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits.
 
     model: a `Forecaster`; history: (A, L, F) and agent_mask (A,) on the model's device; warm_start: (H,) the
-    previous decision's plan shifted by one step (evaluated first in CEM).
+    previous decision's plan shifted by one step (evaluated first in CEM); ego_path: plans (P, H) -> (P, H, >=2)
+    the ego's own positions under each plan (`egomotion.rollout_ego`), replacing the forecaster's ego prediction
+    (every member and mode, with the minimum spread), or None to use the forecaster's.
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
@@ -346,6 +350,9 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     def objective(plans: torch.Tensor) -> torch.Tensor:
         out = model.decode(tokens, history[None], plans[None], positions_only=True)
         out = {k: v[:, 0] for k, v in out.items()}
+        if ego_path is not None:
+            out["mean"][:, :, 0] = ego_path(plans)[None, :, None, :, :2].to(out["mean"].dtype)
+            out["log_std"][:, :, 0] = LOG_STD_MIN
         if fault is not None:
             out = fault(out)
         scores = score_plans(out, last, agent_mask, settings, generator, plans)
