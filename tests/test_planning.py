@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,3 +335,32 @@ def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_che
     assert all(r == "spread_too_wide" for r in reasons[4:])
     slower = 4  # highway-env's DiscreteMetaAction: SLOWER
     assert all(a == slower for a, r in zip(episode.action, reasons, strict=True) if r)
+
+
+def test_kinematic_ego_matches_highway_env_exactly():
+    """egomotion.rollout_ego against the simulator itself: the ego alone on the road follows random plans."""
+    import copy
+
+    from drive_mbrl.egomotion import rollout_ego
+    from drive_mbrl.mpc import ego_state
+    from drive_mbrl.scenarios import action_names, env_timing, load_scenario, make_env, reset_env
+
+    env = make_env(load_scenario("highway"))
+    try:
+        reset_env(env, 3)
+        names, (sim_hz, policy_hz) = action_names(env), env_timing(env)
+        rng = np.random.default_rng(0)
+        plans = torch.as_tensor(rng.integers(0, len(names), (6, 5)))
+        predicted = rollout_ego(ego_state(env), plans, names, sim_hz // policy_hz, 1 / sim_hz)
+        for n, plan in enumerate(plans.tolist()):
+            twin = copy.deepcopy(env.unwrapped)
+            ego = twin.vehicle
+            twin.road.vehicles = [ego]
+            origin, c, s = ego.position.copy(), math.cos(ego.heading), math.sin(ego.heading)
+            for h, action in enumerate(plan):
+                twin.step(action)
+                dx, dy = ego.position - origin
+                np.testing.assert_allclose(predicted[n, h, :2].numpy(), [c * dx + s * dy, -s * dx + c * dy],
+                                           atol=1e-4)
+    finally:
+        env.close()
