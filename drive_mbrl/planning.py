@@ -212,14 +212,14 @@ def sample_positions(out: dict[str, torch.Tensor], samples: int, generator: torc
     return torch.addcmul(m.view(-1, H, T), s.view(-1, H, T), z)[..., :2].reshape(E, N, A, samples, H, 2)
 
 
-def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, agent_mask: torch.Tensor,
-               settings: PlannerConfig) -> torch.Tensor:
-    """Whether the ego collides by the end of each horizon step, per sample.
+def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, settings: PlannerConfig,
+               extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Whether the ego (slot 0) and each other agent overlap during each horizon step, per sample.
 
-    positions: (E, N, A, M, H, 2) sampled futures; start: (A, 2) positions at the decision; size: (A, 2) length and
-    width [m]; agent_mask: (A,) bool. Vehicles are boxes aligned with the ego frame (exact for parallel lanes, an
-    approximation where headings differ); between horizon steps positions are interpolated linearly
-    (`settings.substeps` checks per step). Returns (E, N, M, H) bool, monotone in H.
+    positions: (E, N, A, M, H, 2) futures; start: (A, 2) positions at the decision; size: (A, 2) length and width
+    [m]. Vehicles are boxes aligned with the ego frame (exact for parallel lanes, an approximation where headings
+    differ), grown by the margins (and by `extra` (x, y), each broadcastable to (E, N, A-1, M, H)); between horizon
+    steps positions are interpolated linearly (`settings.substeps` checks per step). Returns (E, N, A-1, M, H) bool.
     """
     E, N, A, M, H, _ = positions.shape
     reach = (size[1:] + size[0]) / 2 + torch.tensor([settings.margin_long, settings.margin_lat], device=size.device,
@@ -229,14 +229,43 @@ def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
         rel.append(positions[:, :, 1:, :, :, c] - positions[:, :, :1, :, :, c])
         prev.append(torch.cat([(start[1:, c] - start[0, c])[None, None, :, None, None].expand(E, N, A - 1, M, 1),
                                rel[c][..., :-1]], dim=-1))
-        limit.append(reach[:, c][:, None, None])  # (A-1, 1, 1)
+        limit.append(reach[:, c][:, None, None] + (extra[c] if extra is not None else 0.0))  # (A-1, 1, 1) or more
     hit = torch.zeros(E, N, A - 1, M, H, dtype=torch.bool, device=positions.device)
     for k in range(1, settings.substeps + 1):
         w = k / settings.substeps
         x, y = (torch.lerp(prev[c], rel[c], w) if k < settings.substeps else rel[c] for c in range(2))
         hit |= (x.abs() < limit[0]) & (y.abs() < limit[1])
-    hit = (hit & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
+    return hit
+
+
+def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, agent_mask: torch.Tensor,
+               settings: PlannerConfig) -> torch.Tensor:
+    """Whether the ego collides with any present agent by the end of each horizon step, per sample (see
+    `agent_hits`). Returns (E, N, M, H) bool, monotone in H."""
+    hit = (agent_hits(positions, start, size, settings) & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
     return hit.cummax(-1).values
+
+
+def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size: torch.Tensor,
+                        agent_mask: torch.Tensor, settings: PlannerConfig) -> torch.Tensor:
+    """Probability that the ego collides by the end of each step, exact over every agent's modes (no sampling, so
+    a rare mode such as a neighbour's lane change is never missed), per member.
+
+    Each other agent's mode k is checked against the ego's most likely mode with the boxes grown by
+    `settings.mode_sigma` standard deviations of their relative position; agents are taken as independent:
+    P(h) = 1 - prod_a (1 - sum_k p_ak hit_ak(<= h)). out: decode outputs without the scene axis (mean, log_std
+    (E, N, A, K, H, >=2), logits (E, N, A, K)). Returns (E, N, H).
+    """
+    mean, std, logits = out["mean"][..., :2], out["log_std"][..., :2].exp(), out["logits"]
+    E, N, A, K, H, _ = mean.shape
+    ego_mode = logits[:, :, 0].argmax(-1)[:, :, None, None, None, None].expand(E, N, 1, 1, H, 2)
+    ego, ego_std = mean[:, :, :1].gather(3, ego_mode), std[:, :, :1].gather(3, ego_mode)  # (E, N, 1, 1, H, 2)
+    positions = torch.cat([ego.expand(E, N, 1, K, H, 2), mean[:, :, 1:]], dim=2)  # modes as "samples"
+    spread = settings.mode_sigma * (std[:, :, 1:] ** 2 + ego_std ** 2).sqrt()  # (E, N, A-1, K, H, 2)
+    hit = agent_hits(positions, start, size, settings, (spread[..., 0], spread[..., 1]))  # (E, N, A-1, K, H)
+    hit = hit.cummax(-1).values & agent_mask[1:, None, None]
+    p_agent = (logits[:, :, 1:].exp()[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
+    return 1 - (1 - p_agent).prod(2)
 
 
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
@@ -279,15 +308,18 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
     cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
-    finite), collision_prob (share of samples colliding within the first `chance_steps` steps), disagreement
+    finite), collision_prob (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
+    sampled_collision_prob (share of samples colliding within those steps), disagreement
     and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
     """
     E, N, A, K, H, _ = out["mean"].shape
     positions = sample_positions(out, settings.samples, generator)
     costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans)
-    steps = settings.chance_steps or H
-    collision_prob = crashed[..., min(steps, H) - 1].to(returns.dtype).mean((0, 2))
+    steps = min(settings.chance_steps or H, H)
+    sampled_prob = crashed[..., steps - 1].to(returns.dtype).mean((0, 2))
+    collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
+                                         settings)[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
     cost = risk_measure(costs, settings.risk, settings.alpha) \
         + (settings.epistemic_weight - settings.explore_weight) * disagreement
@@ -296,7 +328,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "collision_prob": collision_prob,
-            "disagreement": disagreement, "spread": spread, "expected_return": returns.mean((0, 2)),
+            "sampled_collision_prob": sampled_prob, "disagreement": disagreement, "spread": spread,
+            "expected_return": returns.mean((0, 2)),
             "finite": finite}
 
 

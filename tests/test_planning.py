@@ -18,6 +18,7 @@ from drive_mbrl.planning import (
     collisions,
     enumerate_plans,
     exhaustive_search,
+    mode_collision_prob,
     mppi,
     plan_scene,
     risk_measure,
@@ -191,7 +192,8 @@ def test_plan_costs_by_hand():
     # env, which pays the crash step's reward and then ends, it keeps the rewards of steps 0 and 1 and pays
     # collision_cost * gamma^1.
     out, last, mask = _scene_outputs([0.0, 10.0])
-    settings = PlannerConfig(gamma=0.9, collision_cost=5.0, risk="mean", chance_epsilon=1.0, samples=3)
+    settings = PlannerConfig(gamma=0.9, collision_cost=5.0, risk="mean", chance_epsilon=1.0, samples=3,
+                             progress_weight=0.0)
     scores = score_plans(out, last, mask, settings, gen())
     assert scores["cost"][0].item() == pytest.approx(-(1 + 0.9 + 0.81))
     assert scores["cost"][1].item() == pytest.approx(-(1 + 0.9) + 5.0 * 0.9)
@@ -216,11 +218,28 @@ def test_risk_averse_plans_avoid_a_rare_collision():
     out["mean"][:, :, 1, 1, :, 0] = 8.0  # mode 1: the other car sits at 8 m
     out["reward"] = torch.tensor([0.2, 1.0])[None, :, None].expand(2, 2, 3).clone()
     out["mean"][:, :, 1, 0, :, 0] = 60.0
-    base = PlannerConfig(gamma=0.9, collision_cost=1.0, chance_epsilon=1.0, samples=64)
+    base = PlannerConfig(gamma=0.9, collision_cost=1.0, chance_epsilon=1.0, samples=64, progress_weight=0.0)
     neutral = score_plans(out, last, mask, replace(base, risk="mean"), gen())
     averse = score_plans(out, last, mask, replace(base, risk="cvar", alpha=0.5), gen())
     assert 0.3 < neutral["collision_prob"][1].item() < 0.7
     assert int(neutral["cost"].argmin()) == 1 and int(averse["cost"].argmin()) == 0
+
+
+def test_mode_collision_probability_by_hand():
+    # Three cars: A (modes 0.95 far / 0.05 cutting in to 4 m), B (0.5 / 0.5) and an absent slot that would hit.
+    mean = torch.zeros(1, 1, 4, 2, 2, 2)  # (E, N, A, K, H, 2); the ego stands still at the origin
+    out = {"mean": mean, "log_std": torch.full_like(mean, math.log(1e-4))}
+    out["mean"][0, 0, 1, 0, :, 0], out["mean"][0, 0, 1, 1, :, 0] = 60.0, 4.0
+    out["mean"][0, 0, 2, 0, :, 0], out["mean"][0, 0, 2, 1, :, 0] = -60.0, -3.0
+    out["mean"][0, 0, 3, :, :, 0] = 2.0
+    out["logits"] = torch.log(torch.tensor([[[[0.5, 0.5], [0.95, 0.05], [0.5, 0.5], [0.5, 0.5]]]]))
+    last = torch.zeros(4, 12)
+    last[1, 0], last[2, 0], last[3, 0] = 60.0, -60.0, 2.0
+    last[:, 6], last[:, 7] = 5.0, 2.0
+    mask = torch.tensor([True, True, True, False])
+    prob = mode_collision_prob(out, last[:, :2], last[:, 6:8], mask, PlannerConfig(mode_sigma=0.0))
+    # A hits in its 5 % mode, B in its 50 % mode (3 m behind), the absent slot not at all: 1 - 0.95 * 0.5.
+    assert prob[0, 0].tolist() == pytest.approx([1 - 0.95 * 0.5, 1 - 0.95 * 0.5])
 
 
 class FakeModel:
