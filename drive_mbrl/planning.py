@@ -381,7 +381,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def objective(plans: torch.Tensor) -> torch.Tensor:
-        out = model.decode(tokens, history[None], plans[None], positions_only=True)
+        out = model.decode(tokens, history[None], agent_mask[None], plans[None], positions_only=True)
         out = {k: v[:, 0] for k, v in out.items()}
         if ego_path is not None:
             out["mean"][:, :, 0] = ego_path(plans)[None, :, None, :, :2].to(out["mean"].dtype)

@@ -243,14 +243,14 @@ def test_planner_fast_paths_match_the_full_model():
     plans = torch.randint(0, 5, (1, 7, TINY.horizon))
     with torch.no_grad():
         tokens = model.encode(history, mask)
-        full = model.decode(tokens, history, plans)
-        fast = model.decode(tokens, history, plans, positions_only=True)
+        full = model.decode(tokens, history, mask, plans)
+        fast = model.decode(tokens, history, mask, plans, positions_only=True)
         for key in ("mean", "log_std"):
             torch.testing.assert_close(fast[key], full[key][..., :2])
         for key in ("logits", "reward"):
             torch.testing.assert_close(fast[key], full[key])
         two = member_subset(model, 2)
-        sub = two.decode(two.encode(history, mask), history, plans)
+        sub = two.decode(two.encode(history, mask), history, mask, plans)
     assert two.config.members == 2 and model.config.members == TINY.members
     for key in full:
         torch.testing.assert_close(sub[key], full[key][:2])

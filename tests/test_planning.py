@@ -255,7 +255,7 @@ class FakeModel:
     def encode(self, history, mask):
         return torch.zeros(2, 1, 2, 4)
 
-    def decode(self, tokens, history, plans, positions_only=False):
+    def decode(self, tokens, history, mask, plans, positions_only=False):
         B, N, H = plans.shape
         mean = torch.zeros(2, B, N, 2, 1, H, 2)
         mean[..., 1, :, :, 0] = 500.0
