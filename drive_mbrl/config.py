@@ -67,8 +67,10 @@ class PlannerConfig:
     policy_dt: float = opt(1.0, "[s] between plan steps (set from the checkpoint by the planner)", lo=1e-3, hi=60.0)
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)
-    margin_lat: float = opt(0.2, "[m] added to the sum of half widths", lo=0.0, hi=10.0)
-    substeps: int = opt(2, "collision checks per horizon step (linear interpolation)", lo=1, hi=100)
+    margin_lat: float = opt(0.5, "[m] added to the sum of half widths (boxes stay aligned with the ego frame: a "
+                            "vehicle turning into a lane change is wider than its width)", lo=0.0, hi=10.0)
+    substeps: int = opt(5, "collision checks per horizon step (linear interpolation; 5 = every frame of "
+                        "highway at 5 Hz: at 2 a fast ego passed a slower car between checks)", lo=1, hi=100)
     uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "
                                    "exceeds this quantile of the validation data's", choices=UNCERTAINTY_LEVELS)
     fallback: str = opt("slower", "what drives when no plan is safe or the model is unsure", choices=FALLBACKS)
