@@ -402,16 +402,21 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         result = categorical_cem(objective, nA, H, population, settings.iterations,
                                  max(1, round(settings.elites * population)), generator, include=include)
     plans = torch.cat([p for p, _ in seen])
-    match = (plans == result.plan).all(-1).nonzero()[0, 0]
-    stats = {k: torch.cat([s[k] for _, s in seen])[match] for k in seen[0][1]}
-    limits = model.uncertainty_quantiles[:, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)]
-    if not bool(torch.cat([s["finite"] for _, s in seen]).any()):
+    every = {k: torch.cat([s[k] for _, s in seen]) for k in seen[0][1]}
+    stats = {k: v[(plans == result.plan).all(-1).nonzero()[0, 0]] for k, v in every.items()}
+    dis_limit, spread_limit = model.uncertainty_quantiles[:, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)]
+    # The model's own trouble first (whatever the plan), then the constraint, then the chosen plan's uncertainty.
+    if not bool(every["finite"].any()):
         reason = "model_output_not_finite"
+    elif float(every["spread"].min()) > float(spread_limit):
+        reason = "spread_too_wide"
+    elif float(every["disagreement"].min()) > float(dis_limit):
+        reason = "members_disagree"
     elif not math.isfinite(result.cost):
         reason = "no_plan_within_collision_limit"
-    elif float(stats["disagreement"]) > float(limits[0]):
+    elif float(stats["disagreement"]) > float(dis_limit):
         reason = "members_disagree"
-    elif float(stats["spread"]) > float(limits[1]):
+    elif float(stats["spread"]) > float(spread_limit):
         reason = "spread_too_wide"
     else:
         reason = ""
