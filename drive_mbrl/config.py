@@ -31,7 +31,7 @@ RISK_MEASURES = ("mean", "cvar", "worst")
 """Risk measures of the planner over sampled plan costs (planning.risk_measure)."""
 UNCERTAINTY_LEVELS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Quantile levels of validation-data uncertainty stored in calibrated forecaster checkpoints (fallback thresholds)."""
-FALLBACKS = ("slower",)
+FALLBACKS = ("slower", "least_risk")
 
 
 @dataclass
@@ -73,7 +73,9 @@ class PlannerConfig:
                         "highway at 5 Hz: at 2 a fast ego passed a slower car between checks)", lo=1, hi=100)
     uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "
                                    "exceeds this quantile of the validation data's", choices=UNCERTAINTY_LEVELS)
-    fallback: str = opt("slower", "what drives when no plan is safe or the model is unsure", choices=FALLBACKS)
+    fallback: str = opt("slower", "when no plan passes the chance constraint: SLOWER (braking) or the least risky "
+                        "plan; an untrusted model (not finite, too uncertain) always gets SLOWER",
+                        choices=FALLBACKS)
     oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
                             "(num_actions^depth sequences)", lo=1, hi=6)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")

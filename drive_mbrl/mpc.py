@@ -2,8 +2,10 @@
 
 At every policy step it cuts the current scene from the running episode's own track recording (the same
 `features.scene_history` that training data went through), plans with `planning.plan_scene`, and executes the
-first action of the chosen plan, or hands the step to its fallback (SLOWER, a braking floor) and records why
-(`last_fallback`, stored per step in the episode). The previous plan, shifted by one step, warm-starts the next
+first action of the chosen plan, or hands the step to its fallback and records why (`last_fallback`, stored per
+step in the episode): SLOWER (braking) when the model's output is not to be trusted (not finite, too uncertain);
+when no plan passes the chance constraint, SLOWER (`planner.fallback=slower`, default) or the least risky plan
+(`least_risk`; braking plans are among the candidates). The previous plan, shifted by one step, warm-starts the next
 search.
 """
 
@@ -117,8 +119,12 @@ class MPCAgent:
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
+        if decision.least_risk is not None and self.settings.fallback == "least_risk":
+            plan = decision.least_risk
+        elif decision.fallback:
+            return self._fallback_action
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
-        return self._fallback_action if decision.fallback else int(plan[0])
+        return int(plan[0])
 
 
 

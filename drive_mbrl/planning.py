@@ -354,6 +354,9 @@ class Decision:
     expected_return: float
     evaluated: int
     """Candidate plans scored (all iterations)."""
+    least_risk: torch.Tensor | None = None
+    """(H,) when no plan passed the chance constraint: the plan with the lowest collision probability (ties: the
+    higher expected return), for `planner.fallback=least_risk`."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -420,5 +423,9 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         reason = "spread_too_wide"
     else:
         reason = ""
+    least_risk = None
+    if reason == "no_plan_within_collision_limit":
+        order = torch.argsort(-every["expected_return"], stable=True)
+        least_risk = plans[order[torch.argmin(every["collision_prob"][order])]]
     return Decision(result.plan, reason, result.cost, float(stats["collision_prob"]), float(stats["disagreement"]),
-                    float(stats["spread"]), float(stats["expected_return"]), result.evaluated)
+                    float(stats["spread"]), float(stats["expected_return"]), result.evaluated, least_risk)
