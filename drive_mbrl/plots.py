@@ -61,6 +61,8 @@ def learning_curve_png(curve: list[dict[str, Any]], path: Path) -> Path:
         if key == "model_l2_last":
             ax.plot(steps, [row["baseline_l2_last"] for row in curve], "s--", label="CV, lateral held")
         ax.set(xlabel="real env steps of training data", ylabel=label)
+        if key == "crash_rate":
+            ax.set_ylim(0, max(0.05, 1.2 * max(row[key] for row in curve)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("model-based RL learning curve")
