@@ -225,7 +225,11 @@ def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") 
                         f"reads {SCHEMA_VERSION}: retrain it")
     device = resolve_device(device) if isinstance(device, str) else device
     model = build_model(ForecasterConfig(**meta["model"]), meta["normalisation"])
-    model.load_state_dict(torch.load(folder / BEST, map_location="cpu", weights_only=True)["model"])
+    try:
+        model.load_state_dict(torch.load(folder / BEST, map_location="cpu", weights_only=True)["model"])
+    except RuntimeError as exc:
+        raise DataError(f"checkpoint {folder} does not match the model its meta.json describes "
+                        f"({meta['model']}): retrain it with `drive-mbrl fit`") from exc
     return model.to(device).eval(), meta
 
 
