@@ -44,11 +44,11 @@ class PlannerConfig:
     elites: float = opt(0.1, "share of each CEM population refitted to", lo=0.001, hi=1.0)
     samples: int = opt(4, "sampled futures per member and plan (mode per agent + one Gaussian draw)", lo=1, hi=4096)
     gamma: float = opt(0.9, "discount over the horizon", lo=0.0, hi=1.0)
-    collision_cost: float = opt(5.0, "cost of a predicted collision, on top of the rewards lost after it", lo=0.0,
+    collision_cost: float = opt(10.0, "cost of a predicted collision, on top of the rewards lost after it", lo=0.0,
                                 hi=1e6)
     risk: str = opt("cvar", "risk measure over the sampled costs of a plan", choices=RISK_MEASURES)
     alpha: float = opt(0.2, "CVaR level: mean of the worst alpha share of samples (1 = mean)", lo=1e-6, hi=1.0)
-    chance_epsilon: float = opt(0.1, "reject plans whose collision probability (exact over the forecaster's modes) "
+    chance_epsilon: float = opt(0.05, "reject plans whose collision probability (exact over the forecaster's modes) "
                                 "exceeds this (1 = off)", lo=0.0, hi=1.0)
     mode_sigma: float = opt(1.0, "the chance constraint's collision probability grows each mode's box by this many "
                             "standard deviations", lo=0.0, hi=10.0)
@@ -61,7 +61,7 @@ class PlannerConfig:
     ego_model: str = opt("kinematic", "the ego's own motion under a plan: `kinematic` integrates highway-env's "
                          "controller (exact on straight lanes), `learned` takes the forecaster's prediction",
                          choices=("kinematic", "learned"))
-    progress_weight: float = opt(0.05, "cost per m/s of the ego's predicted mean forward speed over the plan "
+    progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
     policy_dt: float = opt(1.0, "[s] between plan steps (set from the checkpoint by the planner)", lo=1e-3, hi=60.0)
