@@ -160,7 +160,9 @@ class FitConfig:
     modes: int = opt(3, "Gaussian modes per agent", lo=1, hi=32)
     width: int = opt(128, "token width", lo=8, hi=4096)
     blocks: int = opt(2, "attention blocks across agents", lo=0, hi=16)
-    decoder_width: int = opt(128, "width of the per-plan decoder (its cost is paid per candidate plan)", lo=8,
+    plan_fusion: str = opt("early", "where the ego's plan enters: early (every agent token, accurate) or late "
+                           "(a per-plan decoder after the attention: cheaper per plan)", choices=("early", "late"))
+    decoder_width: int = opt(128, "width of the late-fusion per-plan decoder", lo=8,
                              hi=4096)
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)

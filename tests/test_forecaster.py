@@ -214,9 +214,10 @@ def test_learning_rate_schedule_by_hand():
     assert lr_factor(int(5 + 95 / 2), 100) == pytest.approx(0.05 + 0.95 * 0.5, abs=0.02)
 
 
-def test_rollout_of_many_plans_matches_one_call_per_plan():
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_rollout_of_many_plans_matches_one_call_per_plan(fusion: str):
     torch.manual_seed(0)
-    model = Forecaster(TINY).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion})).eval()
     scenes = cv_scenes(2)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.randint(0, 5, (2, 6, TINY.horizon))
@@ -231,13 +232,14 @@ def test_rollout_of_many_plans_matches_one_call_per_plan():
     torch.testing.assert_close(single["reward"], out["reward"][:, 1])
 
 
-def test_planner_fast_paths_match_the_full_model():
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_planner_fast_paths_match_the_full_model(fusion: str):
     """decode(positions_only=True) equals the full decode's position columns; a member subset equals the first
     members of the full ensemble."""
     from drive_mbrl.forecaster import member_subset
 
     torch.manual_seed(0)
-    model = Forecaster(TINY).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion})).eval()
     scenes = cv_scenes(1)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.randint(0, 5, (1, 7, TINY.horizon))
