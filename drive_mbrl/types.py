@@ -109,6 +109,8 @@ class Agent(Protocol):
 
     `drives_itself` agents (such as `idm`) replace the ego's controller in `reset`; the action they return is ignored
     by the simulator and the recorded action is inferred from the ego's motion (documented in the manifest).
+    Optional: planners define `attach_tracks(recorder)` (the episode loop hands them its track recorder after each
+    reset, their perception) and `last_fallback: str` (why the last step went to a fallback; stored per step).
     """
 
     drives_itself: bool
