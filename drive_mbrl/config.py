@@ -64,7 +64,6 @@ class PlannerConfig:
     progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
-    policy_dt: float = opt(1.0, "[s] between plan steps (set from the checkpoint by the planner)", lo=1e-3, hi=60.0)
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)
     margin_lat: float = opt(0.5, "[m] added to the sum of half widths (boxes stay aligned with the ego frame: a "

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from drive_mbrl.config import UNCERTAINTY_LEVELS, PlannerConfig
+from drive_mbrl.config import RISK_MEASURES, UNCERTAINTY_LEVELS, PlannerConfig
 from drive_mbrl.forecaster import LOG_STD_MIN, plan_uncertainty
-
-RISK_MEASURES = ("mean", "cvar", "worst")
 
 
 def risk_measure(costs: torch.Tensor, measure: str, alpha: float = 0.1) -> torch.Tensor:
@@ -269,11 +267,12 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
 
 
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
-                 agent_mask: torch.Tensor, settings: PlannerConfig,
-                 plans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 agent_mask: torch.Tensor, settings: PlannerConfig, plans: torch.Tensor | None = None,
+                 policy_dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cost of every sampled future (see `score_plans`).
 
-    positions: (E, N, A, M, H, 2) sampled futures; reward: (E, N, H) each member's predicted rewards. Returns costs
+    positions: (E, N, A, M, H, 2) sampled futures; reward: (E, N, H) each member's predicted rewards; policy_dt:
+    [s] between plan steps (the forecaster's). Returns costs
     (N, E x M) (member-major), crashed (E, N, M, H) and discounted returns (E, N, M).
     """
     E, N, A, M, H, _ = positions.shape
@@ -287,7 +286,7 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
                           torch.zeros_like(returns))
     costs = penalty - returns
     if settings.progress_weight:
-        speed = positions[:, :, 0, :, -1, 0] / (H * settings.policy_dt)  # (E, N, M) ego's mean forward speed
+        speed = positions[:, :, 0, :, -1, 0] / (H * policy_dt)  # (E, N, M) ego's mean forward speed
         costs = costs - settings.progress_weight * speed
     costs = costs.permute(1, 0, 2).reshape(N, E * M)
     if settings.comfort_weight and plans is not None:
@@ -296,8 +295,8 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
 
 
 def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_mask: torch.Tensor,
-                settings: PlannerConfig, generator: torch.Generator,
-                plans: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                settings: PlannerConfig, generator: torch.Generator, plans: torch.Tensor | None = None,
+                policy_dt: float = 1.0) -> dict[str, torch.Tensor]:
     """Costs of N plans of one scene from the forecaster's predictions under them.
 
     out: `Forecaster.decode` outputs with the scene axis removed (mean (E, N, A, K, H, 4), reward (E, N, H), ...);
@@ -315,7 +314,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     """
     E, N, A, K, H, _ = out["mean"].shape
     positions = sample_positions(out, settings.samples, generator)
-    costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans)
+    costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans,
+                                           policy_dt)
     steps = min(settings.chance_steps or H, H)
     sampled_prob = crashed[..., steps - 1].to(returns.dtype).mean((0, 2))
     collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
@@ -378,7 +378,6 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
-    settings = replace(settings, policy_dt=c.policy_dt)
     tokens = model.encode(history[None], agent_mask[None])
     last = history[:, -1]
     seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -391,7 +390,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
             out["log_std"][:, :, 0] = LOG_STD_MIN
         if fault is not None:
             out = fault(out)
-        scores = score_plans(out, last, agent_mask, settings, generator, plans)
+        scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)
         seen.append((plans, scores))
         return scores["cost"]
 

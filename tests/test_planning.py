@@ -151,8 +151,8 @@ def test_vectorised_sample_costs_match_a_loop_reference():
     last[:, 6], last[:, 7] = 5.0, 2.0
     mask = torch.ones(A, dtype=torch.bool)
     plans = torch.randint(0, 5, (N, H))
-    settings = PlannerConfig(gamma=0.8, collision_cost=3.0, progress_weight=0.2, comfort_weight=0.1, policy_dt=1.0)
-    costs, crashed, _ = sample_costs(positions, reward, last, mask, settings, plans)
+    settings = PlannerConfig(gamma=0.8, collision_cost=3.0, progress_weight=0.2, comfort_weight=0.1)
+    costs, crashed, _ = sample_costs(positions, reward, last, mask, settings, plans, policy_dt=1.0)
     reference_hits = _collisions_reference(positions, last[:, :2], last[:, 6:8], mask, settings)
     assert crashed.any() and not crashed.all()
     for e in range(E):
