@@ -70,7 +70,20 @@ def agent_options(cfg: C.CollectConfig) -> str:
         return mpc_options(cfg.checkpoint, cfg.planner)
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
+    if cfg.agent == "policy":
+        return policy_options(cfg.checkpoint)
     return ""
+
+
+def policy_options(checkpoint: Path | str) -> str:
+    """agent=policy's options as canonical JSON; a bad checkpoint fails here, before any file is written."""
+    from drive_mbrl.data import agent_options_json
+    from drive_mbrl.policy import load_policy
+
+    if not checkpoint:
+        raise C.ConfigError("agent=policy needs checkpoint=<policy folder> (train one with `drive-mbrl distill`)")
+    load_policy(checkpoint)
+    return agent_options_json({"checkpoint": str(Path(checkpoint).resolve())})
 
 
 def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:

@@ -88,7 +88,8 @@ class CollectConfig:
 
     scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
     agent: str = opt("idm", "ego driver", choices=AGENTS)
-    checkpoint: str = opt("", "forecaster checkpoint folder for agent=mpc (from `drive-mbrl fit`)")
+    checkpoint: str = opt("", "agent=mpc: forecaster checkpoint folder (from `drive-mbrl fit`); agent=policy: "
+                                "policy folder (from `drive-mbrl distill`)")
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)

@@ -18,7 +18,7 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import SceneSpec, scene_history
+from drive_mbrl.features import SceneSpec, history_stride, live_history
 
 
 def planner_config(options: dict[str, Any] | PlannerConfig | None) -> PlannerConfig:
@@ -81,20 +81,13 @@ class MPCAgent:
 
     def attach_tracks(self, recorder: Any) -> None:
         """Called by the episode loop after each reset with its track recorder (the planner's perception)."""
-        stride = self.meta["history_dt"] / recorder.frame_dt
-        if abs(stride - round(stride)) > 1e-6 or round(stride) < 1:
-            raise ConfigError(f"the forecaster's history step ({self.meta['history_dt']} s) is not a multiple of "
-                              f"the recording's frame time ({recorder.frame_dt} s): evaluate with record_hz=0")
-        self._stride = int(round(stride))
+        stride = history_stride(self.meta["history_dt"], recorder.frame_dt)
+        self.spec = SceneSpec(self.spec.agents, self.spec.history_len, stride, self.spec.horizon)
         self._recorder = recorder
 
     def scene(self) -> tuple[np.ndarray, np.ndarray]:
         """The current scene: history (A, L, F) float32 and agent_mask (A,) bool, ego frame."""
-        last = self._recorder.frames - 1
-        window = [f for f in last - self._stride * np.arange(self.spec.history_len - 1, -1, -1) if f >= 0]
-        arrays = self._recorder.arrays(window)
-        history, track, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
-                                          arrays["lane_heading"], len(window) - 1, self.spec)
+        history, track, _, _ = live_history(self._recorder, self.spec)
         return history, track >= 0
 
     def act(self, obs: Any, env: Any) -> int:
