@@ -64,9 +64,10 @@ def agent_options(cfg: C.CollectConfig) -> str:
 
     from drive_mbrl.data import agent_options_json
 
-    if cfg.agent == "mpc":
+    if cfg.agent in ("mpc", "dagger"):
         if not cfg.checkpoint:
-            raise C.ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+            raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
+                                "`drive-mbrl fit`)")
         return mpc_options(cfg.checkpoint, cfg.planner)
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})

@@ -357,6 +357,10 @@ class Decision:
     least_risk: torch.Tensor | None = None
     """(H,) when no plan passed the chance constraint: the plan with the lowest collision probability (ties: the
     higher expected return), for `planner.fallback=least_risk`."""
+    action_costs: torch.Tensor | None = None
+    """(num_actions,) the lowest risk cost among the evaluated plans that start with each action (inf where none
+    was evaluated or every one broke the chance constraint): the planner's view of each immediate action, used as
+    soft targets when distilling it into the policy."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -426,5 +430,8 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     if reason == "no_plan_within_collision_limit":
         order = torch.argsort(-every["expected_return"], stable=True)
         least_risk = plans[order[torch.argmin(every["collision_prob"][order])]]
+    action_costs = torch.full((nA,), math.inf, device=plans.device).scatter_reduce(
+        0, plans[:, 0], every["cost"].to(torch.float32), reduce="amin")
     return Decision(result.plan, reason, result.cost, float(stats["collision_prob"]), float(stats["disagreement"]),
-                    float(stats["spread"]), float(stats["expected_return"]), result.evaluated, least_risk)
+                    float(stats["spread"]), float(stats["expected_return"]), result.evaluated, least_risk,
+                    action_costs)

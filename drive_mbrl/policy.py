@@ -27,8 +27,7 @@ from torch import nn
 
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import ConfigError, DataError
-from drive_mbrl.features import (EGO_TRACK, SceneSpec, history_stride, live_history, policy_obs_dim,
-                                 policy_observation)
+from drive_mbrl.features import EGO_TRACK, SceneSpec, history_stride, live_history, policy_obs_dim, policy_observation
 
 BEST, META = "best.pt", "meta.json"
 
