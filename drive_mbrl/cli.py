@@ -216,6 +216,71 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
             "checkpoint": str(previous), "plot": str(run_dir / "learning_curve.png")}
 
 
+def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
+    """Behaviour cloning then DAgger rounds (see DistillConfig); round r's policy is run_dir/rounds/policy_r."""
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    from drive_mbrl.data import RunSpec, read_manifest
+    from drive_mbrl.distill import BCSettings, merge_data, policy_data, train_policy
+    from drive_mbrl.policy import PolicyConfig, load_policy, save_policy
+    from drive_mbrl.scenarios import load_scenario
+
+    if cfg.rounds and not cfg.checkpoint:
+        raise C.ConfigError("DAgger rounds need the expert: pass checkpoint=<forecaster folder>, or rounds=0")
+    scenario = load_scenario(cfg.scenario)
+    expert = mpc_options(cfg.checkpoint, cfg.planner) if cfg.rounds else ""
+    torch.set_num_threads(1)
+    if not cfg.dataset:
+        raise C.ConfigError("distill needs dataset=[FOLDER,...] of planner episodes (`drive-mbrl collect "
+                            "agent=dagger checkpoint=...`)")
+    names = read_manifest(Path(cfg.dataset[0]))["action_names"]
+    config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
+    parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
+    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed)
+    rounds, previous = [], None
+    for r in range(cfg.rounds + 1):
+        folder = run_dir / "rounds" / f"policy_{r}"
+        if r > 0:  # the previous policy drives, the planner labels
+            options = json.loads(expert)
+            options.update(policy=str(previous.resolve()), beta=cfg.beta * 0.5 ** (r - 1), seed=cfg.seed)
+            data_dir = run_dir / "rounds" / f"dagger_{r}"
+            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, cfg.seed + 100_000 * r,
+                           agent_options=json.dumps(options, sort_keys=True))
+            _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
+            parts.append(policy_data([str(data_dir)], config, cfg.temperature)[0])
+        data = merge_data(parts)
+        if (folder / "meta.json").is_file():
+            net, meta = load_policy(folder)
+            summary = meta["summary"]
+        else:
+            init = load_policy(previous)[0] if previous else None
+            net, summary = train_policy(data, config, settings, init)
+            summary = {**summary, "real_steps": data.steps, "decisions": len(data)}
+            save_policy(folder, net, names, {"summary": summary, "distill": asdict(cfg)})
+        row = {"round": r, **summary}
+        if cfg.eval_episodes:
+            row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, cfg.workers,
+                                             "", run_dir / "eval" / f"round_{r}", options=policy_options(folder))
+        print(f"round {r}: {summary['decisions']} labels from {summary['real_steps']} real steps, val accuracy "
+              f"{summary['val_accuracy']:.2f}" + (f", return {row['evaluate']['return_mean']:.2f}, crashes "
+                                                   f"{row['evaluate']['crash_rate']:.0%}" if cfg.eval_episodes else ""))
+        rounds.append(row)
+        previous = folder
+    out = Path(cfg.out) if cfg.out else run_dir / "policy"
+    if out.resolve() != previous.resolve():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(previous, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    print(f"policy: {out}")
+    return {"rounds": rounds, "policy": str(out), "real_steps": rounds[-1]["real_steps"]}
+
+
 def _dataset_steps(root: Path) -> int:
     from drive_mbrl.data import load_dataset
 
@@ -358,6 +423,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
     "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
+    "distill": Command(C.DistillConfig, run_distill, "the reactive policy learns the planner (BC + DAgger)"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
     "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),

@@ -235,6 +235,36 @@ class TrainConfig:
     seed: int = opt(0, "base seed of collection episodes", lo=0, hi=2**31 - 1)
 
 
+@dataclass
+class DistillConfig:
+    """`drive-mbrl distill`: the reactive policy learns the MPC planner. Behaviour cloning on planner episodes
+    (soft targets from the planner's per-action costs where logged), then DAgger rounds: the policy drives (the
+    planner takes a `beta` share of steps, halved each round), the planner labels every visited state, the policy
+    is fine-tuned on all labels so far. Each round is evaluated on held-out seeds; every stage resumes."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    dataset: list[str] = opt([], "planner episodes to clone (`drive-mbrl collect agent=dagger checkpoint=...` "
+                             "logs the planner's costs; agent=mpc episodes give hard labels); required")
+    checkpoint: str = opt("", "the expert planner's forecaster checkpoint (needed for DAgger rounds)")
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "the expert planner"})
+    rounds: int = opt(2, "DAgger rounds after behaviour cloning (0 = behaviour cloning only)", lo=0, hi=100)
+    episodes_per_round: int = opt(20, "episodes the policy drives per DAgger round", lo=1, hi=10**6)
+    beta: float = opt(0.3, "share of the first round's steps on which the planner's action is executed", lo=0.0,
+                      hi=1.0)
+    temperature: float = opt(0.3, "soft-target temperature on the planner's costs (0 = hard labels)", lo=0.0,
+                             hi=1e3)
+    hidden: int = opt(256, "policy hidden width", lo=4, hi=8192)
+    layers: int = opt(2, "policy hidden layers", lo=1, hi=16)
+    history_dt: float = opt(1.0, "[s] between the policy's two observed frames", lo=0.01, hi=10.0)
+    epochs: int = opt(150, "maximum epochs per training", lo=1, hi=10**5)
+    patience: int = opt(20, "early stopping: epochs without a lower validation loss", lo=1, hi=10**5)
+    lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)
+    eval_episodes: int = opt(20, "held-out evaluation episodes after each round (0 = none)", lo=0, hi=10**6)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    seed: int = opt(0, "seed of training and of the DAgger episodes", lo=0, hi=2**31 - 1)
+    out: str = opt("", "final policy folder; empty = <run dir>/policy")
+
+
 def _pipeline_fit() -> FitConfig:
     return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2, decoder_width=64)
 
