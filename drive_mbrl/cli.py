@@ -281,6 +281,66 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     return {"rounds": rounds, "policy": str(out), "real_steps": rounds[-1]["real_steps"]}
 
 
+def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
+    """PPO on the policy network, in imagination (dyna) or on the real env only (model_free); see RLConfig."""
+    from tqdm import tqdm
+
+    from drive_mbrl.policy import PolicyConfig, load_policy
+    from drive_mbrl.rllib import PPOSettings, start_ray, train_ppo
+    from drive_mbrl.scenarios import action_names, load_scenario, make_env
+
+    scenario = load_scenario(cfg.scenario)
+    env = make_env(scenario)
+    names = action_names(env)
+    env.close()
+    if cfg.init:
+        policy = load_policy(cfg.init)[0].config
+        if policy.num_actions != len(names):
+            raise C.ConfigError(f"init policy has {policy.num_actions} actions, scenario {scenario.name} "
+                                f"{len(names)}")
+    else:
+        policy = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
+    imagined = cfg.imagined if cfg.mode == "dyna" else 0
+    env_config: dict[str, Any] = {"scenario": cfg.scenario, "agents": policy.agents, "history_dt": policy.history_dt}
+    if imagined:
+        if not cfg.checkpoint or not cfg.dataset:
+            raise C.ConfigError("mode=dyna needs checkpoint=<forecaster folder> and dataset=[recorded episodes] "
+                                "(the start states); or mode=model_free")
+        mpc_options(cfg.checkpoint, C.PlannerConfig())  # a bad checkpoint fails before Ray starts
+        env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
+                                     "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
+                                     "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
+                                     "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
+                                     "policy_history_dt": policy.history_dt}
+    if cfg.real + imagined == 0:
+        raise C.ConfigError("no envs: set real >= 1 or (mode=dyna) imagined >= 1")
+    settings = PPOSettings(iterations=cfg.iterations, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
+                           epochs=cfg.epochs, lr=cfg.lr, gamma=cfg.gamma, entropy=cfg.entropy, real=cfg.real,
+                           imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
+    out = Path(cfg.out) if cfg.out else run_dir / "rl"
+    start_ray(cfg.ray_address, num_cpus=0)
+    bar = tqdm(total=cfg.iterations, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
+
+    def on_iteration(row: dict[str, Any]) -> None:
+        bar.set_postfix(real=row["real_steps"], imagined=row["imagined_steps"],
+                        ret=f"{row['episode_return_mean']:.2f}")
+        bar.update(1)
+
+    try:
+        result = train_ppo(env_config, policy, names, str(Path(cfg.init).resolve()) if cfg.init else "", settings,
+                           out, cfg.env_runners, on_iteration)
+    finally:
+        bar.close()
+    if cfg.eval_episodes:
+        result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, 1, "",
+                                            out / "eval", options=policy_options(result["policy"]))
+        from drive_mbrl.evaluate import format_table
+
+        print(format_table({f"policy ({cfg.mode})": result["evaluate"]}))
+    print(f"policy: {result['policy']}")
+    return result
+
+
 def _dataset_steps(root: Path) -> int:
     from drive_mbrl.data import load_dataset
 
@@ -424,6 +484,7 @@ COMMANDS: dict[str, Command] = {
     "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "distill": Command(C.DistillConfig, run_distill, "the reactive policy learns the planner (BC + DAgger)"),
+    "rl": Command(C.RLConfig, run_rl, "PPO (RLlib) on the policy: in imagination (dyna) or model-free"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
     "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),

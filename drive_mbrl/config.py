@@ -265,6 +265,42 @@ class DistillConfig:
     out: str = opt("", "final policy folder; empty = <run dir>/policy")
 
 
+@dataclass
+class RLConfig:
+    """`drive-mbrl rl`: PPO (RLlib) on the project's policy network. mode=dyna trains on the learned model's
+    imagined rollouts (started from recorded states) mixed with real steps at `real` : `imagined` envs;
+    mode=model_free is the same algorithm on the real env only (the sample-efficiency peer). `init` fine-tunes a
+    distilled policy. Stops at `iterations` or `max_real_steps`; resumes from its folder."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    mode: str = opt("dyna", "dyna (imagined + real) or model_free (real only)", choices=("dyna", "model_free"))
+    init: str = opt("", "policy folder to start from (from `drive-mbrl distill`); empty = a fresh network")
+    checkpoint: str = opt("", "mode=dyna: the forecaster checkpoint that imagines")
+    dataset: list[str] = opt([], "mode=dyna: recorded episodes whose states start the imagined rollouts")
+    imagined_horizon: int = opt(10, "imagined steps per rollout at most", lo=1, hi=1000)
+    uncertainty_level: float = opt(0.99, "imagined rollouts stop where the members disagree beyond this calibrated "
+                                   "quantile", choices=UNCERTAINTY_LEVELS)
+    uncertainty_penalty: float = opt(0.0, "reward penalty per unit of disagreement / limit", lo=0.0, hi=1e6)
+    real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
+    imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
+    iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)
+    batch_size: int = opt(1024, "transitions per PPO iteration", lo=16, hi=1 << 24)
+    minibatch_size: int = opt(256, "PPO minibatch", lo=8, hi=1 << 24)
+    epochs: int = opt(6, "PPO epochs per iteration", lo=1, hi=1000)
+    lr: float = opt(1e-4, "learning rate", lo=1e-8, hi=1.0)
+    gamma: float = opt(0.9, "discount", lo=0.0, hi=1.0)
+    entropy: float = opt(0.003, "entropy bonus", lo=0.0, hi=10.0)
+    max_real_steps: int = opt(5000, "real env steps sampled by RL at most", lo=0, hi=10**9)
+    hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)
+    layers: int = opt(2, "policy hidden layers (a fresh network)", lo=1, hi=16)
+    env_runners: int = opt(0, "RLlib env runner processes (0 = sample in the driver)", lo=0, hi=4096)
+    ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
+    eval_episodes: int = opt(20, "held-out evaluation episodes of the final policy (0 = none)", lo=0, hi=10**6)
+    seed: int = opt(0, "seed of the RL run (its real env seeds are disjoint from evaluation's)", lo=0,
+                    hi=2**31 - 1)
+    out: str = opt("", "run folder (algorithm state + policy); empty = <run dir>/rl")
+
+
 def _pipeline_fit() -> FitConfig:
     return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2, decoder_width=64)
 
