@@ -299,14 +299,19 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
             raise C.ConfigError(f"init policy has {policy.num_actions} actions, scenario {scenario.name} "
                                 f"{len(names)}")
     else:
-        policy = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
+        policy = PolicyConfig(agents=cfg.agents, num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
     imagined = cfg.imagined if cfg.mode == "dyna" else 0
     env_config: dict[str, Any] = {"scenario": cfg.scenario, "agents": policy.agents, "history_dt": policy.history_dt}
     if imagined:
         if not cfg.checkpoint or not cfg.dataset:
             raise C.ConfigError("mode=dyna needs checkpoint=<forecaster folder> and dataset=[recorded episodes] "
                                 "(the start states); or mode=model_free")
-        mpc_options(cfg.checkpoint, C.PlannerConfig())  # a bad checkpoint fails before Ray starts
+        from drive_mbrl.fit import load_forecaster
+
+        model, _ = load_forecaster(cfg.checkpoint)  # a bad checkpoint fails here, before Ray starts
+        if model.config.agents < policy.agents:
+            raise C.ConfigError(f"the policy observes {policy.agents} slots, the forecaster only predicts "
+                                f"{model.config.agents}: use agents<={model.config.agents} or another forecaster")
         env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,

@@ -293,6 +293,7 @@ class RLConfig:
     max_real_steps: int = opt(5000, "real env steps sampled by RL at most", lo=0, hi=10**9)
     hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)
     layers: int = opt(2, "policy hidden layers (a fresh network)", lo=1, hi=16)
+    agents: int = opt(8, "slots the policy observes, the ego included (a fresh network)", lo=2, hi=64)
     env_runners: int = opt(0, "RLlib env runner processes (0 = sample in the driver)", lo=0, hi=4096)
     ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
     eval_episodes: int = opt(20, "held-out evaluation episodes of the final policy (0 = none)", lo=0, hi=10**6)
