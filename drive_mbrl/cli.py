@@ -96,6 +96,15 @@ def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
     from drive_mbrl.fit import load_forecaster
 
     load_forecaster(checkpoint)
+    if planner.policy:
+        from dataclasses import replace
+
+        from drive_mbrl.policy import load_policy
+
+        load_policy(planner.policy)
+        planner = replace(planner, policy=str(Path(planner.policy).resolve()))
+    elif planner.fallback == "policy":
+        raise C.ConfigError("planner.fallback=policy needs planner.policy=<policy folder>")
     return agent_options_json({"checkpoint": str(Path(checkpoint).resolve()), "planner": asdict(planner)})
 
 

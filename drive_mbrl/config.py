@@ -31,7 +31,7 @@ RISK_MEASURES = ("mean", "cvar", "worst")
 """Risk measures of the planner over sampled plan costs (planning.risk_measure)."""
 UNCERTAINTY_LEVELS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Quantile levels of validation-data uncertainty stored in calibrated forecaster checkpoints (fallback thresholds)."""
-FALLBACKS = ("slower", "least_risk")
+FALLBACKS = ("slower", "least_risk", "policy")
 
 
 @dataclass
@@ -72,9 +72,14 @@ class PlannerConfig:
                         "highway at 5 Hz: at 2 a fast ego passed a slower car between checks)", lo=1, hi=100)
     uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "
                                    "exceeds this quantile of the validation data's", choices=UNCERTAINTY_LEVELS)
-    fallback: str = opt("slower", "when no plan passes the chance constraint: SLOWER (braking) or the least risky "
-                        "plan; an untrusted model (not finite, too uncertain) always gets SLOWER",
+    fallback: str = opt("slower", "slower: SLOWER (braking) whenever the planner falls back; least_risk: the least "
+                        "risky plan when no plan passes the chance constraint (an untrusted model still gets "
+                        "SLOWER); policy: the reactive policy's action (needs planner.policy)",
                         choices=FALLBACKS)
+    policy: str = opt("", "reactive policy folder (from `drive-mbrl distill`): a `policy_share` of the first CEM "
+                      "population is drawn from its action probabilities, its greedy action held over the horizon "
+                      "is always a candidate, and planner.fallback=policy hands fallback steps to it")
+    policy_share: float = opt(0.25, "share of the first CEM population proposed by planner.policy", lo=0.0, hi=1.0)
     oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
                             "(num_actions^depth sequences)", lo=1, hi=6)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")

@@ -370,7 +370,8 @@ Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
                fault: Fault | None = None,
-               ego_path: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decision:
+               ego_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               proposal: torch.Tensor | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits.
@@ -378,7 +379,10 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     model: a `Forecaster`; history: (A, L, F) and agent_mask (A,) on the model's device; warm_start: (H,) the
     previous decision's plan shifted by one step (evaluated first in CEM); ego_path: plans (P, H) -> (P, H, >=2)
     the ego's own positions under each plan (`egomotion.rollout_ego`), replacing the forecaster's ego prediction
-    (every member and mode, with the minimum spread), or None to use the forecaster's.
+    (every member and mode, with the minimum spread), or None to use the forecaster's; proposal: (num_actions,)
+    a reactive policy's action probabilities in this scene — CEM's first population then draws a
+    `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy action
+    over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is enumerated).
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
@@ -405,8 +409,15 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         include = torch.arange(nA, device=history.device)[:, None].expand(nA, H)  # constant plans
         if warm_start is not None:
             include = torch.cat([warm_start[None].to(history.device), include])
+        prior = None
+        if proposal is not None:
+            greedy = torch.full((1, H), int(proposal.argmax()), device=history.device)
+            include = torch.cat([greedy, include])
+            uniform = torch.full((H, nA), 1.0 / nA, device=history.device)
+            prior = (1 - settings.policy_share) * uniform + settings.policy_share * proposal.to(uniform)[None]
         result = categorical_cem(objective, nA, H, population, settings.iterations,
-                                 max(1, round(settings.elites * population)), generator, include=include)
+                                 max(1, round(settings.elites * population)), generator, prior=prior,
+                                 include=include)
     plans = torch.cat([p for p, _ in seen])
     every = {k: torch.cat([s[k] for _, s in seen]) for k in seen[0][1]}
     stats = {k: v[(plans == result.plan).all(-1).nonzero()[0, 0]] for k, v in every.items()}
