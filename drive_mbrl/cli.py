@@ -492,12 +492,31 @@ def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[st
     return metrics
 
 
+def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_policy
+
+    if not (cfg.policy and cfg.checkpoint and cfg.dataset):
+        raise C.ConfigError("bench policy needs policy=<folder>, checkpoint=<forecaster> and dataset=[episodes]")
+    m = bench_policy(cfg.policy, cfg.checkpoint, cfg.dataset, cfg.scenario, cfg.envs, cfg.steps, cfg.real_steps,
+                     cfg.repeats, cfg.decisions, cfg.planner, cfg.seed)
+    print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median)")
+    for row in m["rows"]:
+        print(f"imagination, {row['envs']:>5} envs: {row['imagined_per_s']:9.0f} transitions/s = "
+              f"{row['ratio_to_real']:.0f}x real")
+    print(f"policy decision p50 {m['policy_us_p50']:.0f} us (p99 {m['policy_us_p99']:.0f}); planner (budget "
+          f"{m['planner_budget']}) p50 {m['planner_ms_p50']:.0f} ms (p99 {m['planner_ms_p99']:.0f}): "
+          f"{m['planner_over_policy']:.0f}x")
+    return m
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
     "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
     "distill": Command(C.DistillConfig, run_distill, "the reactive policy learns the planner (BC + DAgger)"),
+    "bench_policy": Command(C.BenchPolicyConfig, run_bench_policy,
+                            "imagination vs real env throughput; policy vs planner latency"),
     "rl": Command(C.RLConfig, run_rl, "PPO (RLlib) on the policy: in imagination (dyna) or model-free"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),

@@ -307,6 +307,25 @@ class RLConfig:
     out: str = opt("", "run folder (algorithm state + policy); empty = <run dir>/rl")
 
 
+@dataclass
+class BenchPolicyConfig:
+    """`drive-mbrl bench policy`: imagined transitions/s against real env steps/s on the same cores, and the
+    reactive policy's decision latency against the planner's on the same scenes (one torch thread)."""
+
+    policy: str = opt("", "policy folder; required")
+    checkpoint: str = opt("", "forecaster checkpoint (imagination and planner); required")
+    dataset: list[str] = opt([], "recorded episodes: start states and latency scenes; required")
+    scenario: str = opt("highway", "scenario of the real env")
+    envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20)
+    steps: int = opt(10, "batched imagination steps per measurement", lo=1, hi=10**6)
+    real_steps: int = opt(150, "real env steps per measurement", lo=1, hi=10**6)
+    repeats: int = opt(3, "alternating repeats (medians reported)", lo=1, hi=1000)
+    decisions: int = opt(40, "scenes for the latency comparison", lo=1, hi=10**6)
+    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(threads=1),
+                                   metadata={"help": "planner settings"})
+    seed: int = opt(0, "seed", lo=0, hi=2**31 - 1)
+
+
 def _pipeline_fit() -> FitConfig:
     return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2, decoder_width=64)
 
