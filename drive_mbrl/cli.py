@@ -295,7 +295,8 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     from drive_mbrl.policy import PolicyConfig, load_policy
-    from drive_mbrl.rllib import PPOSettings, start_ray, train_ppo
+    from drive_mbrl.raycluster import start_ray
+    from drive_mbrl.rllib import PPOSettings, train_ppo
     from drive_mbrl.scenarios import action_names, load_scenario, make_env
 
     scenario = load_scenario(cfg.scenario)
@@ -332,7 +333,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                            epochs=cfg.epochs, lr=cfg.lr, gamma=cfg.gamma, entropy=cfg.entropy, real=cfg.real,
                            imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
     out = Path(cfg.out) if cfg.out else run_dir / "rl"
-    start_ray(cfg.ray_address, num_cpus=0)
+    start_ray(cfg.ray_address, cfg.env_runners + 1)
     bar = tqdm(total=cfg.iterations, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
 
     def on_iteration(row: dict[str, Any]) -> None:

@@ -142,22 +142,6 @@ class PPOSettings:
     seed: int = 0
 
 
-def start_ray(address: str = "", num_cpus: int = 0) -> None:
-    """Join `address`, or start a small local Ray once per process (no dashboard, 512 MB object store)."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=512 * 2**20, log_to_driver=False)
-
-
 def check_resources(env_runners: int) -> None:
     """RLlib hangs without a message when asked for more CPUs than the cluster has: refuse that here."""
     import ray
