@@ -316,6 +316,24 @@ class ImaginationEnv(gym.vector.VectorEnv):
         pass
 
 
+class SingleImaginationEnv(gym.Env):
+    """One imagined rollout at a time as a plain `gymnasium.Env` (gymnasium's env checker, single-env users)."""
+
+    def __init__(self, config: ImaginationConfig, starts: tuple[np.ndarray, np.ndarray] | None = None):
+        self.vec = ImaginationEnv(config, 1, starts)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        obs, _ = self.vec.reset(seed=seed)
+        return obs[0], {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, term, trunc, info = self.vec.step(np.asarray([action]))
+        return obs[0], float(reward[0]), bool(term[0]), bool(trunc[0]), {k: bool(v[0]) for k, v in info.items()}
+
+
 def imagination_throughput(env: ImaginationEnv, steps: int, seed: int = 0) -> float:
     """Imagined transitions per second over `steps` batched calls with random actions."""
     import time

@@ -66,6 +66,15 @@ def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoin
     assert (env.t == 0).all()
 
 
+def test_one_imagined_env_passes_gymnasiums_env_checker(tiny_checkpoint: Path, recorded: Path):
+    from gymnasium.utils.env_checker import check_env
+
+    from drive_mbrl.imagination import SingleImaginationEnv
+
+    env = SingleImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4))
+    check_env(env, skip_render_check=True)
+
+
 def test_crash_is_a_box_overlap_with_the_ego(tiny_checkpoint: Path, recorded: Path):
     env = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), num_envs=2)
     env.reset(seed=0)

@@ -33,8 +33,16 @@ def test_the_rl_module_computes_the_distilled_networks_logits(tmp_path: Path):
     obs = torch.as_tensor(np.random.default_rng(1).normal(size=(7, config.obs_dim)).astype(np.float32))
     with torch.no_grad():
         out = module.forward_inference({Columns.OBS: obs})
-        torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], net(obs))
+        torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], net(obs), rtol=0, atol=0)
         assert module.compute_values({Columns.OBS: obs}).shape == (7,)
+    # ... and back: the RLModule's network saved as a policy folder gives the same logits again.
+    with torch.no_grad():
+        for p in module.policy.head.parameters():
+            p.add_(0.5)  # as if RL had changed it
+        save_policy(tmp_path / "back", module.policy, NAMES, {})
+        back, _ = load_policy(tmp_path / "back")
+        torch.testing.assert_close(back(obs), module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS],
+                                   rtol=0, atol=0)
 
 
 def test_mixed_env_steps_real_and_imagined_envs_together(tiny_checkpoint: Path):
