@@ -170,9 +170,44 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
         evaluations["mpc"] = evaluate_agent(cfg.scenario, "mpc", cfg.plan_episodes, cfg.seed + C.EVAL_SEED,
                                             cfg.workers, "", run_dir / "eval" / "mpc", options=options)
         print(format_table(evaluations))
+    result: dict[str, Any] = {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
+    if cfg.expert_episodes:
+        result.update(pipeline_policy(cfg, run_dir, evaluations))
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
-    return {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
+    if cfg.expert_episodes:
+        print(f"policy:     {run_dir / 'policy'} (distilled; Dyna fine-tuned: {run_dir / 'rl' / 'policy'})")
+    return result
+
+
+def pipeline_policy(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's policy stages: planner-labelled episodes (agent=dagger without a policy: the planner drives
+    and logs its costs) -> distill (BC + DAgger) -> a short Dyna PPO fine-tune -> evaluation next to the others."""
+    from dataclasses import replace
+
+    from drive_mbrl.data import RunSpec
+    from drive_mbrl.evaluate import format_table
+    from drive_mbrl.scenarios import load_scenario
+
+    expert = run_dir / "data" / "expert"
+    spec = RunSpec(load_scenario(cfg.scenario), "dagger", cfg.expert_episodes, cfg.seed + 500_000,
+                   agent_options=mpc_options(run_dir / "forecaster", cfg.planner))
+    _collect_into(spec, expert, cfg.workers, "", f"planner labels {cfg.scenario}")
+    distilled = run_distill(replace(cfg.distill, scenario=cfg.scenario, dataset=[str(expert)],
+                                    checkpoint=str(run_dir / "forecaster"), planner=cfg.planner,
+                                    out=str(run_dir / "policy"), workers=cfg.workers), run_dir / "distill")
+    evaluations["policy"] = distilled["rounds"][-1].get("evaluate", {})
+    out: dict[str, Any] = {"distill": distilled}
+    if cfg.rl_iterations:
+        data = [str(run_dir / "data" / a) for a in cfg.collect_agents]
+        rl_cfg = C.RLConfig(scenario=cfg.scenario, mode="dyna", init=str(run_dir / "policy"),
+                            checkpoint=str(run_dir / "forecaster"), dataset=data, iterations=cfg.rl_iterations,
+                            batch_size=512, imagined=63, real=1, eval_episodes=cfg.distill.eval_episodes,
+                            out=str(run_dir / "rl"), seed=cfg.seed)
+        out["rl"] = run_rl(rl_cfg, run_dir / "rl_run")
+        evaluations["policy_dyna"] = out["rl"].get("evaluate", {})
+    print(format_table({k: v for k, v in evaluations.items() if v}))
+    return out
 
 
 def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:

@@ -140,3 +140,31 @@ def test_dagger_beta_must_be_a_share(random_policy: Path, tiny_checkpoint: Path)
 
     with pytest.raises(ConfigError, match="beta"):
         DaggerAgent(str(random_policy), str(tiny_checkpoint), beta=1.5)
+
+
+def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: Path, tmp_path: Path):
+    """Smoke test of `drive-mbrl distill` on a tiny budget (real planner, real env), then resume: the rerun
+    reuses every round (same policies, same figures)."""
+    import json
+
+    from conftest import run_cli
+
+    from drive_mbrl.data import RunSpec, collect
+
+    options = json.dumps({"checkpoint": str(tiny_checkpoint), "planner": {"budget": 32, "threads": 1}})
+    collect(RunSpec(load_scenario("highway"), "dagger", 2, 0, max_steps=6, agent_options=options), tmp_path / "x")
+    args = ["distill", f"dataset=[{tmp_path / 'x'}]", f"checkpoint={tiny_checkpoint}", "rounds=1",
+            "episodes_per_round=1", "eval_episodes=1", "epochs=3", "hidden=16", "planner.budget=32",
+            "planner.threads=1", "hydra.run.dir=run"]
+    first = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["real_steps"] > rounds[0]["real_steps"] == 12  # DAgger added the policy's own episode
+    assert rounds[1]["decisions"] > rounds[0]["decisions"]
+    net, meta = load_policy(tmp_path / "run" / "policy")
+    assert net.config.hidden == 16 and meta["summary"]["decisions"] == rounds[1]["decisions"]
+    again = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rounds
