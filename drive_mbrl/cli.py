@@ -545,6 +545,60 @@ def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
     return m
 
 
+def run_replay(cfg: C.ReplayConfig, run_dir: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from drive_mbrl.replay import load_replay, render_frames, write_replay
+
+    if not cfg.run:
+        raise C.ConfigError("replay needs run=<evaluate or collect run folder, or dataset folder>")
+    replay = load_replay(Path(cfg.run), cfg.episode)
+    if not replay.planned:
+        print(f"episode {cfg.episode} of {replay.source} has no planning log (agent {replay.manifest['agent']}, "
+              "or recorded before step logs existed): replaying vehicles only")
+    total = len(render_frames(replay.episode, float(replay.manifest["dt"]), cfg.hz))
+    bar = tqdm(total=total, desc=f"replay episode {cfg.episode}", unit="frame", dynamic_ncols=True)
+    try:
+        metrics = write_replay(replay, Path(cfg.out) if cfg.out else run_dir, cfg.hz, cfg.key_frames, cfg.view,
+                               cfg.dpi, cfg.mp4, lambda _: bar.update(1))
+    finally:
+        bar.close()
+    print(f"gif: {metrics['gif']} ({metrics['frames']} frames, rendered at {metrics['render_fps']:.1f} frames/s)")
+    if "mp4" in metrics:
+        print(f"mp4: {metrics['mp4']}")
+    elif cfg.mp4:
+        print("mp4: skipped (ffmpeg is not installed)")
+    for png in metrics["png"]:
+        print(f"png: {png}")
+    return {"run": str(replay.source), **metrics}
+
+
+def run_plot(cfg: C.PlotConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.plots import plot_metrics
+
+    if not cfg.inputs:
+        raise C.ConfigError("plot needs inputs=[metrics.json or run folder,...]")
+    if cfg.labels and len(cfg.labels) != len(cfg.inputs):
+        raise C.ConfigError(f"labels has {len(cfg.labels)} entries for {len(cfg.inputs)} inputs: give one per "
+                            "input or none")
+    out = Path(cfg.out) if cfg.out else run_dir / f"{cfg.kind}.png"
+    path = plot_metrics(cfg.kind, [Path(p) for p in cfg.inputs], cfg.labels, out, cfg.title)
+    print(f"plot: {path}")
+    return {"kind": cfg.kind, "inputs": cfg.inputs, "plot": str(path)}
+
+
+def run_bench_replay(cfg: C.BenchReplayConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_replay
+
+    if not cfg.run:
+        raise C.ConfigError("bench replay needs run=<evaluate or collect run folder, or dataset folder>")
+    m = bench_replay(cfg.run, cfg.episode, cfg.steps, cfg.repeats, cfg.dpi)
+    print(f"{m['frames']} frames of {m['frame_pixels'][0]}x{m['frame_pixels'][1]} px "
+          f"({'with' if m['planning_log'] else 'without'} planning log): drawing {m['draw_fps']:.1f} frames/s, "
+          f"drawing + GIF encoding {m['gif_fps']:.1f} frames/s (medians of {cfg.repeats}, {m['cpus']} CPUs)")
+    return m
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
@@ -560,6 +614,9 @@ COMMANDS: dict[str, Command] = {
     "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),
+    "replay": Command(C.ReplayConfig, run_replay, "render an episode (GIF/MP4/PNG) with plans and predicted futures"),
+    "plot": Command(C.PlotConfig, run_plot, "learning curves, forecaster error, calibration, agent comparison"),
+    "bench_replay": Command(C.BenchReplayConfig, run_bench_replay, "replay rendering speed [frames/s]"),
 }
 
 

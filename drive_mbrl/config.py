@@ -357,3 +357,48 @@ class PipelineConfig:
                                                                          eval_episodes=10),
                                    metadata={"help": "policy distillation (dataset/checkpoint set by the pipeline)"})
     rl_iterations: int = opt(2, "Dyna PPO iterations fine-tuning the distilled policy (0 skips)", lo=0, hi=10**6)
+
+
+@dataclass
+class ReplayConfig:
+    """`drive-mbrl replay`: render one recorded episode (GIF, MP4 when ffmpeg exists, PNG key frames) with the
+    planner's plans and predicted futures when the episode has a planning step log."""
+
+    run: str = opt("", "an evaluate or collect run folder, or a dataset folder (holding manifest.json); required")
+    episode: int = opt(0, "episode index within the dataset", lo=0, hi=10**7)
+    out: str = opt("", "output folder; empty = the replay's run dir")
+    hz: float = opt(5.0, "[Hz] rendered frames per second of episode time (0 = every recorded frame); the GIF "
+                    "plays in real time", lo=0.0, hi=1000.0)
+    key_frames: int = opt(4, "PNG key frames at evenly spaced policy steps", lo=0, hi=1000)
+    view: float = opt(0.0, "[m] width of the view that follows the ego; 0 = 160 on long roads (highway, merge), "
+                      "90 on compact ones (intersection, roundabout)", lo=0.0, hi=5000.0)
+    dpi: int = opt(80, "pixels per inch of the frames (a frame is 12 x 5.2 or 9 x 10 inches)", lo=20, hi=600)
+    mp4: bool = opt(True, "also write an MP4 when ffmpeg is installed")
+
+
+@dataclass
+class BenchReplayConfig:
+    """`drive-mbrl bench replay`: rendering speed [frames/s] of the replay for the first `steps` policy steps of an
+    episode, drawing only and drawing + GIF encoding, medians over repeats."""
+
+    run: str = opt("", "an evaluate or collect run folder, or a dataset folder; required")
+    episode: int = opt(0, "episode index", lo=0, hi=10**7)
+    steps: int = opt(30, "policy steps rendered (one frame per policy step)", lo=1, hi=10**5)
+    repeats: int = opt(3, "timed repeats (median reported)", lo=1, hi=100)
+    dpi: int = opt(80, "pixels per inch of the frames", lo=20, hi=600)
+
+
+PLOT_KINDS = ("learning", "forecaster", "reliability", "evaluation")
+
+
+@dataclass
+class PlotConfig:
+    """`drive-mbrl plot`: figures from metrics.json files of earlier runs."""
+
+    kind: str = opt("evaluation", "learning: `train` learning curves; forecaster: error vs horizon against "
+                    "baselines (`validate`/`fit`); reliability: calibration (`validate`/`fit`); evaluation: agents "
+                    "compared (`evaluate`)", choices=PLOT_KINDS)
+    inputs: list[str] = opt([], "metrics.json files or the run folders holding them; required")
+    labels: list[str] = opt([], "one legend label per input (default: the run folder's name)")
+    out: str = opt("", "PNG path; empty = <run dir>/<kind>.png")
+    title: str = opt("", "figure title (default: one naming the kind)")

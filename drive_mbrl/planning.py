@@ -306,8 +306,9 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     with r the member's predicted reward and alive_h "no collision before step h", minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
-    cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
-    finite), collision_prob (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
+    cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
+    (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
+    (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
     sampled_collision_prob (share of samples colliding within those steps), disagreement
     and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
@@ -321,13 +322,14 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
                                          settings)[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
-    cost = risk_measure(costs, settings.risk, settings.alpha) \
-        + (settings.epistemic_weight - settings.explore_weight) * disagreement
+    risk = risk_measure(costs, settings.risk, settings.alpha)
+    cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
     totals = [out[k].transpose(0, 1).reshape(N, -1).sum(-1) for k in ("mean", "log_std", "logits", "reward")]
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
-    return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "collision_prob": collision_prob,
+    return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
+            "collision_prob": collision_prob,
             "sampled_collision_prob": sampled_prob, "disagreement": disagreement, "spread": spread,
             "expected_return": returns.mean((0, 2)),
             "finite": finite}
@@ -361,6 +363,13 @@ class Decision:
     """(num_actions,) the lowest risk cost among the evaluated plans that start with each action (inf where none
     was evaluated or every one broke the chance constraint): the planner's view of each immediate action, used as
     soft targets when distilling it into the policy."""
+    candidates: torch.Tensor | None = None
+    """(P, H) every plan scored (all iterations; a plan may repeat across CEM iterations), for step logs."""
+    scores: dict[str, torch.Tensor] | None = None
+    """name -> (P,) `score_plans`' figures of `candidates` (cost, risk, collision_prob, ...)."""
+    futures: dict[str, torch.Tensor] | None = None
+    """The forecaster's outputs under the chosen plan, as scored (ego slot replaced by `ego_path` when given):
+    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K)."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -388,7 +397,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     nA, H = c.num_actions, c.horizon
     tokens = model.encode(history[None], agent_mask[None])
     last = history[:, -1]
-    seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+    seen: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
     def objective(plans: torch.Tensor) -> torch.Tensor:
         out = model.decode(tokens, history[None], agent_mask[None], plans[None], positions_only=True)
@@ -399,7 +408,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         if fault is not None:
             out = fault(out)
         scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)
-        seen.append((plans, scores))
+        seen.append((plans, scores, out))
         return scores["cost"]
 
     if nA ** H <= settings.budget:
@@ -418,8 +427,8 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         result = categorical_cem(objective, nA, H, population, settings.iterations,
                                  max(1, round(settings.elites * population)), generator, prior=prior,
                                  include=include)
-    plans = torch.cat([p for p, _ in seen])
-    every = {k: torch.cat([s[k] for _, s in seen]) for k in seen[0][1]}
+    plans = torch.cat([p for p, _, _ in seen])
+    every = {k: torch.cat([s[k] for _, s, _ in seen]) for k in seen[0][1]}
     stats = {k: v[(plans == result.plan).all(-1).nonzero()[0, 0]] for k, v in every.items()}
     dis_limit, spread_limit = model.uncertainty_quantiles[:, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)]
     # The model's own trouble first (whatever the plan), then the constraint, then the chosen plan's uncertainty.
@@ -445,4 +454,16 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
         0, plans[:, 0], every["cost"].to(torch.float32), reduce="amin")
     return Decision(result.plan, reason, result.cost, float(stats["collision_prob"]), float(stats["disagreement"]),
                     float(stats["spread"]), float(stats["expected_return"]), result.evaluated, least_risk,
-                    action_costs)
+                    action_costs, plans, every, chosen_futures(seen, result.plan))
+
+
+def chosen_futures(seen: list[tuple[torch.Tensor, Any, dict[str, torch.Tensor]]],
+                   plan: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decode outputs (mean, log_std (E, A, K, H, 2), logits (E, A, K)) of `plan` (H,) from the first scored
+    batch (plans (P, H), scores, outputs with a plan axis) that holds it: no extra forecaster call."""
+    for plans, _, out in seen:
+        rows = (plans == plan).all(-1).nonzero()
+        if len(rows):
+            row = int(rows[0, 0])
+            return {k: out[k][:, row].clone() for k in ("mean", "log_std", "logits")}  # not a view of the batch
+    raise ValueError("the chosen plan was never scored")
