@@ -286,6 +286,7 @@ class RLConfig:
     uncertainty_level: float = opt(0.99, "imagined rollouts stop where the members disagree beyond this calibrated "
                                    "quantile", choices=UNCERTAINTY_LEVELS)
     uncertainty_penalty: float = opt(0.0, "reward penalty per unit of disagreement / limit", lo=0.0, hi=1e6)
+    crash_head: bool = opt(True, "imagined crashes also drawn from the forecaster's crash probability")
     real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
     imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
     iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)

@@ -12,8 +12,10 @@ Imagination, per step and env (all envs in one batched forecaster call):
      its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
      filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
      lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges);
-  3. reward = the chosen member's reward head; a box overlap between the ego and another agent at any new frame
-     ends the rollout (terminated, reward 0, as highway-env's normalised reward on a crash);
+  3. reward = the chosen member's reward head; the rollout ends in a crash (terminated, reward 0, as highway-env's
+     normalised reward on a crash) when the ego's box overlaps another agent's at any new frame, or with the
+     probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
+     that the mean trajectories miss);
   4. model uncertainty is not ignored: when the members disagree more than the calibrated `uncertainty_level`
      quantile (stored in the checkpoint by `fit`), the rollout is truncated there, and an optional penalty
      (`uncertainty_penalty` x disagreement / limit) is subtracted from the reward;
@@ -107,6 +109,8 @@ class ImaginationConfig:
     """Calibrated disagreement quantile (one of forecaster.UNCERTAINTY_LEVELS) beyond which a rollout stops."""
     uncertainty_penalty: float = 0.0
     """Reward penalty per unit of disagreement / limit."""
+    crash_head: bool = True
+    """Also end rollouts in a crash with the forecaster's predicted crash probability of the step."""
     lane_width: float = 4.0
     """[m] lane width of the scenario's straight lanes (highway-env's default)."""
     agents: int = 8
@@ -269,6 +273,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         mode[:, 0] = logits[:, 0].argmax(-1)
         nxt = mean.gather(2, mode[:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]  # (B, A, 4)
         reward = out["reward"][self.member, b, 0, 0].clamp(0.0, 1.0)
+        crash_p = torch.sigmoid(out["crash_logit"][self.member, b, 0, 0])
+        head_crash = torch.rand(B, generator=self.gen) < crash_p if self.config.crash_head else torch.zeros(
+            B, dtype=torch.bool)
         # Back to the reference frame, then interpolate the frames in between.
         heading = self._heading()
         origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]
@@ -283,7 +290,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         ego_cross = crossed[:, 0, -1].long()
         offset = offset - crossed * self.config.lane_width
         present = self.present[:, :, -1:].expand(-1, -1, self.sub)
-        crash = self._overlap(pos, vel, present)
+        crash = self._overlap(pos, vel, present) | head_crash
         self.pos = torch.cat([self.pos[:, :, self.sub:], pos], dim=2)
         self.vel = torch.cat([self.vel[:, :, self.sub:], vel], dim=2)
         self.present = torch.cat([self.present[:, :, self.sub:], present], dim=2)
