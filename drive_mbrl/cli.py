@@ -260,6 +260,11 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
             "checkpoint": str(previous), "plot": str(run_dir / "learning_curve.png")}
 
 
+DAGGER_SEED = 3_000_000
+"""DAgger episodes reset with seeds from here (+ 100,000 per round): disjoint from collection's (from 0) and
+evaluation's (from 1,000,000)."""
+
+
 def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     """Behaviour cloning then DAgger rounds (see DistillConfig); round r's policy is run_dir/rounds/policy_r."""
     import json
@@ -292,14 +297,21 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
             options = json.loads(expert)
             options.update(policy=str(previous.resolve()), beta=cfg.beta * 0.5 ** (r - 1), seed=cfg.seed)
             data_dir = run_dir / "rounds" / f"dagger_{r}"
-            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, cfg.seed + 100_000 * r,
+            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, DAGGER_SEED + cfg.seed + 100_000 * r,
                            agent_options=json.dumps(options, sort_keys=True))
-            _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
+            if not (folder / "meta.json").is_file():  # a finished round's data is read, not re-collected
+                _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
             parts.append(policy_data([str(data_dir)], config, cfg.temperature)[0])
         data = merge_data(parts)
         if (folder / "meta.json").is_file():
             net, meta = load_policy(folder)
             summary = meta["summary"]
+            ignore = {"rounds", "eval_episodes", "workers", "out"}
+            changed = sorted(k for k, v in asdict(cfg).items()
+                             if k not in ignore and meta.get("distill", {}).get(k, v) != v)
+            if changed:
+                raise C.ConfigError(f"{folder} was trained with other settings ({', '.join(changed)}): use a new "
+                                    "run directory (hydra.run.dir=...) or the same settings to resume")
         else:
             init = load_policy(previous)[0] if previous else None
             net, summary = train_policy(data, config, settings, init)
@@ -369,6 +381,28 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                            epochs=cfg.epochs, lr=cfg.lr, gamma=cfg.gamma, entropy=cfg.entropy, real=cfg.real,
                            imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
     out = Path(cfg.out) if cfg.out else run_dir / "rl"
+    norm, norm_steps = None, 0
+    if not cfg.init:  # a fresh network needs input statistics: from the start states, or from random real steps
+        from drive_mbrl.features import episode_policy_obs, history_stride
+        from drive_mbrl.imagination import random_steps
+        from drive_mbrl.policy import PolicyNet
+
+        if imagined:
+            from drive_mbrl.data import load_dataset
+
+            obs = []
+            for path in cfg.dataset:
+                manifest, episodes = load_dataset(Path(path))
+                spec = policy.scene_spec(history_stride(policy.history_dt, manifest["dt"]))
+                obs += [episode_policy_obs(ep, spec) for ep in episodes if ep.steps]
+            stats = np.concatenate(obs)
+        else:
+            norm_steps = cfg.norm_steps
+            stats, _ = random_steps(cfg.scenario, norm_steps, cfg.seed + 8_000_000, policy.agents,
+                                    policy.history_dt)
+        net = PolicyNet(policy)
+        net.set_normalisation(stats)
+        norm = [net.obs_mean.tolist(), net.obs_std.tolist()]
     start_ray(cfg.ray_address, cfg.env_runners + 1)
     bar = tqdm(total=cfg.iterations, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
 
@@ -379,12 +413,13 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
 
     try:
         result = train_ppo(env_config, policy, names, str(Path(cfg.init).resolve()) if cfg.init else "", settings,
-                           out, cfg.env_runners, on_iteration)
+                           out, cfg.env_runners, on_iteration, norm, norm_steps)
     finally:
         bar.close()
     if cfg.eval_episodes:
+        last = result["history"][-1]["iteration"] if result["history"] else 0
         result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, 1, "",
-                                            out / "eval", options=policy_options(result["policy"]))
+                                            out / f"eval_iter{last}", options=policy_options(result["policy"]))
         from drive_mbrl.evaluate import format_table
 
         print(format_table({f"policy ({cfg.mode})": result["evaluate"]}))
