@@ -151,6 +151,9 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.evaluate import format_table
     from drive_mbrl.scenarios import load_scenario
 
+    if cfg.expert_episodes == 1:
+        raise C.ConfigError("expert_episodes=1: the policy's validation split by episode needs at least 2 (or 0 to "
+                            "skip the policy stages)")
     scenario = load_scenario(cfg.scenario)
     collected = {}
     for agent in cfg.collect_agents:
@@ -173,11 +176,30 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
     if cfg.expert_episodes:
         result.update(pipeline_policy(cfg, run_dir, evaluations))
+    result["outputs"] = pipeline_replay_and_plots(cfg, run_dir, evaluations)
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
     if cfg.expert_episodes:
         print(f"policy:     {run_dir / 'policy'} (distilled; Dyna fine-tuned: {run_dir / 'rl' / 'policy'})")
+    for name, path in result["outputs"].items():
+        print(f"{name + ':':<11} {path}")
     return result
+
+
+def pipeline_replay_and_plots(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, str]:
+    """The pipeline's last stages: the agents compared (PNG with 95 % intervals) and a replay of the planner's first
+    held-out episode (GIF + key frames) with its plans and the predicted futures of the others."""
+    from drive_mbrl.plots import evaluation_png
+    from drive_mbrl.replay import load_replay, write_replay
+
+    outputs = {"plot": str(evaluation_png([(a, m, run_dir / "eval" / a) for a, m in evaluations.items() if m],
+                                          run_dir / "agents.png", f"{cfg.scenario}, held-out seeds"))}
+    if cfg.plan_episodes:
+        replay_dir = run_dir / "replay"
+        if not (replay_dir / "ep_000000.gif").is_file():
+            write_replay(load_replay(run_dir / "eval" / "mpc", 0), replay_dir)
+        outputs["replay"] = str(replay_dir / "ep_000000.gif")
+    return outputs
 
 
 def pipeline_policy(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, Any]:
