@@ -311,7 +311,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     names = read_manifest(Path(cfg.dataset[0]))["action_names"]
     config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
     parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
-    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed)
+    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed, loss=cfg.loss)
     rounds, previous = [], None
     for r in range(cfg.rounds + 1):
         folder = run_dir / "rounds" / f"policy_{r}"
