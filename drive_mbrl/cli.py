@@ -339,6 +339,21 @@ def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[st
     return metrics
 
 
+def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.export import export_bundle
+
+    if not cfg.checkpoint:
+        raise C.ConfigError("export needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+    out = Path(cfg.out) if cfg.out else Path("export/bundles") / Path(cfg.checkpoint).resolve().name
+    result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed)
+    for graph, figures in result["parity"].items():
+        for kind, row in figures.items():
+            print(f"{graph} parity, {row['inputs']} {kind} inputs: max |onnx - torch| " + ", ".join(
+                f"{k} {v:.2g}" for k, v in row["max_abs_error"].items()))
+    print(f"bundle: {out} ({', '.join(result['contract']['graphs'])})")
+    return {"bundle": str(out.resolve()), "graphs": list(result["contract"]["graphs"]), "parity": result["parity"]}
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
@@ -347,6 +362,7 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
     "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),
+    "export": Command(C.ExportConfig, run_export, "ONNX bundle of the models with contract and parity check"),
     "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),

@@ -259,3 +259,16 @@ class PipelineConfig:
     """Forecaster training settings (its dataset/holdout/out are set by the pipeline)."""
     plan_episodes: int = opt(10, "evaluation episodes of the MPC planner (0 skips the stage)", lo=0, hi=10**7)
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
+
+
+@dataclass
+class ExportConfig:
+    """`drive-mbrl export`: an ONNX bundle (forecaster, planning step, policy) with its contract and parity check."""
+
+    checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
+    out: str = opt("", "bundle folder; empty = export/bundles/<checkpoint folder name>. An older bundle there is "
+                   "replaced once the new one passed its checks")
+    dataset: list[str] = opt([], "datasets whose recorded scenes the parity check runs on (default: the "
+                             "checkpoint's training data)")
+    samples: int = opt(1000, "random inputs, and recorded scenes, the parity check compares", lo=1, hi=10**6)
+    seed: int = opt(0, "seed of the random parity inputs", lo=0, hi=2**31 - 1)

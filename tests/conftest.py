@@ -1,4 +1,5 @@
-"""Shared fixtures: fixed seeds, the CLI as a subprocess, synthetic episodes for pure-function tests."""
+"""Shared fixtures: fixed seeds, the CLI as a subprocess, synthetic episodes for pure-function tests, a tiny trained
+forecaster checkpoint."""
 
 from __future__ import annotations
 
@@ -66,3 +67,26 @@ def straight_state(xs: list[list[float]], speeds: list[float], ys: list[float] |
         for m in range(tracks):
             state[t, m] = (xs[t][m], ys[m], speeds[m], 0.0, 0.0, 5.0, 2.0)
     return state
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small forecaster trained for a few epochs on 3 short real highway episodes (calibrated, so it has
+    uncertainty limits)."""
+    import torch
+
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.fit import TrainSettings, fit, load_scenes, split_by_episode
+    from drive_mbrl.forecaster import ForecasterConfig
+    from drive_mbrl.scenarios import load_scenario
+
+    root = tmp_path_factory.mktemp("tiny")
+    collect(RunSpec(load_scenario("highway"), "explore", 4, 0, max_steps=12), root / "data")
+    config = ForecasterConfig(agents=4, history_len=3, horizon=3, members=2, modes=2, width=16, heads=2, blocks=1,
+                              decoder_width=16)
+    scenes, sources = load_scenes([str(root / "data")], config, history_dt=0.2)
+    train, val = split_by_episode(scenes.episode, 0.25, 0)
+    torch.manual_seed(0)
+    fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=3, batch_size=16, seed=0),
+        root / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
+    return root / "ck"

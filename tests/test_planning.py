@@ -293,27 +293,6 @@ def test_plan_scene_falls_back_on_nan_and_on_exploding_uncertainty():
     assert plan_scene(model, history, mask, settings, gen()).fallback == ""
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A small forecaster trained for a few epochs on 3 short real highway episodes (calibrated, so it has
-    uncertainty limits)."""
-    from drive_mbrl.data import RunSpec, collect
-    from drive_mbrl.fit import TrainSettings, fit, load_scenes, split_by_episode
-    from drive_mbrl.forecaster import ForecasterConfig
-    from drive_mbrl.scenarios import load_scenario
-
-    root = tmp_path_factory.mktemp("tiny")
-    collect(RunSpec(load_scenario("highway"), "explore", 4, 0, max_steps=12), root / "data")
-    config = ForecasterConfig(agents=4, history_len=3, horizon=3, members=2, modes=2, width=16, heads=2, blocks=1,
-                              decoder_width=16)
-    scenes, sources = load_scenes([str(root / "data")], config, history_dt=0.2)
-    train, val = split_by_episode(scenes.episode, 0.25, 0)
-    torch.manual_seed(0)
-    fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=3, batch_size=16, seed=0),
-        root / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
-    return root / "ck"
-
-
 def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_checkpoint: Path):
     from drive_mbrl.mpc import MPCAgent
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner

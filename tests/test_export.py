@@ -1,0 +1,106 @@
+"""ONNX export: the bundle's files and contract, onnxruntime against torch on fresh inputs, failing parity leaves
+no bundle, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from drive_mbrl.export import (
+    PARITY_TOLERANCE,
+    ExportError,
+    ForecasterGraph,
+    check_parity,
+    export_bundle,
+    forecaster_contract,
+    parity,
+    random_scene_inputs,
+    write_bundle,
+)
+from drive_mbrl.features import HIST_FEATURES
+from drive_mbrl.fit import BEST, load_forecaster, load_scenes
+from drive_mbrl.forecaster import rollout
+from drive_mbrl.onboard import make_session, sha256_file
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_checkpoint, out, samples=40, seed=0)
+    return out
+
+
+def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(bundle: Path, tiny_checkpoint: Path):
+    assert sorted(p.name for p in bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json"]
+    contract = json.loads((bundle / "contract.json").read_text())
+    assert contract["schema_version"] == 1 and contract["package"] == "drive_mbrl"
+    assert contract["source"]["weights_sha256"] == sha256_file(tiny_checkpoint / BEST)
+    assert contract["scene"]["hist_features"] == list(HIST_FEATURES)
+    assert contract["actions"] == ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"]
+    graph = contract["graphs"]["forecaster"]
+    assert graph["sha256"] == sha256_file(bundle / "forecaster.onnx")
+    assert [t["name"] for t in graph["inputs"]] == ["history", "agent_mask", "plans"]
+    assert graph["inputs"][0]["shape"] == ["B", 4, 3, len(HIST_FEATURES)]  # tiny: 4 agents, 3 history frames
+    assert graph["outputs"][0]["shape"] == [2, "B", "N", 4, 2, 3, 4]  # 2 members, 2 modes, horizon 3
+    proto = onnx.load(str(bundle / "forecaster.onnx"))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    figures = json.loads((bundle / "parity.json").read_text())["forecaster"]
+    model, meta = load_forecaster(tiny_checkpoint, "cpu")
+    scenes = load_scenes([s["path"] for s in meta["data"]["sources"]], model.config, meta["history_dt"])[0]
+    assert figures["random"]["inputs"] == 40 and figures["recorded"]["inputs"] == min(40, len(scenes))
+    for row in figures.values():
+        assert max(row["max_scaled_error"].values()) <= PARITY_TOLERANCE
+
+
+def test_onnxruntime_matches_rollout_on_new_batch_sizes(bundle: Path, tiny_checkpoint: Path):
+    model, _ = load_forecaster(tiny_checkpoint, "cpu")
+    inputs = random_scene_inputs(model, 5, 9, torch.Generator().manual_seed(3))  # B = 5, N = 9: not exported sizes
+    session = make_session(bundle / "forecaster.onnx")
+    got = dict(zip(["mean", "log_std", "logits", "reward", "crash_logit"],
+                   session.run(None, {k: v.numpy() for k, v in inputs.items()}), strict=True))
+    with torch.no_grad():
+        expected = rollout(model, inputs["history"], inputs["agent_mask"], inputs["plans"])
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_graph_that_differs_from_torch_fails_parity(bundle: Path, tiny_checkpoint: Path):
+    model, _ = load_forecaster(tiny_checkpoint, "cpu")
+    with torch.no_grad():
+        model.reward_mean += 1e-3  # the torch side drifts by 1e-3 on `reward` only
+    inputs = random_scene_inputs(model, 6, 2, torch.Generator().manual_seed(1))
+    figures = parity(make_session(bundle / "forecaster.onnx"), ForecasterGraph(model), forecaster_contract(model),
+                     inputs, [4])
+    assert figures["max_abs_error"]["reward"] == pytest.approx(1e-3, rel=1e-2)
+    assert figures["max_abs_error"]["mean"] <= PARITY_TOLERANCE * figures["max_abs_value"]["mean"]
+    with pytest.raises(ExportError, match="output reward differs from torch"):
+        check_parity("forecaster", {"random": figures})
+
+
+def test_a_failing_build_leaves_the_old_bundle_and_no_temp_folder(tmp_path: Path):
+    out = tmp_path / "b"
+    write_bundle(out, lambda folder: (folder / "x.onnx").write_bytes(b"old") and {"schema_version": 1})
+
+    def failing(folder: Path) -> dict:
+        (folder / "x.onnx").write_bytes(b"new")
+        raise ExportError("parity failed")
+
+    with pytest.raises(ExportError):
+        write_bundle(out, failing)
+    assert (out / "x.onnx").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_export_command_writes_a_bundle_and_names_a_missing_checkpoint(tiny_checkpoint: Path, tmp_path: Path):
+    done = run_cli("export", f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'b'}", "samples=8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "forecaster parity, 8 random inputs" in done.stdout
+    assert (tmp_path / "b" / "contract.json").is_file()
+    missing = run_cli("export", f"checkpoint={tmp_path / 'nope'}", cwd=tmp_path)
+    assert missing.returncode == 2 and "nope" in missing.stderr
