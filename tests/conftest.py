@@ -90,3 +90,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=3, batch_size=16, seed=0),
         root / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
     return root / "ck"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (parity on 40 random and up to 40 recorded scenes)."""
+    from drive_mbrl.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_checkpoint, out, samples=40, seed=0)
+    return out

@@ -16,6 +16,7 @@ HEAVY = ("highway_env", "ray", "hydra", "matplotlib", "torch", "onnxruntime")
     ("drive_mbrl.tracking", ()),
     ("drive_mbrl.data", ()),
     ("drive_mbrl.cli", ()),
+    ("drive_mbrl.onboard", ()),
 ])
 def test_importing_a_module_pulls_in_no_heavy_dependency(module, allowed):
     code = (f"import sys, {module}; heavy = {HEAVY!r}; allowed = {allowed!r}; "

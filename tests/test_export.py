@@ -16,7 +16,6 @@ from drive_mbrl.export import (
     ExportError,
     ForecasterGraph,
     check_parity,
-    export_bundle,
     forecaster_contract,
     parity,
     random_scene_inputs,
@@ -29,28 +28,21 @@ from drive_mbrl.onboard import make_session, sha256_file
 from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_checkpoint: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(tiny_checkpoint, out, samples=40, seed=0)
-    return out
-
-
-def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(bundle: Path, tiny_checkpoint: Path):
-    assert sorted(p.name for p in bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json"]
-    contract = json.loads((bundle / "contract.json").read_text())
+def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(tiny_bundle: Path, tiny_checkpoint: Path):
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json"]
+    contract = json.loads((tiny_bundle / "contract.json").read_text())
     assert contract["schema_version"] == 1 and contract["package"] == "drive_mbrl"
     assert contract["source"]["weights_sha256"] == sha256_file(tiny_checkpoint / BEST)
     assert contract["scene"]["hist_features"] == list(HIST_FEATURES)
     assert contract["actions"] == ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"]
     graph = contract["graphs"]["forecaster"]
-    assert graph["sha256"] == sha256_file(bundle / "forecaster.onnx")
+    assert graph["sha256"] == sha256_file(tiny_bundle / "forecaster.onnx")
     assert [t["name"] for t in graph["inputs"]] == ["history", "agent_mask", "plans"]
     assert graph["inputs"][0]["shape"] == ["B", 4, 3, len(HIST_FEATURES)]  # tiny: 4 agents, 3 history frames
     assert graph["outputs"][0]["shape"] == [2, "B", "N", 4, 2, 3, 4]  # 2 members, 2 modes, horizon 3
-    proto = onnx.load(str(bundle / "forecaster.onnx"))
+    proto = onnx.load(str(tiny_bundle / "forecaster.onnx"))
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    figures = json.loads((bundle / "parity.json").read_text())["forecaster"]
+    figures = json.loads((tiny_bundle / "parity.json").read_text())["forecaster"]
     model, meta = load_forecaster(tiny_checkpoint, "cpu")
     scenes = load_scenes([s["path"] for s in meta["data"]["sources"]], model.config, meta["history_dt"])[0]
     assert figures["random"]["inputs"] == 40 and figures["recorded"]["inputs"] == min(40, len(scenes))
@@ -58,10 +50,10 @@ def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(bundle: Pa
         assert max(row["max_scaled_error"].values()) <= PARITY_TOLERANCE
 
 
-def test_onnxruntime_matches_rollout_on_new_batch_sizes(bundle: Path, tiny_checkpoint: Path):
+def test_onnxruntime_matches_rollout_on_new_batch_sizes(tiny_bundle: Path, tiny_checkpoint: Path):
     model, _ = load_forecaster(tiny_checkpoint, "cpu")
     inputs = random_scene_inputs(model, 5, 9, torch.Generator().manual_seed(3))  # B = 5, N = 9: not exported sizes
-    session = make_session(bundle / "forecaster.onnx")
+    session = make_session(tiny_bundle / "forecaster.onnx")
     got = dict(zip(["mean", "log_std", "logits", "reward", "crash_logit"],
                    session.run(None, {k: v.numpy() for k, v in inputs.items()}), strict=True))
     with torch.no_grad():
@@ -70,12 +62,12 @@ def test_onnxruntime_matches_rollout_on_new_batch_sizes(bundle: Path, tiny_check
         np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_a_graph_that_differs_from_torch_fails_parity(bundle: Path, tiny_checkpoint: Path):
+def test_a_graph_that_differs_from_torch_fails_parity(tiny_bundle: Path, tiny_checkpoint: Path):
     model, _ = load_forecaster(tiny_checkpoint, "cpu")
     with torch.no_grad():
         model.reward_mean += 1e-3  # the torch side drifts by 1e-3 on `reward` only
     inputs = random_scene_inputs(model, 6, 2, torch.Generator().manual_seed(1))
-    figures = parity(make_session(bundle / "forecaster.onnx"), ForecasterGraph(model), forecaster_contract(model),
+    figures = parity(make_session(tiny_bundle / "forecaster.onnx"), ForecasterGraph(model), forecaster_contract(model),
                      inputs, [4])
     assert figures["max_abs_error"]["reward"] == pytest.approx(1e-3, rel=1e-2)
     assert figures["max_abs_error"]["mean"] <= PARITY_TOLERANCE * figures["max_abs_value"]["mean"]

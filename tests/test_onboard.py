@@ -1,0 +1,132 @@
+"""The onboard runner: provider choice, session settings, clear errors for bad bundles and bad inputs, and no torch
+anywhere in its import graph."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drive_mbrl.onboard import (
+    BundleError,
+    RuntimeSettings,
+    choose_providers,
+    cuda_libraries_load,
+    gpu_present,
+    load_bundle,
+    make_session,
+)
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "copy"))
+
+
+def _feeds(rng: np.random.Generator, batch: int = 2, plans: int = 3) -> dict[str, np.ndarray]:
+    """Inputs of the tiny forecaster graph (4 agents, 3 history frames, horizon 3)."""
+    return {"history": rng.normal(size=(batch, 4, 3, 12)).astype(np.float32),
+            "agent_mask": np.ones((batch, 4), bool),
+            "plans": rng.integers(0, 5, (batch, plans, 3))}
+
+
+def test_cpu_is_chosen_quietly_unless_cuda_is_really_usable():
+    usable = gpu_present() and cuda_libraries_load()
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert choose_providers("auto")[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in choose_providers("auto")) == (
+        usable and "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers())
+    if not usable:
+        with pytest.raises(BundleError, match="device=cuda, but CUDA is not usable"):
+            choose_providers("cuda")
+    with pytest.raises(BundleError, match="device='tpu' is not known"):
+        choose_providers("tpu")
+
+
+def test_sessions_use_one_thread_without_spinning_by_default(tiny_bundle: Path):
+    session = make_session(tiny_bundle / "forecaster.onnx")
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    busy = make_session(tiny_bundle / "forecaster.onnx", RuntimeSettings(threads=2, spinning=True))
+    assert busy.get_session_options().intra_op_num_threads == 2
+    assert busy.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_a_loaded_bundle_runs_and_checks_input_shapes(tiny_bundle: Path):
+    graph = load_bundle(tiny_bundle).graph("forecaster")
+    out = graph.run(**_feeds(np.random.default_rng(0), batch=2, plans=3))
+    assert out["mean"].shape == (2, 2, 3, 4, 2, 3, 4) and np.isfinite(out["mean"]).all()
+    bad = _feeds(np.random.default_rng(0))
+    bad["history"] = bad["history"][:, :3]  # 3 agent slots, the contract says 4
+    with pytest.raises(BundleError, match=r"history has shape \(2, 3, 3, 12\), the contract says \(B, 4, 3, 12\)"):
+        graph.run(**bad)
+    mixed = _feeds(np.random.default_rng(0))
+    mixed["agent_mask"] = np.ones((5, 4), bool)
+    with pytest.raises(BundleError, match="axis B is 2 in another input"):
+        graph.run(**mixed)
+    with pytest.raises(BundleError, match=r"takes inputs \['agent_mask', 'history', 'plans'\]"):
+        graph.run(history=bad["history"])
+    wrong_type = _feeds(np.random.default_rng(0))
+    wrong_type["plans"] = wrong_type["plans"].astype(np.float32)
+    with pytest.raises(BundleError, match="input plans has dtype float32, the contract says int64"):
+        graph.run(**wrong_type)
+
+
+def test_missing_bundle_and_missing_graph_file_are_named(tiny_bundle: Path, tmp_path: Path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+    copy = _copy(tiny_bundle, tmp_path)
+    (copy / "forecaster.onnx").unlink()
+    with pytest.raises(BundleError, match="lacks forecaster.onnx"):
+        load_bundle(copy)
+    (copy / "contract.json").unlink()
+    with pytest.raises(BundleError, match="contract.json is missing"):
+        load_bundle(copy)
+
+
+def test_another_schema_version_is_refused(tiny_bundle: Path, tmp_path: Path):
+    copy = _copy(tiny_bundle, tmp_path)
+    contract = json.loads((copy / "contract.json").read_text())
+    contract["schema_version"] = 99
+    (copy / "contract.json").write_text(json.dumps(contract))
+    with pytest.raises(BundleError, match="schema version 99, this drive_mbrl reads 1"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda g: g["inputs"][0].update(name="scene"), r"inputs are \['history', 'agent_mask', 'plans'\]"),
+    (lambda g: g["inputs"][0].update(shape=["B", 5, 3, 12]), r"input history has shape \(B, 4, 3, 12\)"),
+    (lambda g: g["outputs"][2].update(dtype="float64"), "output logits is float32, its contract says float64"),
+])
+def test_a_contract_that_does_not_match_its_graph_is_refused(tiny_bundle: Path, tmp_path: Path, edit, message):
+    copy = _copy(tiny_bundle, tmp_path)
+    contract = json.loads((copy / "contract.json").read_text())
+    edit(contract["graphs"]["forecaster"])
+    (copy / "contract.json").write_text(json.dumps(contract))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(copy)
+
+
+def test_a_changed_or_damaged_graph_file_is_refused(tiny_bundle: Path, tmp_path: Path):
+    copy = _copy(tiny_bundle, tmp_path)
+    data = bytearray((copy / "forecaster.onnx").read_bytes())
+    (copy / "forecaster.onnx").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="onnxruntime cannot load"):
+        make_session(copy / "forecaster.onnx")
+
+
+def test_the_onboard_runner_never_imports_torch(tiny_bundle: Path):
+    code = ("import sys, numpy as np; from drive_mbrl.onboard import load_bundle; "
+            f"g = load_bundle({str(tiny_bundle)!r}).graph('forecaster'); "
+            "out = g.run(history=np.zeros((1, 4, 3, 12), np.float32), agent_mask=np.ones((1, 4), bool), "
+            "plans=np.zeros((1, 2, 3), np.int64)); "
+            "print(out['reward'].shape, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "(2, 1, 2, 3) []"
