@@ -345,9 +345,14 @@ def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise C.ConfigError("export needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
     out = Path(cfg.out) if cfg.out else Path("export/bundles") / Path(cfg.checkpoint).resolve().name
-    result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed)
+    result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed,
+                           cfg.planner if cfg.planner_scenes else None, cfg.planner_scenes)
+    if "planner" in result["parity"]:
+        p = result["parity"]["planner"]
+        print(f"planner parity, {p['scenes']} recorded scenes: same action with the same noise "
+              f"{p['same_action_same_noise']:.1%}, with independent noise {p['same_action_independent_noise']:.1%}")
     for graph, figures in result["parity"].items():
-        for kind, row in figures.items():
+        for kind, row in figures.items() if graph != "planner" else ():
             print(f"{graph} parity, {row['inputs']} {kind} inputs: max |onnx - torch| " + ", ".join(
                 f"{k} {v:.2g}" for k, v in row["max_abs_error"].items()))
     print(f"bundle: {out} ({', '.join(result['contract']['graphs'])})")

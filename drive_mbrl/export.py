@@ -6,13 +6,15 @@
                      (feature order, units, frame, rates), action meanings, and per graph: file, sha256, opset and
                      every input and output (name, shape with symbolic axes, dtype, units, meaning)
     forecaster.onnx  the forecaster ensemble: history, agent_mask, plans -> every member's and mode's futures
+    planner.onnx     the whole planning step (export_planner.py): scene, ego state, noise -> the action to execute
     parity.json      onnxruntime against torch on random and on recorded inputs, per output
 
 Normalisation sits inside the graphs (the forecaster's buffers), batch axes are dynamic, and each graph is one file
 (weights inside, no side `.onnx.data`). The bundle is written into a temp folder beside `out` and renamed into place
-only after `onnx.checker` and the parity check passed; a parity error above `PARITY_TOLERANCE` raises ExportError and
-leaves no bundle. Exports use torch's TorchScript-based exporter (`dynamo=False`): the dynamo exporter needs the
-onnxscript package, which this project does not install.
+only after `onnx.checker` and the parity checks passed (outputs within `PARITY_TOLERANCE`; the planner's action
+equal to torch's on every recorded scene given the same noise); a failure raises ExportError and leaves no bundle.
+Exports use torch's TorchScript-based exporter (`dynamo=False`): the dynamo exporter needs the onnxscript package,
+which this project does not install.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import torch
 from torch import nn
 
 from drive_mbrl import __version__
+from drive_mbrl.config import PlannerConfig
 from drive_mbrl.data import write_json
 from drive_mbrl.errors import DriveMbrlError
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
-from drive_mbrl.onboard import BUNDLE_SCHEMA_VERSION, CONTRACT, PARITY, make_session, sha256_file
+from drive_mbrl.onboard import BUNDLE_SCHEMA_VERSION, CONTRACT, PARITY, make_session, sha256_file, tensor_spec
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
@@ -49,11 +52,6 @@ FRAME = ("ego frame at the decision: origin at the ego, x along its heading, y t
 
 class ExportError(DriveMbrlError):
     """An export failed its checks (onnx.checker or parity with torch); no bundle was written."""
-
-
-def tensor_spec(name: str, shape: list[int | str], dtype: str, units: str, meaning: str) -> dict[str, Any]:
-    """One contract entry: `shape` holds ints for fixed axes and letters for dynamic ones."""
-    return {"name": name, "shape": list(shape), "dtype": dtype, "units": units, "meaning": meaning}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,11 +285,49 @@ def export_forecaster(model: Forecaster, folder: Path, scenes: Scenes, samples: 
     return entry, figures
 
 
+def export_planner(model: Forecaster, folder: Path, scenes: Scenes, settings: PlannerConfig, manifest: dict[str, Any],
+                   scene_count: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """planner.onnx in `folder`: the whole planning step under `settings` for the scenario of `manifest`, checked
+    on `scene_count` recorded scenes (with the same noise every chosen action must equal torch's). Returns its
+    contract entry and parity figures."""
+    from drive_mbrl.export_planner import (
+        PlannerGraph,
+        planner_contract,
+        planner_description,
+        planner_inputs,
+        planner_parity,
+        scene_ego_state,
+        step_noise,
+    )
+
+    resolved = manifest["env_config_resolved"]
+    frames_per_step = int(resolved["simulation_frequency"]) // int(resolved["policy_frequency"])
+    sim_dt, lanes, names = 1.0 / int(resolved["simulation_frequency"]), int(resolved.get("lanes_count", 3)), \
+        list(manifest["action_names"])
+    graph = PlannerGraph(model, settings, names, frames_per_step, sim_dt).eval()
+    contract = planner_contract(model, settings)
+    warm = np.full(model.config.horizon, names.index("IDLE"))
+    example = planner_inputs(model, settings, scenes.history[0], scenes.agent_mask[0], warm,
+                             scene_ego_state(scenes.history[0], lanes),
+                             step_noise(model, settings, torch.Generator().manual_seed(seed)))
+    path = folder / "planner.onnx"
+    export_graph(graph, example, contract, path)
+    figures = planner_parity(make_session(path), graph, contract, scenes, scene_count, lanes, seed)
+    if figures["same_action_same_noise"] < 1.0:
+        raise ExportError(f"planner parity failed: with the same noise onnxruntime chose torch's action on only "
+                          f"{figures['same_action_same_noise']:.1%} of {figures['scenes']} recorded scenes; no "
+                          "bundle was written")
+    entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
+             "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
+             **planner_description(settings, names, frames_per_step, sim_dt), **contract}
+    return entry, figures
+
+
 def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] | None = None, samples: int = 1000,
-                  seed: int = 0) -> dict[str, Any]:
-    """Export the forecaster checkpoint into the bundle folder `out` (see the module docstring); recorded scenes
-    for parity come from `datasets` (default: those the checkpoint was trained on). Returns the contract and
-    parity figures."""
+                  seed: int = 0, planner: PlannerConfig | None = None, planner_scenes: int = 100) -> dict[str, Any]:
+    """Export the forecaster checkpoint and the planning step on it (with `planner` settings; None: no planner
+    graph) into the bundle folder `out` (see the module docstring); recorded scenes for parity come from
+    `datasets` (default: those the checkpoint was trained on). Returns the contract and parity figures."""
     from drive_mbrl.data import read_manifest
     from drive_mbrl.fit import BEST, load_forecaster, load_scenes
 
@@ -303,7 +339,11 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
     figures: dict[str, Any] = {}
 
     def build(folder: Path) -> dict[str, Any]:
-        entry, figures["forecaster"] = export_forecaster(model, folder, scenes, samples, seed)
+        graphs = {}
+        graphs["forecaster"], figures["forecaster"] = export_forecaster(model, folder, scenes, samples, seed)
+        if planner is not None:
+            graphs["planner"], figures["planner"] = export_planner(model, folder, scenes, planner, manifest,
+                                                                   planner_scenes, seed)
         write_json(folder / PARITY, {"tolerance": PARITY_TOLERANCE, "rule": PARITY_RULE,
                                      "datasets": [str(Path(d).resolve()) for d in datasets], **figures})
         return {
@@ -315,7 +355,7 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
             "actions": list(manifest["action_names"]),
             "action_meaning": "index i of an action input or output is highway-env's DiscreteMetaAction "
                               "actions[i] (set-point changes: target lane or target speed)",
-            "graphs": {"forecaster": entry},
+            "graphs": graphs,
         }
 
     contract = write_bundle(Path(out), build)

@@ -53,6 +53,12 @@ class RuntimeSettings:
     """Let idle onnxruntime threads spin (faster hand-offs, but they burn the CPU that torch or the env need)."""
 
 
+def tensor_spec(name: str, shape: list[int | str], dtype: str, units: str, meaning: str) -> dict[str, Any]:
+    """One input or output of a graph in the contract: `shape` holds ints for fixed axes and letters for dynamic
+    ones (the same letter is the same size across a graph's inputs); dtype is a numpy name."""
+    return {"name": name, "shape": list(shape), "dtype": dtype, "units": units, "meaning": meaning}
+
+
 def _ort() -> Any:
     import onnxruntime
 

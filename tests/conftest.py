@@ -94,9 +94,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory) -> Path:
-    """The tiny checkpoint exported (parity on 40 random and up to 40 recorded scenes)."""
+    """The tiny checkpoint exported (parity on 40 random and up to 40 recorded scenes), with a planner graph that
+    runs categorical CEM (budget 64 of 5^3 = 125 plans: 2 iterations of 32) checked on 8 recorded scenes."""
+    from drive_mbrl.config import PlannerConfig
     from drive_mbrl.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(tiny_checkpoint, out, samples=40, seed=0)
+    export_bundle(tiny_checkpoint, out, samples=40, seed=0, planner=PlannerConfig(budget=64), planner_scenes=8)
     return out

@@ -1,5 +1,5 @@
-"""ONNX export: the bundle's files and contract, onnxruntime against torch on fresh inputs, failing parity leaves
-no bundle, and the command line."""
+"""ONNX export: the bundle's files and contract, onnxruntime against torch on fresh inputs, the planning step's
+graph against the torch planner with the same noise, failing parity leaves no bundle, and the command line."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from tests.conftest import run_cli
 
 
 def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(tiny_bundle: Path, tiny_checkpoint: Path):
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json"]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json",
+                                                             "planner.onnx"]
     contract = json.loads((tiny_bundle / "contract.json").read_text())
     assert contract["schema_version"] == 1 and contract["package"] == "drive_mbrl"
     assert contract["source"]["weights_sha256"] == sha256_file(tiny_checkpoint / BEST)
@@ -96,3 +97,34 @@ def test_export_command_writes_a_bundle_and_names_a_missing_checkpoint(tiny_chec
     assert (tmp_path / "b" / "contract.json").is_file()
     missing = run_cli("export", f"checkpoint={tmp_path / 'nope'}", cwd=tmp_path)
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(tiny_bundle: Path,
+                                                                                 tiny_checkpoint: Path):
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.egomotion import rollout_ego
+    from drive_mbrl.export_planner import executed_action, planner_inputs, scene_ego_state, step_noise
+    from drive_mbrl.onboard import load_bundle
+    from drive_mbrl.planning import StepNoise, plan_step
+
+    model, meta = load_forecaster(tiny_checkpoint, "cpu")
+    scenes = load_scenes([s["path"] for s in meta["data"]["sources"]], model.config, meta["history_dt"])[0]
+    bundle = load_bundle(tiny_bundle)
+    spec = bundle.contract["graphs"]["planner"]
+    settings = PlannerConfig(**spec["settings"])
+    assert settings.budget == 64 and [t["shape"] for t in spec["inputs"] if t["name"] == "candidates"] == [[2, 32, 3]]
+    graph, gen = bundle.graph("planner"), torch.Generator().manual_seed(7)
+    for i, warm in zip([0, len(scenes) // 2, len(scenes) - 1], [[1, 1, 1], [3, 0, 1], [4, 4, 1]], strict=True):
+        noise = step_noise(model, settings, gen)
+        ego = scene_ego_state(scenes.history[i], lanes=3)
+        feeds = planner_inputs(model, settings, scenes.history[i], scenes.agent_mask[i], np.array(warm), ego, noise)
+        got = graph.run(**{k: v.numpy() for k, v in feeds.items()})
+        with torch.no_grad():
+            step = plan_step(model, feeds["history"], feeds["agent_mask"], settings,
+                             StepNoise(noise.candidates, noise.modes, noise.gauss), feeds["warm_start"],
+                             lambda plans, ego=ego: rollout_ego(ego, plans, bundle.contract["actions"], 5, 0.2))
+        assert int(got["action"]) == int(executed_action(step, settings.fallback, 4))
+        assert got["plan"].tolist() == step["plan"].tolist() and int(got["evaluated"]) == int(step["evaluated"])
+        assert got["cost"] == pytest.approx(float(step["cost"]), abs=1e-4)
+    parity_figures = json.loads((tiny_bundle / "parity.json").read_text())["planner"]
+    assert parity_figures["scenes"] == 8 and parity_figures["same_action_same_noise"] == 1.0
