@@ -24,9 +24,11 @@ from drive_mbrl.types import Agent
 
 BUILTIN_AGENTS = ("random", "slower", "idm", "explore")
 """Rule agents that need no options."""
-AGENTS = (*BUILTIN_AGENTS, "mpc", "oracle")
+AGENTS = (*BUILTIN_AGENTS, "mpc", "oracle", "policy", "dagger")
 """Every agent name: `mpc` plans on a learned forecaster (mpc.py, option `checkpoint`), `oracle` plans on copies of
-the true simulator (oracle.py)."""
+the true simulator (oracle.py), `policy` is the reactive policy network (policy.py, option `checkpoint`), `dagger`
+lets a policy drive while the planner labels every step (distill.py; without a policy the planner drives and
+logs its per-action costs)."""
 EXPLORE_WEIGHTS = {"LANE_LEFT": 0.15, "IDLE": 0.3, "LANE_RIGHT": 0.15, "FASTER": 0.15, "SLOWER": 0.25}
 """Relative probabilities of the `explore` agent's actions (renormalised over the actions a scenario has)."""
 SPEED_CHANGE_THRESHOLD = 1.0
@@ -139,6 +141,14 @@ def make_agent(name: str, options: dict[str, Any] | None = None) -> Agent:
         from drive_mbrl.oracle import OracleAgent
 
         return OracleAgent(**options)
+    if name == "dagger":
+        from drive_mbrl.distill import DaggerAgent
+
+        return DaggerAgent(**options)
+    if name == "policy":
+        from drive_mbrl.policy import PolicyAgent
+
+        return PolicyAgent(**options)
     if name == "random":
         return RandomAgent()
     if name == "slower":

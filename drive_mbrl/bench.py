@@ -177,3 +177,68 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
             "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row)}
                      for (b, m), row in times.items()],
             "oracle": oracle}
+
+
+def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str, envs: list[int], steps: int,
+                 real_steps: int, repeats: int, decisions: int, planner: Any, seed: int) -> dict[str, Any]:
+    """Issue-5 speed figures on the same cores, one torch thread: imagined transitions/s of the imagination env
+    (per batch size) against real env steps/s of `imagination.PolicyEnv` (highway-env plus perception, random
+    actions), alternating repeats; and the decision latency of the reactive policy (batch 1, torch eager)
+    against the MPC planner's on the same recorded scenes."""
+    import numpy as np
+    import torch
+
+    from drive_mbrl.features import episode_policy_obs, history_stride
+    from drive_mbrl.fit import load_forecaster, load_scenes
+    from drive_mbrl.imagination import (
+        ImaginationConfig,
+        ImaginationEnv,
+        imagination_throughput,
+        real_throughput,
+    )
+    from drive_mbrl.planning import plan_scene
+    from drive_mbrl.policy import load_policy
+
+    torch.set_num_threads(1)
+    net, _ = load_policy(policy)
+    config = ImaginationConfig(checkpoint, tuple(dataset), agents=net.config.agents, seed=seed)
+    probe = ImaginationEnv(config, 1)
+    starts = (probe.starts_hist.numpy(), probe.starts_lane.numpy())
+    imagined: dict[int, list[float]] = {n: [] for n in envs}
+    real: list[float] = []
+    for r in range(repeats):
+        real.append(real_throughput(scenario, real_steps, seed + r))
+        for n in envs:
+            imagined[n].append(imagination_throughput(ImaginationEnv(config, n, starts), steps, seed + r))
+    real_median = median(real)
+    rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median}
+            for n, v in imagined.items()]
+    # Latency on recorded scenes: the policy's observation and the planner's scene of the same decisions.
+    manifest, episodes = load_dataset(Path(dataset[0]))
+    spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
+    obs = np.concatenate([episode_policy_obs(ep, spec) for ep in episodes])[:decisions]
+    model, meta = load_forecaster(checkpoint)
+    scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
+    policy_us, planner_ms = [], []
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for _ in range(3):
+            net(torch.as_tensor(obs[:1]))
+        for i in range(len(obs)):
+            x = torch.as_tensor(obs[i:i + 1])
+            for _ in range(20):
+                start = time.perf_counter()
+                net(x).argmax(-1)
+                policy_us.append((time.perf_counter() - start) * 1e6)
+        for i in range(min(decisions, len(scenes))):
+            start = time.perf_counter()
+            plan_scene(model, torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]), planner,
+                       gen)
+            planner_ms.append((time.perf_counter() - start) * 1e3)
+    p50 = float(np.percentile(policy_us, 50))
+    return {"scenario": scenario, "real_steps_per_s": real_median, "real_runs": real, "rows": rows,
+            "policy_us_p50": p50, "policy_us_p99": float(np.percentile(policy_us, 99)),
+            "planner_ms_p50": float(np.percentile(planner_ms, 50)),
+            "planner_ms_p99": float(np.percentile(planner_ms, 99)),
+            "planner_over_policy": float(np.percentile(planner_ms, 50)) * 1e3 / p50,
+            "planner_budget": planner.budget, "threads": 1}

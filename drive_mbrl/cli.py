@@ -64,13 +64,27 @@ def agent_options(cfg: C.CollectConfig) -> str:
 
     from drive_mbrl.data import agent_options_json
 
-    if cfg.agent == "mpc":
+    if cfg.agent in ("mpc", "dagger"):
         if not cfg.checkpoint:
-            raise C.ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+            raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
+                                "`drive-mbrl fit`)")
         return mpc_options(cfg.checkpoint, cfg.planner)
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
+    if cfg.agent == "policy":
+        return policy_options(cfg.checkpoint)
     return ""
+
+
+def policy_options(checkpoint: Path | str) -> str:
+    """agent=policy's options as canonical JSON; a bad checkpoint fails here, before any file is written."""
+    from drive_mbrl.data import agent_options_json
+    from drive_mbrl.policy import load_policy
+
+    if not checkpoint:
+        raise C.ConfigError("agent=policy needs checkpoint=<policy folder> (train one with `drive-mbrl distill`)")
+    load_policy(checkpoint)
+    return agent_options_json({"checkpoint": str(Path(checkpoint).resolve())})
 
 
 def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
@@ -82,6 +96,15 @@ def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
     from drive_mbrl.fit import load_forecaster
 
     load_forecaster(checkpoint)
+    if planner.policy:
+        from dataclasses import replace
+
+        from drive_mbrl.policy import load_policy
+
+        load_policy(planner.policy)
+        planner = replace(planner, policy=str(Path(planner.policy).resolve()))
+    elif planner.fallback == "policy":
+        raise C.ConfigError("planner.fallback=policy needs planner.policy=<policy folder>")
     return agent_options_json({"checkpoint": str(Path(checkpoint).resolve()), "planner": asdict(planner)})
 
 
@@ -147,9 +170,44 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
         evaluations["mpc"] = evaluate_agent(cfg.scenario, "mpc", cfg.plan_episodes, cfg.seed + C.EVAL_SEED,
                                             cfg.workers, "", run_dir / "eval" / "mpc", options=options)
         print(format_table(evaluations))
+    result: dict[str, Any] = {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
+    if cfg.expert_episodes:
+        result.update(pipeline_policy(cfg, run_dir, evaluations))
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
-    return {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
+    if cfg.expert_episodes:
+        print(f"policy:     {run_dir / 'policy'} (distilled; Dyna fine-tuned: {run_dir / 'rl' / 'policy'})")
+    return result
+
+
+def pipeline_policy(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's policy stages: planner-labelled episodes (agent=dagger without a policy: the planner drives
+    and logs its costs) -> distill (BC + DAgger) -> a short Dyna PPO fine-tune -> evaluation next to the others."""
+    from dataclasses import replace
+
+    from drive_mbrl.data import RunSpec
+    from drive_mbrl.evaluate import format_table
+    from drive_mbrl.scenarios import load_scenario
+
+    expert = run_dir / "data" / "expert"
+    spec = RunSpec(load_scenario(cfg.scenario), "dagger", cfg.expert_episodes, cfg.seed + 500_000,
+                   agent_options=mpc_options(run_dir / "forecaster", cfg.planner))
+    _collect_into(spec, expert, cfg.workers, "", f"planner labels {cfg.scenario}")
+    distilled = run_distill(replace(cfg.distill, scenario=cfg.scenario, dataset=[str(expert)],
+                                    checkpoint=str(run_dir / "forecaster"), planner=cfg.planner,
+                                    out=str(run_dir / "policy"), workers=cfg.workers), run_dir / "distill")
+    evaluations["policy"] = distilled["rounds"][-1].get("evaluate", {})
+    out: dict[str, Any] = {"distill": distilled}
+    if cfg.rl_iterations:
+        data = [str(run_dir / "data" / a) for a in cfg.collect_agents]
+        rl_cfg = C.RLConfig(scenario=cfg.scenario, mode="dyna", init=str(run_dir / "policy"),
+                            checkpoint=str(run_dir / "forecaster"), dataset=data, iterations=cfg.rl_iterations,
+                            batch_size=512, imagined=63, real=1, eval_episodes=cfg.distill.eval_episodes,
+                            out=str(run_dir / "rl"), seed=cfg.seed)
+        out["rl"] = run_rl(rl_cfg, run_dir / "rl_run")
+        evaluations["policy_dyna"] = out["rl"].get("evaluate", {})
+    print(format_table({k: v for k, v in evaluations.items() if v}))
+    return out
 
 
 def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -200,6 +258,137 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
         data.append(out)
     return {"learning_curve": curve, "real_steps": sum(_dataset_steps(d) for d in data),
             "checkpoint": str(previous), "plot": str(run_dir / "learning_curve.png")}
+
+
+def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
+    """Behaviour cloning then DAgger rounds (see DistillConfig); round r's policy is run_dir/rounds/policy_r."""
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    from drive_mbrl.data import RunSpec, read_manifest
+    from drive_mbrl.distill import BCSettings, merge_data, policy_data, train_policy
+    from drive_mbrl.policy import PolicyConfig, load_policy, save_policy
+    from drive_mbrl.scenarios import load_scenario
+
+    if cfg.rounds and not cfg.checkpoint:
+        raise C.ConfigError("DAgger rounds need the expert: pass checkpoint=<forecaster folder>, or rounds=0")
+    scenario = load_scenario(cfg.scenario)
+    expert = mpc_options(cfg.checkpoint, cfg.planner) if cfg.rounds else ""
+    torch.set_num_threads(1)
+    if not cfg.dataset:
+        raise C.ConfigError("distill needs dataset=[FOLDER,...] of planner episodes (`drive-mbrl collect "
+                            "agent=dagger checkpoint=...`)")
+    names = read_manifest(Path(cfg.dataset[0]))["action_names"]
+    config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
+    parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
+    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed)
+    rounds, previous = [], None
+    for r in range(cfg.rounds + 1):
+        folder = run_dir / "rounds" / f"policy_{r}"
+        if r > 0:  # the previous policy drives, the planner labels
+            options = json.loads(expert)
+            options.update(policy=str(previous.resolve()), beta=cfg.beta * 0.5 ** (r - 1), seed=cfg.seed)
+            data_dir = run_dir / "rounds" / f"dagger_{r}"
+            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, cfg.seed + 100_000 * r,
+                           agent_options=json.dumps(options, sort_keys=True))
+            _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
+            parts.append(policy_data([str(data_dir)], config, cfg.temperature)[0])
+        data = merge_data(parts)
+        if (folder / "meta.json").is_file():
+            net, meta = load_policy(folder)
+            summary = meta["summary"]
+        else:
+            init = load_policy(previous)[0] if previous else None
+            net, summary = train_policy(data, config, settings, init)
+            summary = {**summary, "real_steps": data.steps, "decisions": len(data)}
+            save_policy(folder, net, names, {"summary": summary, "distill": asdict(cfg)})
+        row = {"round": r, **summary}
+        if cfg.eval_episodes:
+            row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, cfg.workers,
+                                             "", run_dir / "eval" / f"round_{r}", options=policy_options(folder))
+        print(f"round {r}: {summary['decisions']} labels from {summary['real_steps']} real steps, val accuracy "
+              f"{summary['val_accuracy']:.2f}" + (f", return {row['evaluate']['return_mean']:.2f}, crashes "
+                                                   f"{row['evaluate']['crash_rate']:.0%}" if cfg.eval_episodes else ""))
+        rounds.append(row)
+        previous = folder
+    out = Path(cfg.out) if cfg.out else run_dir / "policy"
+    if out.resolve() != previous.resolve():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(previous, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    print(f"policy: {out}")
+    return {"rounds": rounds, "policy": str(out), "real_steps": rounds[-1]["real_steps"]}
+
+
+def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
+    """PPO on the policy network, in imagination (dyna) or on the real env only (model_free); see RLConfig."""
+    from tqdm import tqdm
+
+    from drive_mbrl.policy import PolicyConfig, load_policy
+    from drive_mbrl.raycluster import start_ray
+    from drive_mbrl.rllib import PPOSettings, train_ppo
+    from drive_mbrl.scenarios import action_names, load_scenario, make_env
+
+    scenario = load_scenario(cfg.scenario)
+    env = make_env(scenario)
+    names = action_names(env)
+    env.close()
+    if cfg.init:
+        policy = load_policy(cfg.init)[0].config
+        if policy.num_actions != len(names):
+            raise C.ConfigError(f"init policy has {policy.num_actions} actions, scenario {scenario.name} "
+                                f"{len(names)}")
+    else:
+        policy = PolicyConfig(agents=cfg.agents, num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
+    imagined = cfg.imagined if cfg.mode == "dyna" else 0
+    env_config: dict[str, Any] = {"scenario": cfg.scenario, "agents": policy.agents, "history_dt": policy.history_dt}
+    if imagined:
+        if not cfg.checkpoint or not cfg.dataset:
+            raise C.ConfigError("mode=dyna needs checkpoint=<forecaster folder> and dataset=[recorded episodes] "
+                                "(the start states); or mode=model_free")
+        from drive_mbrl.fit import load_forecaster
+
+        model, _ = load_forecaster(cfg.checkpoint)  # a bad checkpoint fails here, before Ray starts
+        if model.config.agents < policy.agents:
+            raise C.ConfigError(f"the policy observes {policy.agents} slots, the forecaster only predicts "
+                                f"{model.config.agents}: use agents<={model.config.agents} or another forecaster")
+        env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
+                                     "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
+                                     "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
+                                     "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
+                                     "policy_history_dt": policy.history_dt}
+    if cfg.real + imagined == 0:
+        raise C.ConfigError("no envs: set real >= 1 or (mode=dyna) imagined >= 1")
+    settings = PPOSettings(iterations=cfg.iterations, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
+                           epochs=cfg.epochs, lr=cfg.lr, gamma=cfg.gamma, entropy=cfg.entropy, real=cfg.real,
+                           imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
+    out = Path(cfg.out) if cfg.out else run_dir / "rl"
+    start_ray(cfg.ray_address, cfg.env_runners + 1)
+    bar = tqdm(total=cfg.iterations, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
+
+    def on_iteration(row: dict[str, Any]) -> None:
+        bar.set_postfix(real=row["real_steps"], imagined=row["imagined_steps"],
+                        ret=f"{row['episode_return_mean']:.2f}")
+        bar.update(1)
+
+    try:
+        result = train_ppo(env_config, policy, names, str(Path(cfg.init).resolve()) if cfg.init else "", settings,
+                           out, cfg.env_runners, on_iteration)
+    finally:
+        bar.close()
+    if cfg.eval_episodes:
+        result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, 1, "",
+                                            out / "eval", options=policy_options(result["policy"]))
+        from drive_mbrl.evaluate import format_table
+
+        print(format_table({f"policy ({cfg.mode})": result["evaluate"]}))
+    print(f"policy: {result['policy']}")
+    return result
 
 
 def _dataset_steps(root: Path) -> int:
@@ -359,11 +548,32 @@ def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
     return {"bundle": str(out.resolve()), "graphs": list(result["contract"]["graphs"]), "parity": result["parity"]}
 
 
+def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_policy
+
+    if not (cfg.policy and cfg.checkpoint and cfg.dataset):
+        raise C.ConfigError("bench policy needs policy=<folder>, checkpoint=<forecaster> and dataset=[episodes]")
+    m = bench_policy(cfg.policy, cfg.checkpoint, cfg.dataset, cfg.scenario, cfg.envs, cfg.steps, cfg.real_steps,
+                     cfg.repeats, cfg.decisions, cfg.planner, cfg.seed)
+    print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median)")
+    for row in m["rows"]:
+        print(f"imagination, {row['envs']:>5} envs: {row['imagined_per_s']:9.0f} transitions/s = "
+              f"{row['ratio_to_real']:.0f}x real")
+    print(f"policy decision p50 {m['policy_us_p50']:.0f} us (p99 {m['policy_us_p99']:.0f}); planner (budget "
+          f"{m['planner_budget']}) p50 {m['planner_ms_p50']:.0f} ms (p99 {m['planner_ms_p99']:.0f}): "
+          f"{m['planner_over_policy']:.0f}x")
+    return m
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
     "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
+    "distill": Command(C.DistillConfig, run_distill, "the reactive policy learns the planner (BC + DAgger)"),
+    "bench_policy": Command(C.BenchPolicyConfig, run_bench_policy,
+                            "imagination vs real env throughput; policy vs planner latency"),
+    "rl": Command(C.RLConfig, run_rl, "PPO (RLlib) on the policy: in imagination (dyna) or model-free"),
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
     "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),

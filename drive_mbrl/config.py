@@ -31,7 +31,7 @@ RISK_MEASURES = ("mean", "cvar", "worst")
 """Risk measures of the planner over sampled plan costs (planning.risk_measure)."""
 UNCERTAINTY_LEVELS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Quantile levels of validation-data uncertainty stored in calibrated forecaster checkpoints (fallback thresholds)."""
-FALLBACKS = ("slower", "least_risk")
+FALLBACKS = ("slower", "least_risk", "policy")
 
 
 @dataclass
@@ -72,9 +72,14 @@ class PlannerConfig:
                         "highway at 5 Hz: at 2 a fast ego passed a slower car between checks)", lo=1, hi=100)
     uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "
                                    "exceeds this quantile of the validation data's", choices=UNCERTAINTY_LEVELS)
-    fallback: str = opt("slower", "when no plan passes the chance constraint: SLOWER (braking) or the least risky "
-                        "plan; an untrusted model (not finite, too uncertain) always gets SLOWER",
+    fallback: str = opt("slower", "slower: SLOWER (braking) whenever the planner falls back; least_risk: the least "
+                        "risky plan when no plan passes the chance constraint (an untrusted model still gets "
+                        "SLOWER); policy: the reactive policy's action (needs planner.policy)",
                         choices=FALLBACKS)
+    policy: str = opt("", "reactive policy folder (from `drive-mbrl distill`): a `policy_share` of the first CEM "
+                      "population is drawn from its action probabilities, its greedy action held over the horizon "
+                      "is always a candidate, and planner.fallback=policy hands fallback steps to it")
+    policy_share: float = opt(0.25, "share of the first CEM population proposed by planner.policy", lo=0.0, hi=1.0)
     oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
                             "(num_actions^depth sequences)", lo=1, hi=6)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -88,7 +93,8 @@ class CollectConfig:
 
     scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
     agent: str = opt("idm", "ego driver", choices=AGENTS)
-    checkpoint: str = opt("", "forecaster checkpoint folder for agent=mpc (from `drive-mbrl fit`)")
+    checkpoint: str = opt("", "agent=mpc: forecaster checkpoint folder (from `drive-mbrl fit`); agent=policy: "
+                                "policy folder (from `drive-mbrl distill`)")
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
@@ -234,6 +240,92 @@ class TrainConfig:
     seed: int = opt(0, "base seed of collection episodes", lo=0, hi=2**31 - 1)
 
 
+@dataclass
+class DistillConfig:
+    """`drive-mbrl distill`: the reactive policy learns the MPC planner. Behaviour cloning on planner episodes
+    (soft targets from the planner's per-action costs where logged), then DAgger rounds: the policy drives (the
+    planner takes a `beta` share of steps, halved each round), the planner labels every visited state, the policy
+    is fine-tuned on all labels so far. Each round is evaluated on held-out seeds; every stage resumes."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    dataset: list[str] = opt([], "planner episodes to clone (`drive-mbrl collect agent=dagger checkpoint=...` "
+                             "logs the planner's costs; agent=mpc episodes give hard labels); required")
+    checkpoint: str = opt("", "the expert planner's forecaster checkpoint (needed for DAgger rounds)")
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "the expert planner"})
+    rounds: int = opt(2, "DAgger rounds after behaviour cloning (0 = behaviour cloning only)", lo=0, hi=100)
+    episodes_per_round: int = opt(20, "episodes the policy drives per DAgger round", lo=1, hi=10**6)
+    beta: float = opt(0.3, "share of the first round's steps on which the planner's action is executed", lo=0.0,
+                      hi=1.0)
+    temperature: float = opt(0.3, "soft-target temperature on the planner's costs (0 = hard labels)", lo=0.0,
+                             hi=1e3)
+    hidden: int = opt(256, "policy hidden width", lo=4, hi=8192)
+    layers: int = opt(2, "policy hidden layers", lo=1, hi=16)
+    history_dt: float = opt(1.0, "[s] between the policy's two observed frames", lo=0.01, hi=10.0)
+    epochs: int = opt(150, "maximum epochs per training", lo=1, hi=10**5)
+    patience: int = opt(20, "early stopping: epochs without a lower validation loss", lo=1, hi=10**5)
+    lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)
+    eval_episodes: int = opt(20, "held-out evaluation episodes after each round (0 = none)", lo=0, hi=10**6)
+    workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
+    seed: int = opt(0, "seed of training and of the DAgger episodes", lo=0, hi=2**31 - 1)
+    out: str = opt("", "final policy folder; empty = <run dir>/policy")
+
+
+@dataclass
+class RLConfig:
+    """`drive-mbrl rl`: PPO (RLlib) on the project's policy network. mode=dyna trains on the learned model's
+    imagined rollouts (started from recorded states) mixed with real steps at `real` : `imagined` envs;
+    mode=model_free is the same algorithm on the real env only (the sample-efficiency peer). `init` fine-tunes a
+    distilled policy. Stops at `iterations` or `max_real_steps`; resumes from its folder."""
+
+    scenario: str = opt("highway", "scenario name or path")
+    mode: str = opt("dyna", "dyna (imagined + real) or model_free (real only)", choices=("dyna", "model_free"))
+    init: str = opt("", "policy folder to start from (from `drive-mbrl distill`); empty = a fresh network")
+    checkpoint: str = opt("", "mode=dyna: the forecaster checkpoint that imagines")
+    dataset: list[str] = opt([], "mode=dyna: recorded episodes whose states start the imagined rollouts")
+    imagined_horizon: int = opt(10, "imagined steps per rollout at most", lo=1, hi=1000)
+    uncertainty_level: float = opt(0.99, "imagined rollouts stop where the members disagree beyond this calibrated "
+                                   "quantile", choices=UNCERTAINTY_LEVELS)
+    uncertainty_penalty: float = opt(0.0, "reward penalty per unit of disagreement / limit", lo=0.0, hi=1e6)
+    real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
+    imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
+    iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)
+    batch_size: int = opt(1024, "transitions per PPO iteration", lo=16, hi=1 << 24)
+    minibatch_size: int = opt(256, "PPO minibatch", lo=8, hi=1 << 24)
+    epochs: int = opt(6, "PPO epochs per iteration", lo=1, hi=1000)
+    lr: float = opt(1e-4, "learning rate", lo=1e-8, hi=1.0)
+    gamma: float = opt(0.9, "discount", lo=0.0, hi=1.0)
+    entropy: float = opt(0.003, "entropy bonus", lo=0.0, hi=10.0)
+    max_real_steps: int = opt(5000, "real env steps sampled by RL at most", lo=0, hi=10**9)
+    hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)
+    layers: int = opt(2, "policy hidden layers (a fresh network)", lo=1, hi=16)
+    agents: int = opt(8, "slots the policy observes, the ego included (a fresh network)", lo=2, hi=64)
+    env_runners: int = opt(0, "RLlib env runner processes (0 = sample in the driver)", lo=0, hi=4096)
+    ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
+    eval_episodes: int = opt(20, "held-out evaluation episodes of the final policy (0 = none)", lo=0, hi=10**6)
+    seed: int = opt(0, "seed of the RL run (its real env seeds are disjoint from evaluation's)", lo=0,
+                    hi=2**31 - 1)
+    out: str = opt("", "run folder (algorithm state + policy); empty = <run dir>/rl")
+
+
+@dataclass
+class BenchPolicyConfig:
+    """`drive-mbrl bench policy`: imagined transitions/s against real env steps/s on the same cores, and the
+    reactive policy's decision latency against the planner's on the same scenes (one torch thread)."""
+
+    policy: str = opt("", "policy folder; required")
+    checkpoint: str = opt("", "forecaster checkpoint (imagination and planner); required")
+    dataset: list[str] = opt([], "recorded episodes: start states and latency scenes; required")
+    scenario: str = opt("highway", "scenario of the real env")
+    envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20)
+    steps: int = opt(10, "batched imagination steps per measurement", lo=1, hi=10**6)
+    real_steps: int = opt(150, "real env steps per measurement", lo=1, hi=10**6)
+    repeats: int = opt(3, "alternating repeats (medians reported)", lo=1, hi=1000)
+    decisions: int = opt(40, "scenes for the latency comparison", lo=1, hi=10**6)
+    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(threads=1),
+                                   metadata={"help": "planner settings"})
+    seed: int = opt(0, "seed", lo=0, hi=2**31 - 1)
+
+
 def _pipeline_fit() -> FitConfig:
     return FitConfig(epochs=25, patience=6, members=3, modes=3, width=64, heads=4, blocks=2, decoder_width=64)
 
@@ -259,6 +351,12 @@ class PipelineConfig:
     """Forecaster training settings (its dataset/holdout/out are set by the pipeline)."""
     plan_episodes: int = opt(10, "evaluation episodes of the MPC planner (0 skips the stage)", lo=0, hi=10**7)
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
+    expert_episodes: int = opt(6, "planner episodes labelled for the reactive policy (0 skips the policy stages)",
+                               lo=0, hi=10**7)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(rounds=1, episodes_per_round=6,
+                                                                         eval_episodes=10),
+                                   metadata={"help": "policy distillation (dataset/checkpoint set by the pipeline)"})
+    rl_iterations: int = opt(2, "Dyna PPO iterations fine-tuning the distilled policy (0 skips)", lo=0, hi=10**6)
 
 
 @dataclass

@@ -131,6 +131,10 @@ def load_episode(path: Path) -> Episode:
             or any(getattr(episode, f).shape[:1] != (steps,) for f in ("reward", "crashed", "decision_frame")):
         raise DataError(f"episode file {path} has inconsistent array shapes (state {episode.state.shape}, "
                         f"present {episode.present.shape}, action {episode.action.shape}): re-collect it")
+    bad_log = [name for name, value in episode.step_log.items() if value.shape[:1] != (steps,)]
+    if bad_log:
+        raise DataError(f"episode file {path} has step log entries {', '.join(bad_log)} whose first axis is not the "
+                        f"{steps} policy steps: re-collect it")
     return episode
 
 

@@ -11,7 +11,8 @@ This module turns numpy episodes into numpy arrays; it knows nothing of torch or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -192,3 +193,62 @@ def physics_baselines(scenes: Scenes, policy_dt: float) -> dict[str, np.ndarray]
         "cv_lane_keeping": p + v_lon * t * u,
         "highway_env_constant_speed": p - offset * n + speed * t * u,
     }
+
+
+def history_stride(history_dt: float, frame_dt: float) -> int:
+    """Recorded frames per history step; raises ConfigError unless `history_dt` [s] is a whole multiple of the
+    recording's `frame_dt` [s]."""
+    stride = history_dt / frame_dt
+    if abs(stride - round(stride)) > 1e-6 or round(stride) < 1:
+        raise ConfigError(f"the model's history step ({history_dt} s) is not a multiple of the recording's frame "
+                          f"time ({frame_dt} s): record with record_hz=0")
+    return int(round(stride))
+
+
+def live_history(recorder: Any, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The scene at the newest frame of a running episode's track recording (duck-typed: `frames` and
+    `arrays(frames)` as in tracking.TrackRecorder): history (A, L, F), track (A,), lane (A, 2) as
+    `scene_history`, plus the recorder arrays of the history window (for lane ids)."""
+    last = recorder.frames - 1
+    window = [int(f) for f in last - spec.history_stride * np.arange(spec.history_len - 1, -1, -1) if f >= 0]
+    arrays = recorder.arrays(window)
+    history, track, lane = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
+                                         arrays["lane_heading"], len(window) - 1, replace(spec, history_stride=1))
+    return history, track, lane, arrays
+
+
+POLICY_FEATURES = (*HIST_FEATURES, "dvx", "dvy")
+"""Per-slot features of the policy's observation: the scene features at the decision frame plus the change of
+velocity [m/s] since the previous history frame (0 where the slot was absent at either)."""
+
+
+def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int) -> np.ndarray:
+    """The reactive policy's observation, from a two-frame scene history (ego frame, slot 0 the ego).
+
+    history (..., A, 2, len(HIST_FEATURES)) float32, ego_lane (...) the ego's lane number within its road edge
+    (0 = leftmost, highway-env's lane_index[2]). Returns (..., A * len(POLICY_FEATURES) + 1) float32: every slot's
+    `POLICY_FEATURES` flattened slot-major, then the ego's lane number. Numpy only (the onboard runner uses it).
+    """
+    last, prev = history[..., -1, :], history[..., -2, :]
+    both = (last[..., -1] > 0.5) & (prev[..., -1] > 0.5)
+    dv = np.where(both[..., None], last[..., VX:VY + 1] - prev[..., VX:VY + 1], 0.0)
+    slots = np.concatenate([last, dv], axis=-1)
+    flat = slots.reshape(*slots.shape[:-2], -1)
+    lane = np.asarray(ego_lane, dtype=np.float32)[..., None] + np.zeros(flat.shape[:-1] + (1,), np.float32)
+    return np.concatenate([flat, lane], axis=-1).astype(np.float32)
+
+
+def policy_obs_dim(agents: int) -> int:
+    return agents * len(POLICY_FEATURES) + 1
+
+
+def episode_policy_obs(episode: Episode, spec: SceneSpec) -> np.ndarray:
+    """(S, D) policy observations at each decision of a recorded episode (`spec.history_len` must be 2)."""
+    if spec.history_len != 2:
+        raise ConfigError(f"the policy observes two history frames, the spec has {spec.history_len}")
+    rows = []
+    for frame in episode.decision_frame:
+        hist, _, _ = scene_history(episode.state, episode.present, episode.lane_offset, episode.lane_heading,
+                                   int(frame), spec)
+        rows.append(policy_observation(hist, int(episode.lane_id[frame, EGO_TRACK])))
+    return np.stack(rows) if rows else np.zeros((0, policy_obs_dim(spec.agents)), np.float32)

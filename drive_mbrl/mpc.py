@@ -5,8 +5,9 @@ At every policy step it cuts the current scene from the running episode's own tr
 first action of the chosen plan, or hands the step to its fallback and records why (`last_fallback`, stored per
 step in the episode): SLOWER (braking) when the model's output is not to be trusted (not finite, too uncertain);
 when no plan passes the chance constraint, SLOWER (`planner.fallback=slower`, default) or the least risky plan
-(`least_risk`; braking plans are among the candidates). The previous plan, shifted by one step, warm-starts the next
-search.
+(`least_risk`; braking plans are among the candidates), or the reactive policy's action (`policy`). The previous
+plan, shifted by one step, warm-starts the next search; with `planner.policy` the reactive policy also proposes a
+share of the candidates.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import SceneSpec, scene_history
+from drive_mbrl.features import SceneSpec, history_stride, live_history
 
 
 def planner_config(options: dict[str, Any] | PlannerConfig | None) -> PlannerConfig:
@@ -57,6 +58,13 @@ class MPCAgent:
         c = self.model.config
         self.spec = SceneSpec(agents=c.agents, history_len=c.history_len, history_stride=1, horizon=c.horizon)
         self.fault = fault
+        self.policy = None
+        if self.settings.policy:
+            from drive_mbrl.policy import PolicyAgent
+
+            self.policy = PolicyAgent(self.settings.policy, threads=self.settings.threads)
+        elif self.settings.fallback == "policy":
+            raise ConfigError("planner.fallback=policy needs planner.policy=<policy folder>")
         self.last_fallback = ""
         self.last_decision: Any = None
         self._recorder: Any = None
@@ -81,20 +89,15 @@ class MPCAgent:
 
     def attach_tracks(self, recorder: Any) -> None:
         """Called by the episode loop after each reset with its track recorder (the planner's perception)."""
-        stride = self.meta["history_dt"] / recorder.frame_dt
-        if abs(stride - round(stride)) > 1e-6 or round(stride) < 1:
-            raise ConfigError(f"the forecaster's history step ({self.meta['history_dt']} s) is not a multiple of "
-                              f"the recording's frame time ({recorder.frame_dt} s): evaluate with record_hz=0")
-        self._stride = int(round(stride))
+        if self.policy is not None:
+            self.policy.attach_tracks(recorder)
+        stride = history_stride(self.meta["history_dt"], recorder.frame_dt)
+        self.spec = SceneSpec(self.spec.agents, self.spec.history_len, stride, self.spec.horizon)
         self._recorder = recorder
 
     def scene(self) -> tuple[np.ndarray, np.ndarray]:
         """The current scene: history (A, L, F) float32 and agent_mask (A,) bool, ego frame."""
-        last = self._recorder.frames - 1
-        window = [f for f in last - self._stride * np.arange(self.spec.history_len - 1, -1, -1) if f >= 0]
-        arrays = self._recorder.arrays(window)
-        history, track, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
-                                          arrays["lane_heading"], len(window) - 1, self.spec)
+        history, track, _, _ = live_history(self._recorder, self.spec)
         return history, track >= 0
 
     def act(self, obs: Any, env: Any) -> int:
@@ -112,16 +115,22 @@ class MPCAgent:
             state = ego_state(env)
             ego_path = lambda plans: rollout_ego(state, plans, self._names, self._frames_per_step,  # noqa: E731
                                                  self._sim_dt)
+        proposal = None
         with torch.inference_mode():
+            if self.policy is not None:
+                logits = self.policy.net(torch.as_tensor(self.policy.observation())[None])[0]
+                proposal = torch.softmax(logits, -1).to(self.device)
             decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
                                   torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault, ego_path)
+                                  self._warm, self.fault, ego_path, proposal)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
         if decision.least_risk is not None and self.settings.fallback == "least_risk":
             plan = decision.least_risk
         elif decision.fallback:
+            if self.settings.fallback == "policy" and proposal is not None:
+                return int(proposal.argmax())
             return self._fallback_action
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
         return int(plan[0])

@@ -385,6 +385,10 @@ class Decision:
     least_risk: torch.Tensor | None = None
     """(H,) when no plan passed the chance constraint: the plan with the lowest collision probability (ties: the
     higher expected return), for `planner.fallback=least_risk`."""
+    action_costs: torch.Tensor | None = None
+    """(num_actions,) the lowest risk cost among the evaluated plans that start with each action (inf where none
+    was evaluated or every one broke the chance constraint): the planner's view of each immediate action, used as
+    soft targets when distilling it into the policy."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -452,16 +456,18 @@ def _refit(probs: torch.Tensor, plans: torch.Tensor, costs: torch.Tensor, elites
 
 def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
               noise: StepNoise, warm_start: torch.Tensor, ego_path: EgoPath | None = None,
-              fault: Fault | None = None) -> dict[str, torch.Tensor]:
+              fault: Fault | None = None, proposal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One planning step as a tensor function of the scene and the noise, with no data-dependent Python control
     flow: what `plan_scene` runs and what export.py traces into ONNX.
 
     Search (`search_shape`): every plan at once, or categorical CEM for I iterations of P candidates (the first
     population holds warm_start (H,) and the constant plans; duplicates are scored once; the best plan seen in any
     iteration wins, ties to the first). Each distinct plan is scored by `score_plans` with its row of `noise`.
+    proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior).
     Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into FALLBACK_REASONS, in the order of
     `plan_scene`), least_risk (H,) (the plan of least collision probability, ties to the higher expected return),
-    collision_prob, disagreement, spread, expected_return (of the plan) and evaluated (plans scored).
+    collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored) and
+    action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf: none).
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
@@ -471,8 +477,11 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
     probs = torch.full((H, nA), 1.0 / nA, device=history.device)
     include = torch.cat([warm_start[None].to(history.device),
                          torch.arange(nA, device=history.device)[:, None].expand(nA, H)])
+    if proposal is not None:
+        include = torch.cat([proposal.argmax().reshape(1, 1).expand(1, H).to(include), include])
+        probs = (1 - settings.policy_share) * probs + settings.policy_share * proposal.to(probs)[None]
     elites = max(1, round(settings.elites * population))
-    best = least = summary = None
+    best = least = summary = action_costs = None
     for it in range(iterations):
         if exhaustive:
             plans = enumerate_plans(nA, H, history.device)
@@ -491,6 +500,10 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
         draws = (noise.modes[it, :rows].transpose(0, 1), noise.gauss[it, :rows].transpose(0, 1))
         scores = score_plans(out, last, agent_mask, settings, draws, plans, c.policy_dt)
         cost, cp, er = scores["cost"], scores["collision_prob"], scores["expected_return"]
+        first = plans[:, :1] == torch.arange(nA, device=plans.device)  # (U, nA)
+        costs_by_action = torch.where(first, cost[:, None], torch.full_like(first, math.inf, dtype=cost.dtype))
+        least_cost = costs_by_action.amin(0)
+        action_costs = least_cost if action_costs is None else torch.minimum(action_costs, least_cost)
         i = torch.argmin(cost)
         new = {"plan": plans[i], **{k: scores[k][i] for k in ("cost", "collision_prob", "disagreement", "spread",
                                                                 "expected_return")}}
@@ -509,7 +522,8 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
             probs = _refit(probs, plans, cost, elites)
     reason = fallback_reason(best, summary, model.uncertainty_quantiles[
         :, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)])
-    return {**best, "reason": reason, "least_risk": least["least_risk"], "evaluated": summary["evaluated"]}
+    return {**best, "reason": reason, "least_risk": least["least_risk"], "evaluated": summary["evaluated"],
+            "action_costs": action_costs}
 
 
 def _with_ego_path(out: dict[str, torch.Tensor], path: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -539,7 +553,8 @@ def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tens
 
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
-               fault: Fault | None = None, ego_path: EgoPath | None = None) -> Decision:
+               fault: Fault | None = None, ego_path: EgoPath | None = None,
+               proposal: torch.Tensor | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits (`plan_step`, with its
@@ -548,16 +563,20 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     model: a `Forecaster`; history: (A, L, F) and agent_mask (A,) on the model's device; warm_start: (H,) the
     previous decision's plan shifted by one step (evaluated first in CEM; default the constant plan 0); ego_path:
     plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`), replacing the
-    forecaster's ego prediction (every member and mode, with the minimum spread), or None to use the forecaster's.
+    forecaster's ego prediction (every member and mode, with the minimum spread), or None to use the forecaster's;
+    proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
+    draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
+    action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
+    enumerated).
     """
     c = model.config
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
         warm_start = torch.zeros(c.horizon, dtype=torch.int64, device=history.device)
-    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault)
+    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal)
     reason = FALLBACK_REASONS[int(step["reason"])]
     least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
     return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),
                     float(step["disagreement"]), float(step["spread"]), float(step["expected_return"]),
-                    int(step["evaluated"]), least_risk)
+                    int(step["evaluated"]), least_risk, step["action_costs"])

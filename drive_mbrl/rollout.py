@@ -47,6 +47,30 @@ def recording_stride(sim_hz: int, policy_hz: int, record_hz: int) -> int:
     return sim_hz // record_hz
 
 
+def stack_step_logs(logs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-step logs (one dict per policy step, `Agent.step_log`) into name -> (S, ...) arrays.
+
+    Every step must log the same names, each with the same shape and dtype (a step with nothing to say fills with
+    NaN / -1); names must be identifiers (they become file keys). Raises ValueError naming the step and the name.
+    """
+    if not logs:
+        return {}
+    first = {name: np.asarray(value) for name, value in logs[0].items()}
+    for name in first:
+        if not name.isidentifier():
+            raise ValueError(f"step log name {name!r} is not an identifier")
+    for step, log in enumerate(logs):
+        if set(log) != set(first):
+            raise ValueError(f"step {step} logged {sorted(log)}, step 0 logged {sorted(first)}: an agent's step "
+                             "log must have the same names at every step")
+        for name, value in log.items():
+            value = np.asarray(value)
+            if value.shape != first[name].shape or value.dtype != first[name].dtype:
+                raise ValueError(f"step log {name!r} is {value.dtype}{value.shape} at step {step} but "
+                                 f"{first[name].dtype}{first[name].shape} at step 0")
+    return {name: np.stack([np.asarray(log[name]) for log in logs]) for name in first}
+
+
 class EpisodeRunner:
     """Holds one env per (scenario) so a worker can run many episodes without rebuilding it."""
 
@@ -84,6 +108,7 @@ class EpisodeRunner:
         actions, rewards, components, crashed, terminated, truncated, decision_ms, decision_frame, fallback = \
             [], [], [], [], [], [], [], [], []
         component_names: list[str] | None = None
+        logs: list[dict[str, np.ndarray]] = []
         done = False
         while not done:
             ego = env.unwrapped.vehicle
@@ -93,6 +118,8 @@ class EpisodeRunner:
             action = int(agent.act(obs, env))
             decision_ms.append((time.perf_counter() - start) * 1e3)
             fallback.append(getattr(agent, "last_fallback", ""))
+            if hasattr(agent, "step_log"):
+                logs.append(agent.step_log())
             obs, reward, term, trunc, info = env.step(action)
             if agent.drives_itself:
                 action = infer_meta_action(env, lane_before, ego.target_lane_index, speed_before, float(ego.speed))
@@ -117,6 +144,7 @@ class EpisodeRunner:
             crashed=np.asarray(crashed), terminated=np.asarray(terminated), truncated=np.asarray(truncated),
             decision_ms=np.asarray(decision_ms, dtype=np.float64),
             fallback=np.asarray(fallback, dtype=str).reshape(len(actions)),
+            step_log=stack_step_logs(logs),
         )
 
     def close(self) -> None:

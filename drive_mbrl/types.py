@@ -77,28 +77,40 @@ class Episode:
     fallback: np.ndarray | None = None
     """(S,) str why a planning agent handed that step to its fallback ('' = it did not). Optional in files (episodes
     of rule agents written before it existed load with all '')."""
+    step_log: dict[str, np.ndarray] | None = None
+    """name -> (S, ...) what the agent logged at each policy step (`Agent.step_log`), fixed shape and dtype per name;
+    stored in files as `log__<name>`. Empty for agents without a step log and for files written before it existed."""
 
     def __post_init__(self) -> None:
         if self.fallback is None:
             self.fallback = np.full(self.action.shape[0], "", dtype="<U1")
+        if self.step_log is None:
+            self.step_log = {}
 
     @property
     def steps(self) -> int:
         return int(self.action.shape[0])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """All fields as numpy arrays (scalars as 0-d arrays), ready for `np.savez_compressed`."""
-        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+        """All fields as numpy arrays (scalars as 0-d arrays), ready for `np.savez_compressed`; the step log's
+        entries become `log__<name>`."""
+        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self) if f.name != "step_log"}
+        arrays.update({STEP_LOG_PREFIX + name: np.asarray(value) for name, value in (self.step_log or {}).items()})
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> Episode:
         kwargs = {f.name: arrays[f.name] for f in fields(cls) if f.name in arrays or f.name not in OPTIONAL_FIELDS}
         kwargs["index"] = int(kwargs["index"])
         kwargs["seed"] = int(kwargs["seed"])
+        kwargs["step_log"] = {key[len(STEP_LOG_PREFIX):]: np.asarray(value) for key, value in arrays.items()
+                              if key.startswith(STEP_LOG_PREFIX)}
         return cls(**kwargs)
 
 
-OPTIONAL_FIELDS: frozenset[str] = frozenset({"fallback"})
+STEP_LOG_PREFIX = "log__"
+"""File key prefix of `Episode.step_log` entries."""
+OPTIONAL_FIELDS: frozenset[str] = frozenset({"fallback", "step_log"})
 EPISODE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Episode) if f.name not in OPTIONAL_FIELDS)
 """Fields every episode file holds (`OPTIONAL_FIELDS` may be missing)."""
 NONDETERMINISTIC_FIELDS: frozenset[str] = frozenset({"decision_ms"})
@@ -110,7 +122,10 @@ class Agent(Protocol):
     `drives_itself` agents (such as `idm`) replace the ego's controller in `reset`; the action they return is ignored
     by the simulator and the recorded action is inferred from the ego's motion (documented in the manifest).
     Optional: planners define `attach_tracks(recorder)` (the episode loop hands them its track recorder after each
-    reset, their perception) and `last_fallback: str` (why the last step went to a fallback; stored per step).
+    reset, their perception), `last_fallback: str` (why the last step went to a fallback; stored per step) and
+    `step_log() -> dict[str, np.ndarray]`, called after each `act`: what the agent wants kept of that decision,
+    the same names with the same shape and dtype at every step of an episode (steps with nothing to log, such as a
+    fallback step, fill with NaN / -1), stacked over steps into `Episode.step_log`.
     """
 
     drives_itself: bool

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from drive_mbrl.types import STATE_FIELDS, Episode
 
@@ -73,8 +74,6 @@ def straight_state(xs: list[list[float]], speeds: list[float], ys: list[float] |
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small forecaster trained for a few epochs on 3 short real highway episodes (calibrated, so it has
     uncertainty limits)."""
-    import torch
-
     from drive_mbrl.data import RunSpec, collect
     from drive_mbrl.fit import TrainSettings, fit, load_scenes, split_by_episode
     from drive_mbrl.forecaster import ForecasterConfig

@@ -104,3 +104,35 @@ def test_two_ray_workers_give_the_same_data_as_one(tmp_path: Path):
     one = [episode_digest(ep) for ep in load_dataset(tmp_path / "one")[1]]
     two = [episode_digest(ep) for ep in load_dataset(tmp_path / "two")[1]]
     assert one == two and len(set(one)) == 3
+
+
+def test_step_log_round_trips_as_log_keys(tmp_path: Path):
+    episode = make_episode(straight_state([[0.0]] * 3, speeds=[1.0]))
+    plan = np.arange(10, dtype=np.int64).reshape(2, 5)
+    futures = np.random.default_rng(0).normal(size=(2, 3, 2, 4, 2)).astype(np.float16)
+    episode.step_log = {"plan": plan, "futures": futures}
+    path = save_episode(tmp_path, episode)
+    with np.load(path) as raw:
+        assert {"log__plan", "log__futures"} <= set(raw.files)
+    loaded = load_episode(path)
+    assert set(loaded.step_log) == {"plan", "futures"}
+    np.testing.assert_array_equal(loaded.step_log["plan"], plan)
+    assert loaded.step_log["futures"].dtype == np.float16
+    np.testing.assert_array_equal(loaded.step_log["futures"], futures)
+    assert episode_digest(loaded) == episode_digest(episode)
+
+
+def test_files_without_step_log_or_fallback_still_load(tmp_path: Path):
+    arrays = make_episode(straight_state([[0.0]] * 3, speeds=[1.0])).to_arrays()
+    del arrays["fallback"]  # as written before either field existed
+    path = tmp_path / "ep_000000.npz"
+    np.savez_compressed(path, **arrays, schema_version=np.asarray(SCHEMA_VERSION))
+    loaded = load_episode(path)
+    assert loaded.step_log == {} and loaded.fallback.tolist() == ["", ""]
+
+
+def test_step_log_with_a_wrong_step_count_is_rejected(tmp_path: Path):
+    episode = make_episode(straight_state([[0.0]] * 3, speeds=[1.0]))
+    episode.step_log = {"risk": np.zeros(5, np.float32)}  # 2 steps, 5 rows
+    with pytest.raises(DataError, match="step log entries risk"):
+        load_episode(save_episode(tmp_path, episode))

@@ -1,0 +1,218 @@
+"""Distilling the planner into the reactive policy: behaviour cloning, then DAgger.
+
+1. `policy_data` turns recorded episodes into (observation, label) pairs: the label is the expert's action — the
+   `expert_action` of the episode's step log where a `dagger` agent recorded one, else the executed action (an
+   episode driven by the planner itself).
+2. `train_policy` fits `PolicyNet` by cross-entropy with a validation split by episode and early stopping on the
+   validation loss (optionally starting from a previous policy: DAgger rounds fine-tune).
+3. `DaggerAgent` (`agent=dagger`) lets the current policy drive (the expert takes over a `beta` share of steps) and
+   records at every step what the expert would have done — so the next round learns the states the policy itself
+   visits (Ross et al., 2011).
+
+Library code: progress goes through callbacks, nothing is printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from drive_mbrl.errors import ConfigError, DataError
+from drive_mbrl.features import episode_policy_obs, history_stride
+from drive_mbrl.policy import PolicyConfig, PolicyNet
+
+EXPERT_ACTION = "expert_action"
+"""Step-log key of the expert's label (-1: none)."""
+EXPERT_COSTS = "expert_costs"
+"""Step-log key of the planner's cost of each immediate action (`planning.Decision.action_costs`)."""
+
+
+@dataclass(frozen=True)
+class PolicyData:
+    obs: np.ndarray
+    """(N, D) float32 policy observations."""
+    label: np.ndarray
+    """(N,) int64 the expert's action."""
+    target: np.ndarray
+    """(N, num_actions) float32 the training target: softmax(-cost / temperature) of the planner's action costs
+    where they were logged (and the step was not handed to its fallback), else one-hot of `label`."""
+    episode: np.ndarray
+    """(N,) int64 episode id, unique across datasets (for splits by episode)."""
+    steps: int
+    """Real env steps the datasets hold (sample-efficiency accounting)."""
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def soft_targets(costs: np.ndarray, label: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, nA) targets from action costs (N, nA) (inf = rejected): softmax(-(c - min c) / temperature); rows
+    without a finite cost, or temperature 0, give one-hot(label)."""
+    onehot = np.eye(costs.shape[1], dtype=np.float32)[label]
+    finite = np.isfinite(costs)
+    if temperature <= 0:
+        return onehot
+    best = np.where(finite, costs, np.inf).min(1, keepdims=True)
+    shifted = np.where(finite, costs - np.where(np.isfinite(best), best, 0.0), np.inf)
+    weights = np.exp(-shifted / temperature)
+    ok = finite.any(1)
+    soft = weights / np.where(ok, weights.sum(1), 1.0)[:, None]
+    return np.where(ok[:, None], soft, onehot).astype(np.float32)
+
+
+def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0) -> tuple[PolicyData, list[str]]:
+    """(observation, expert label, target) of every decision in the datasets; returns them and the action
+    names. `temperature` > 0 turns logged planner costs into soft targets (`soft_targets`)."""
+    from drive_mbrl.data import load_dataset
+
+    if not paths:
+        raise DataError("no dataset given: pass dataset=[FOLDER,...] of planner episodes (`drive-mbrl collect "
+                        "agent=mpc ...`)")
+    obs, label, target, episode, steps, names = [], [], [], [], 0, None
+    for offset, path in enumerate(paths):
+        manifest, episodes = load_dataset(Path(path))
+        names = names or manifest["action_names"]
+        if manifest["action_names"] != names:
+            raise DataError(f"dataset {path} has actions {manifest['action_names']}, the first one {names}")
+        if len(names) != config.num_actions:
+            raise DataError(f"dataset {path} has {len(names)} actions, the policy {config.num_actions}")
+        spec = config.scene_spec(history_stride(config.history_dt, manifest["dt"]))
+        for ep in episodes:
+            if ep.steps == 0:
+                continue
+            logged = getattr(ep, "step_log", None) or {}
+            expert = np.asarray(logged.get(EXPERT_ACTION, ep.action)).astype(np.int64).reshape(ep.steps)
+            keep = expert >= 0
+            onehot = np.eye(config.num_actions, dtype=np.float32)[np.maximum(expert, 0)]
+            if EXPERT_COSTS in logged:
+                soft = soft_targets(np.asarray(logged[EXPERT_COSTS], np.float64), np.maximum(expert, 0),
+                                    temperature)
+                onehot = np.where((ep.fallback == "")[:, None], soft, onehot)
+            obs.append(episode_policy_obs(ep, spec)[keep])
+            label.append(expert[keep])
+            target.append(onehot[keep])
+            episode.append(np.full(int(keep.sum()), offset * 10**7 + ep.index, np.int64))
+            steps += ep.steps
+    if not obs:
+        raise DataError(f"datasets {paths} hold no decisions")
+    return PolicyData(np.concatenate(obs), np.concatenate(label), np.concatenate(target), np.concatenate(episode),
+                      steps), list(names)
+
+
+def merge_data(parts: list[PolicyData]) -> PolicyData:
+    return PolicyData(*(np.concatenate([getattr(p, k) for p in parts])
+                        for k in ("obs", "label", "target", "episode")), steps=sum(p.steps for p in parts))
+
+
+@dataclass(frozen=True)
+class BCSettings:
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 20
+    """Stop after this many epochs without a lower validation loss."""
+    val_fraction: float = 0.15
+    seed: int = 0
+
+
+def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, init: PolicyNet | None = None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[PolicyNet, dict[str, Any]]:
+    """Behaviour cloning: cross-entropy against the targets (soft or one-hot), validation split by episode, best
+    weights by validation loss; accuracy is against the expert's executed label. `init` (a previous round's
+    policy) is fine-tuned, keeping its normalisation."""
+    from drive_mbrl.fit import split_by_episode
+
+    torch.manual_seed(settings.seed)
+    train_mask, val_mask = split_by_episode(data.episode, settings.val_fraction, settings.seed)
+    net = PolicyNet(config)
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+    else:
+        net.set_normalisation(data.obs[train_mask])
+    x, y, t = torch.as_tensor(data.obs), torch.as_tensor(data.label), torch.as_tensor(data.target)
+    xt, tt, xv, yv, tv = x[train_mask], t[train_mask], x[val_mask], y[val_mask], t[val_mask]
+    optim = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    history = []
+    for epoch in range(settings.epochs):
+        net.train()
+        order = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            loss = torch.nn.functional.cross_entropy(net(xt[idx]), tt[idx])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            total += float(loss.detach()) * len(idx)
+        net.eval()
+        with torch.no_grad():
+            logits = net(xv)
+            val_loss = float(torch.nn.functional.cross_entropy(logits, tv))
+            val_acc = float((logits.argmax(-1) == yv).float().mean())
+        record = {"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch,
+                    "state": {k: v.clone() for k, v in net.state_dict().items()}}
+        elif epoch - best["epoch"] >= settings.patience:
+            break
+    net.load_state_dict(best["state"])
+    net.eval()
+    return net, {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
+                 "train_decisions": int(train_mask.sum()), "val_decisions": int(val_mask.sum()),
+                 "epochs_run": len(history)}
+
+
+class DaggerAgent:
+    """`agent=dagger`: the policy drives, the planner labels. Options: `policy` (policy folder; empty: the expert
+    drives every step), `checkpoint` and `planner` (the expert MPC's), `beta` (share of steps on which the
+    expert's action is executed), `seed`. Logs the expert's action and its per-action costs at every step."""
+
+    drives_itself = False
+
+    def __init__(self, policy: str = "", checkpoint: str = "", planner: dict[str, Any] | None = None,
+                 beta: float = 0.0, seed: int = 0):
+        from drive_mbrl.mpc import MPCAgent
+        from drive_mbrl.policy import PolicyAgent
+
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"dagger beta must be in [0, 1], got {beta}")
+        self.learner = PolicyAgent(policy) if policy else None
+        self.expert = MPCAgent(checkpoint, planner)
+        self.beta, self.seed = beta, seed
+        self.last_fallback = ""
+        self._expert_action, self._costs = -1, None
+
+    def reset(self, env: Any, seed: int) -> None:
+        if self.learner:
+            self.learner.reset(env, seed)
+        self.expert.reset(env, seed)
+        self._costs = np.full(env.action_space.n, np.inf, np.float32)
+        self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
+
+    def attach_tracks(self, recorder: Any) -> None:
+        if self.learner:
+            self.learner.attach_tracks(recorder)
+        self.expert.attach_tracks(recorder)
+
+    def act(self, obs: Any, env: Any) -> int:
+        self._expert_action = self.expert.act(obs, env)
+        self.last_fallback = self.expert.last_fallback
+        costs = self.expert.last_decision.action_costs
+        self._costs = costs.float().cpu().numpy() if costs is not None else np.full_like(self._costs, np.inf)
+        if self.learner is None or self._rng.random() < self.beta:
+            return self._expert_action
+        return self.learner.act(obs, env)
+
+    def step_log(self) -> dict[str, np.ndarray]:
+        return {EXPERT_ACTION: np.asarray(self._expert_action, np.int64), EXPERT_COSTS: self._costs.copy()}

@@ -1,0 +1,364 @@
+"""The two gymnasium environments the reactive policy trains on, with the same observation and action spaces:
+
+- `PolicyEnv`: the real scenario (highway-env) seen through the project's own perception — the track recorder
+  and `features.policy_observation` — so a policy trained here drives `agent=policy` unchanged.
+- `ImaginationEnv`: the learned forecaster as a batched `gymnasium.vector.VectorEnv` (Dyna). Every rollout starts
+  from a real recorded scene and rolls forward with the model, one policy step per call for all B envs at once.
+
+Imagination, per step and env (all envs in one batched forecaster call):
+  1. the newest `history_len` frames of every agent, expressed in the ego's current frame, go into the
+     forecaster with the plan [action, IDLE, ...]; every member predicts every agent one policy step ahead;
+  2. the rollout's own member (drawn at reset: trajectory sampling, as in PETS) and one mode per agent (drawn by
+     its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
+     filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
+     lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges);
+  3. reward = the chosen member's reward head; a box overlap between the ego and another agent at any new frame
+     ends the rollout (terminated, reward 0, as highway-env's normalised reward on a crash);
+  4. model uncertainty is not ignored: when the members disagree more than the calibrated `uncertainty_level`
+     quantile (stored in the checkpoint by `fit`), the rollout is truncated there, and an optional penalty
+     (`uncertainty_penalty` x disagreement / limit) is subtracted from the reward;
+  5. rollouts are truncated after `horizon` steps. Autoreset follows gymnasium's next-step rule.
+
+Shapes: B envs, A agents (slot 0 the ego), W stored frames, F = len(HIST_FEATURES). Positions [m] and velocities
+[m/s] of the stored frames are kept in the frame of the rollout's start scene (ego frame at the start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from drive_mbrl.features import (
+    EGO_TRACK,
+    HIST_FEATURES,
+    SceneSpec,
+    history_stride,
+    live_history,
+    policy_obs_dim,
+    policy_observation,
+    scene_history,
+)
+
+X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
+
+
+def observation_space(agents: int) -> gym.spaces.Box:
+    return gym.spaces.Box(-np.inf, np.inf, (policy_obs_dim(agents),), np.float32)
+
+
+class PolicyEnv(gym.Env):
+    """A scenario's real env with the policy's observation. env_config: scenario (name or path), agents (V + 1),
+    history_dt [s] (the policy's frame gap), seed_offset (reset seeds are seed_offset + a counter unless given)."""
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        from drive_mbrl.rollout import recording_stride
+        from drive_mbrl.scenarios import env_timing, load_scenario, make_env
+        from drive_mbrl.tracking import TrackRecorder
+
+        config = dict(config or {})
+        self.scenario = load_scenario(config.get("scenario", "highway"))
+        self.env = make_env(self.scenario)
+        sim_hz, policy_hz = env_timing(self.env)
+        self.recorder = TrackRecorder(self.scenario.perception_range, recording_stride(sim_hz, policy_hz, 0),
+                                      1.0 / sim_hz)
+        agents = int(config.get("agents", 8))
+        self.spec = SceneSpec(agents=agents, history_len=2, history_stride=history_stride(
+            float(config.get("history_dt", 1.0)), self.recorder.frame_dt), horizon=1)
+        self.observation_space = observation_space(agents)
+        self.action_space = self.env.action_space
+        self._next_seed = int(config.get("seed_offset", 0))
+
+    def _obs(self) -> np.ndarray:
+        history, _, _, arrays = live_history(self.recorder, self.spec)
+        return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        from drive_mbrl.scenarios import reset_env
+
+        if seed is None:
+            seed, self._next_seed = self._next_seed, self._next_seed + 1
+        reset_env(self.env, int(seed))
+        self.recorder.attach(self.env)
+        return self._obs(), {"seed": int(seed)}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        _, reward, terminated, truncated, info = self.env.step(int(action))
+        crashed = bool(self.env.unwrapped.vehicle.crashed)
+        return self._obs(), float(reward), bool(terminated), bool(truncated), {"crashed": crashed,
+                                                                                "speed": float(info.get("speed", 0))}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass(frozen=True)
+class ImaginationConfig:
+    checkpoint: str
+    """Forecaster checkpoint folder."""
+    datasets: tuple[str, ...]
+    """Recorded episodes whose decisions are the start states."""
+    horizon: int = 10
+    """Imagined policy steps per rollout at most."""
+    uncertainty_level: float = 0.99
+    """Calibrated disagreement quantile (one of forecaster.UNCERTAINTY_LEVELS) beyond which a rollout stops."""
+    uncertainty_penalty: float = 0.0
+    """Reward penalty per unit of disagreement / limit."""
+    lane_width: float = 4.0
+    """[m] lane width of the scenario's straight lanes (highway-env's default)."""
+    agents: int = 8
+    """Slots of the policy's observation (the forecaster's agents are used for the model)."""
+    policy_history_dt: float = 1.0
+    seed: int = 0
+
+
+def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every decision of the datasets as a start state: history (N, A, W, F) in the ego frame at the decision
+    with frames `frame_dt` [s] apart, and the ego's lane number (N,)."""
+    from pathlib import Path
+
+    from drive_mbrl.data import load_dataset
+
+    hist, lanes = [], []
+    for path in paths:
+        manifest, episodes = load_dataset(Path(path))
+        spec = SceneSpec(agents=agents, history_len=window, history_stride=history_stride(frame_dt, manifest["dt"]),
+                         horizon=1)
+        for ep in episodes:
+            for s, frame in enumerate(ep.decision_frame):
+                if ep.crashed[: s + 1].any():
+                    break
+                h, _, _ = scene_history(ep.state, ep.present, ep.lane_offset, ep.lane_heading, int(frame), spec)
+                hist.append(h)
+                lanes.append(int(ep.lane_id[frame, EGO_TRACK]))
+    if not hist:
+        raise ValueError(f"no start states in {list(paths)}")
+    return np.stack(hist), np.asarray(lanes, np.int64)
+
+
+def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
+            T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cubic Hermite positions and velocities at fractions s (S,) of a step of T [s] between states (p0, v0) and
+    (p1, v1), each (..., 2). Returns (..., S, 2) twice; exact for constant acceleration."""
+    s = s[:, None]
+    p0, v0, p1, v1 = (x[..., None, :] for x in (p0, v0, p1, v1))
+    pos = (2 * s**3 - 3 * s**2 + 1) * p0 + (s**3 - 2 * s**2 + s) * T * v0 + (-2 * s**3 + 3 * s**2) * p1 \
+        + (s**3 - s**2) * T * v1
+    vel = ((6 * s**2 - 6 * s) * p0 + (-6 * s**2 + 6 * s) * p1) / T + (3 * s**2 - 4 * s + 1) * v0 \
+        + (3 * s**2 - 2 * s) * v1
+    return pos, vel
+
+
+def rotate(xy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate vectors (..., 2) by angle (...) [rad] (counter-clockwise in x-y)."""
+    c, s = torch.cos(angle)[..., None], torch.sin(angle)[..., None]
+    return torch.cat([c * xy[..., :1] - s * xy[..., 1:], s * xy[..., :1] + c * xy[..., 1:]], dim=-1)
+
+
+class ImaginationEnv(gym.vector.VectorEnv):
+    """The learned model as B batched envs (see the module docstring)."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, config: ImaginationConfig, num_envs: int, starts: tuple[np.ndarray, np.ndarray] | None = None):
+        from drive_mbrl.fit import load_forecaster
+        from drive_mbrl.forecaster import UNCERTAINTY_LEVELS
+
+        self.config = config
+        self.model, meta = load_forecaster(config.checkpoint, "cpu")
+        mc = self.model.config
+        self.frame_dt = float(meta["history_dt"])
+        self.sub = int(round(mc.policy_dt / self.frame_dt))
+        """Stored frames per policy step."""
+        self.gap = int(round(config.policy_history_dt / self.frame_dt))
+        self.W = max(mc.history_len, self.gap + 1)
+        self.A = mc.agents
+        if config.agents > self.A:
+            raise ValueError(f"the policy observes {config.agents} slots, the forecaster only {self.A}")
+        hist, lanes = starts if starts is not None else start_states(config.datasets, self.A, self.W, self.frame_dt)
+        self.starts_hist, self.starts_lane = torch.as_tensor(hist), torch.as_tensor(lanes)
+        limit = self.model.uncertainty_quantiles[0, UNCERTAINTY_LEVELS.index(config.uncertainty_level)]
+        self.dis_limit = float(limit)
+        self.num_envs = num_envs
+        self.single_observation_space = observation_space(config.agents)
+        self.single_action_space = gym.spaces.Discrete(mc.num_actions)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.idle = 1 if mc.num_actions == 5 else 0
+        self.gen = torch.Generator().manual_seed(config.seed)
+        B, A, W = num_envs, self.A, self.W
+        self.pos = torch.zeros(B, A, W, 2)
+        self.vel = torch.zeros(B, A, W, 2)
+        self.present = torch.zeros(B, A, W, dtype=torch.bool)
+        self.offset = torch.zeros(B, A, W)
+        self.size = torch.zeros(B, A, 2)
+        self.lane_dir = torch.zeros(B, A)
+        self.lane = torch.zeros(B, dtype=torch.long)
+        self.member = torch.zeros(B, dtype=torch.long)
+        self.t = torch.zeros(B, dtype=torch.long)
+        self.done = torch.zeros(B, dtype=torch.bool)
+
+    # -- state <-> features ------------------------------------------------------------------------------------
+    def _load(self, envs: torch.Tensor) -> None:
+        """Reset `envs` (indices) to random start states."""
+        pick = torch.randint(len(self.starts_lane), (len(envs),), generator=self.gen)
+        h = self.starts_hist[pick]  # (n, A, W, F) ego frame at the start = this rollout's reference frame
+        self.pos[envs], self.vel[envs] = h[..., X:Y + 1], h[..., VX:VY + 1]
+        self.present[envs] = h[..., PRESENT] > 0.5
+        self.offset[envs] = h[..., OFFSET]
+        self.size[envs] = h[:, :, -1, LEN:WID + 1]
+        self.lane_dir[envs] = torch.atan2(h[:, :, -1, SIN_LANE], h[:, :, -1, COS_LANE])
+        self.lane[envs] = self.starts_lane[pick]
+        self.member[envs] = torch.randint(self.model.config.members, (len(envs),), generator=self.gen)
+        self.t[envs] = 0
+        self.done[envs] = False
+
+    def _heading(self) -> torch.Tensor:
+        """(B, A, W) heading [rad] in the reference frame from the velocity (0 when nearly stopped)."""
+        return torch.atan2(self.vel[..., 1], self.vel[..., 0]) * (self.vel.norm(dim=-1) > 0.1)
+
+    def _features(self, frames: list[int]) -> torch.Tensor:
+        """(B, A, len(frames), F) scene features of the stored frames in the ego's current frame."""
+        heading = self._heading()
+        origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]  # (B, 2), (B,)
+        idx = torch.as_tensor(frames)
+        pos = rotate(self.pos[:, :, idx] - origin[:, None, None], -yaw[:, None, None])
+        vel = rotate(self.vel[:, :, idx], -yaw[:, None, None])
+        rel = heading[:, :, idx] - yaw[:, None, None]
+        lane = (self.lane_dir - yaw[:, None])[:, :, None].expand_as(rel)
+        size = self.size[:, :, None].expand(-1, -1, len(frames), -1)
+        feats = torch.cat([pos, vel, torch.cos(rel)[..., None], torch.sin(rel)[..., None], size,
+                           self.offset[:, :, idx, None], torch.cos(lane)[..., None], torch.sin(lane)[..., None],
+                           self.present[:, :, idx, None].float()], dim=-1)
+        return feats * self.present[:, :, idx, None]
+
+    def _observe(self) -> np.ndarray:
+        hist = self._features([self.W - 1 - self.gap, self.W - 1])[:, : self.config.agents]
+        return policy_observation(hist.numpy(), self.lane.numpy())
+
+    # -- gymnasium API -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self.gen.manual_seed(int(seed))
+        self._load(torch.arange(self.num_envs))
+        return self._observe(), {}
+
+    @torch.no_grad()
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        actions = torch.as_tensor(np.asarray(actions), dtype=torch.long).reshape(self.num_envs)
+        B, A, mc = self.num_envs, self.A, self.model.config
+        restart = self.done.clone()
+        hist = self._features(list(range(self.W - mc.history_len, self.W)))
+        mask = self.present[:, :, -1].clone()
+        mask[:, 0] = True
+        plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long)
+        plans[:, 0, 0] = actions
+        out = self.model.decode(self.model.encode(hist, mask), hist, mask, plans)
+        from drive_mbrl.forecaster import plan_uncertainty
+
+        disagreement = plan_uncertainty({k: v[:, :, 0] for k, v in out.items()}, mask)[0]  # (B,)
+        b = torch.arange(B)
+        mean = out["mean"][self.member, b, 0, :, :, 0]  # (B, A, K, 4) one step ahead, current ego frame
+        logits = out["logits"][self.member, b, 0]  # (B, A, K)
+        mode = torch.multinomial(logits.exp().reshape(B * A, -1), 1, generator=self.gen).reshape(B, A)
+        mode[:, 0] = logits[:, 0].argmax(-1)
+        nxt = mean.gather(2, mode[:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]  # (B, A, 4)
+        reward = out["reward"][self.member, b, 0, 0].clamp(0.0, 1.0)
+        # Back to the reference frame, then interpolate the frames in between.
+        heading = self._heading()
+        origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]
+        p1 = rotate(nxt[..., :2], yaw[:, None]) + origin[:, None]
+        v1 = rotate(nxt[..., 2:], yaw[:, None])
+        s = torch.arange(1, self.sub + 1, dtype=torch.float32) / self.sub
+        pos, vel = hermite(self.pos[:, :, -1], self.vel[:, :, -1], p1, v1, s, mc.policy_dt)  # (B, A, sub, 2)
+        normal = torch.stack([-torch.sin(self.lane_dir), torch.cos(self.lane_dir)], -1)  # (B, A, 2) to the right
+        lateral = ((pos - self.pos[:, :, -1:]) * normal[:, :, None]).sum(-1)
+        offset = self.offset[:, :, -1:] + lateral  # (B, A, sub)
+        crossed = torch.round(offset / self.config.lane_width)
+        ego_cross = crossed[:, 0, -1].long()
+        offset = offset - crossed * self.config.lane_width
+        present = self.present[:, :, -1:].expand(-1, -1, self.sub)
+        crash = self._overlap(pos, vel, present)
+        self.pos = torch.cat([self.pos[:, :, self.sub:], pos], dim=2)
+        self.vel = torch.cat([self.vel[:, :, self.sub:], vel], dim=2)
+        self.present = torch.cat([self.present[:, :, self.sub:], present], dim=2)
+        self.offset = torch.cat([self.offset[:, :, self.sub:], offset], dim=2)
+        self.lane = self.lane + ego_cross
+        self.t += 1
+        if self.config.uncertainty_penalty:
+            reward = reward - self.config.uncertainty_penalty * disagreement / self.dis_limit
+        reward = torch.where(crash, torch.zeros_like(reward), reward)
+        terminated = crash
+        unsure = disagreement > self.dis_limit
+        truncated = ~terminated & ((self.t >= self.config.horizon) | unsure)
+        # Gymnasium's next-step autoreset: envs that ended at the previous call restart now, their action ignored.
+        if restart.any():
+            self._load(restart.nonzero()[:, 0])
+            reward[restart], terminated[restart], truncated[restart] = 0.0, False, False
+        self.done = terminated | truncated
+        infos = {"crashed": crash.numpy() & ~restart.numpy(), "unsure": unsure.numpy() & ~restart.numpy()}
+        return (self._observe(), reward.numpy().astype(np.float32), terminated.numpy(), truncated.numpy(), infos)
+
+    def _overlap(self, pos: torch.Tensor, vel: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B,) the ego's box overlaps a present agent's at any of the new frames (boxes aligned with the ego)."""
+        yaw = torch.atan2(vel[:, 0, :, 1], vel[:, 0, :, 0])  # (B, sub)
+        rel = rotate(pos[:, 1:] - pos[:, :1], -yaw[:, None])  # (B, A-1, sub, 2)
+        reach = (self.size[:, 1:] + self.size[:, :1]) / 2  # (B, A-1, 2)
+        hit = (rel.abs() < reach[:, :, None]).all(-1) & present[:, 1:]
+        return hit.any(-1).any(-1)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        pass
+
+
+class SingleImaginationEnv(gym.Env):
+    """One imagined rollout at a time as a plain `gymnasium.Env` (gymnasium's env checker, single-env users)."""
+
+    def __init__(self, config: ImaginationConfig, starts: tuple[np.ndarray, np.ndarray] | None = None):
+        self.vec = ImaginationEnv(config, 1, starts)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        obs, _ = self.vec.reset(seed=seed)
+        return obs[0], {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, term, trunc, info = self.vec.step(np.asarray([action]))
+        return obs[0], float(reward[0]), bool(term[0]), bool(trunc[0]), {k: bool(v[0]) for k, v in info.items()}
+
+
+def imagination_throughput(env: ImaginationEnv, steps: int, seed: int = 0) -> float:
+    """Imagined transitions per second over `steps` batched calls with random actions."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(rng.integers(env.single_action_space.n, size=env.num_envs))
+    return steps * env.num_envs / (time.perf_counter() - start)
+
+
+def real_throughput(scenario: str, steps: int, seed: int = 0) -> float:
+    """Real env steps per second of `PolicyEnv` (with perception) over `steps` random-action steps."""
+    import time
+
+    env = PolicyEnv({"scenario": scenario, "seed_offset": seed})
+    rng = np.random.default_rng(seed)
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        if term or trunc:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+

@@ -1,0 +1,231 @@
+"""RLlib (new API stack) around the project's own policy network: the only module that imports `ray.rllib`.
+
+- `PolicyRLModule`: a TorchRLModule holding `policy.PolicyNet` (the very network distillation trains and export
+  writes to ONNX) plus a separate value MLP for PPO; `model_config["init"]` loads a distilled policy.
+- `MixedVectorEnv`: one batched env of `real` real-scenario envs (`imagination.PolicyEnv`) and `imagined` envs of
+  the learned model (`imagination.ImaginationEnv`); each call steps all of them, so the real : imagined ratio of
+  the training data is exactly real : imagined. `imagined=0` is the model-free peer, `real=0` pure imagination.
+- `train_ppo`: PPO iterations with progress, resumable checkpoints (the algorithm's state and the policy folder,
+  written to a temp folder, then renamed) and a budget on real env steps.
+
+Why PPO (not DQN): the learned model gives fresh on-policy rollouts cheaply and in large batches, which is what
+PPO consumes; short, truncated imagined rollouts are handled by GAE bootstrapping from the value head; and PPO's
+clipped update keeps a distilled policy close to where distillation left it, while DQN would first have to learn
+Q-values consistent with the distilled policy's logits before it could improve on them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.policy import PolicyConfig, PolicyNet, load_policy, save_policy
+
+
+class PolicyRLModule(TorchRLModule, ValueFunctionAPI):
+    """model_config: {"policy": asdict(PolicyConfig), "init": policy folder or ""}."""
+
+    def setup(self) -> None:
+        config = PolicyConfig(**self.model_config["policy"])
+        self.policy = PolicyNet(config)
+        if self.model_config.get("init"):
+            net, _ = load_policy(self.model_config["init"])
+            self.policy.load_state_dict(net.state_dict())
+        self.value = torch.nn.Sequential(torch.nn.Linear(config.obs_dim, config.hidden), torch.nn.Tanh(),
+                                         torch.nn.Linear(config.hidden, config.hidden), torch.nn.Tanh(),
+                                         torch.nn.Linear(config.hidden, 1))
+
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {Columns.ACTION_DIST_INPUTS: self.policy(batch[Columns.OBS])}
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        obs = batch[Columns.OBS]
+        return self.value((obs - self.policy.obs_mean) / self.policy.obs_std).squeeze(-1)
+
+
+class MixedVectorEnv(gym.vector.VectorEnv):
+    """`real` real envs followed by `imagined` model envs, stepped together (gymnasium next-step autoreset)."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, config: dict[str, Any]):
+        from drive_mbrl.imagination import ImaginationConfig, ImaginationEnv, PolicyEnv, observation_space
+
+        torch.set_num_threads(1)
+        self.n_real, self.n_imagined = int(config.get("real", 1)), int(config.get("imagined", 0))
+        worker = int(getattr(config, "worker_index", 0))
+        seed = int(config.get("seed", 0)) + 1_000 * worker
+        self.real = [PolicyEnv({"scenario": config["scenario"], "agents": config["agents"],
+                                "history_dt": config["history_dt"], "seed_offset": seed + 100_000 * i})
+                     for i in range(self.n_real)]
+        self.imagined = None
+        if self.n_imagined:
+            self.imagined = ImaginationEnv(ImaginationConfig(**config["imagination"], seed=seed), self.n_imagined)
+        self.num_envs = self.n_real + self.n_imagined
+        self.single_observation_space = observation_space(config["agents"])
+        self.single_action_space = self.real[0].action_space if self.real else self.imagined.single_action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        self._done = np.zeros(self.n_real, bool)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        obs = [env.reset()[0] for env in self.real]
+        if self.imagined is not None:
+            obs += list(self.imagined.reset(seed=seed)[0])
+        self._done[:] = False
+        return np.stack(obs).astype(np.float32), {}
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        actions = np.asarray(actions)
+        obs, rew, term, trunc = [], [], [], []
+        for i, env in enumerate(self.real):
+            if self._done[i]:
+                o, r, te, tr = env.reset()[0], 0.0, False, False
+            else:
+                o, r, te, tr, _ = env.step(int(actions[i]))
+            self._done[i] = te or tr
+            obs.append(o)
+            rew.append(r)
+            term.append(te)
+            trunc.append(tr)
+        if self.imagined is not None:
+            o, r, te, tr, _ = self.imagined.step(actions[self.n_real:])
+            obs, rew, term, trunc = obs + list(o), rew + list(r), term + list(te), trunc + list(tr)
+        return (np.stack(obs).astype(np.float32), np.asarray(rew, np.float32), np.asarray(term, bool),
+                np.asarray(trunc, bool), {})
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.real:
+            env.close()
+
+
+ENV_NAME = "drive_mbrl_mixed"
+
+
+def make_mixed_env(config: dict[str, Any]) -> MixedVectorEnv:
+    """RLlib env creator (vector entry point: RLlib passes num_envs; the split comes from `real`/`imagined`)."""
+    n = int(config.get("num_envs", 1))
+    if n != int(config.get("real", 1)) + int(config.get("imagined", 0)):
+        raise ConfigError(f"num_envs {n} != real + imagined ({config.get('real')} + {config.get('imagined')})")
+    return MixedVectorEnv(config)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    iterations: int = 20
+    batch_size: int = 1024
+    """Transitions per PPO iteration (real + imagined)."""
+    minibatch_size: int = 256
+    epochs: int = 6
+    lr: float = 1e-4
+    gamma: float = 0.9
+    lambda_: float = 0.95
+    clip: float = 0.2
+    entropy: float = 0.003
+    real: int = 1
+    """Real envs per batched step."""
+    imagined: int = 0
+    """Imagined envs per batched step."""
+    max_real_steps: int = 5000
+    """Training stops once this many real env steps were sampled."""
+    seed: int = 0
+
+
+def check_resources(env_runners: int) -> None:
+    """RLlib hangs without a message when asked for more CPUs than the cluster has: refuse that here."""
+    import ray
+
+    available = int(ray.cluster_resources().get("CPU", 0))
+    if env_runners + 1 > available:
+        raise ConfigError(f"{env_runners} env runner(s) + 1 learner need {env_runners + 1} CPUs, the Ray cluster has "
+                          f"{available}: lower env_runners")
+
+
+def build_ppo(env_config: dict[str, Any], policy: PolicyConfig, init: str, settings: PPOSettings,
+              env_runners: int = 0) -> Any:
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.tune.registry import register_env
+
+    check_resources(env_runners)
+    register_env(ENV_NAME, make_mixed_env)
+    n = settings.real + settings.imagined
+    config = (
+        PPOConfig()
+        .environment(env=ENV_NAME, env_config={**env_config, "real": settings.real,
+                                                     "imagined": settings.imagined, "seed": settings.seed})
+        .env_runners(num_env_runners=env_runners, num_envs_per_env_runner=n,
+                     gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto")
+        .learners(num_learners=0)
+        .training(train_batch_size_per_learner=settings.batch_size, minibatch_size=settings.minibatch_size,
+                  num_epochs=settings.epochs, lr=settings.lr, gamma=settings.gamma, lambda_=settings.lambda_,
+                  clip_param=settings.clip, entropy_coeff=settings.entropy, vf_clip_param=10.0)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=PolicyRLModule,
+                                               model_config={"policy": asdict(policy), "init": init}))
+        .debugging(seed=settings.seed)
+    )
+    return config.build_algo()
+
+
+def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: list[str], init: str,
+              settings: PPOSettings, out: Path, env_runners: int = 0,
+              on_iteration: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """PPO until `settings.iterations` or the real-step budget; resumes from out/algo. The policy after every
+    iteration is in out/policy (a `policy.load_policy` folder). Returns the per-iteration history."""
+    import json
+
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "history.json"
+    history = json.loads(state_file.read_text()) if state_file.is_file() else []
+    algo = build_ppo(env_config, policy, init, settings, env_runners)
+    try:
+        if history and (out / "algo").is_dir():
+            algo.restore_from_path(str((out / "algo").resolve()))
+        share = settings.real / (settings.real + settings.imagined)
+        for it in range(len(history), settings.iterations):
+            real_so_far = history[-1]["real_steps"] if history else 0
+            if real_so_far >= settings.max_real_steps:
+                break
+            result = algo.train()
+            runners = result.get("env_runners", {})
+            sampled = int(runners.get("num_env_steps_sampled_lifetime", 0))
+            row = {"iteration": it, "env_steps": sampled, "real_steps": int(round(sampled * share)),
+                   "imagined_steps": int(round(sampled * (1 - share))),
+                   "episode_return_mean": float(runners.get("episode_return_mean", float("nan")))}
+            _save_atomically(out / "algo", lambda tmp: algo.save_to_path(str(tmp.resolve())))
+            net = algo.get_module().policy
+            save_policy(out / "policy", net, action_names, {"ppo": asdict(settings), "iteration": it,
+                                                             "real_steps": row["real_steps"]})
+            history.append(row)
+            from drive_mbrl.data import write_json
+
+            write_json(state_file, history)
+            if on_iteration:
+                on_iteration(row)
+    finally:
+        algo.stop()
+    return {"history": history, "policy": str(out / "policy")}
+
+
+def _save_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,112 @@
+"""The learned-model env (Dyna): interpolation, start-state parity with recorded observations, autoreset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drive_mbrl.features import SceneSpec, episode_policy_obs, history_stride
+from drive_mbrl.imagination import ImaginationConfig, ImaginationEnv, PolicyEnv, hermite, rotate, start_states
+
+
+def test_hermite_is_exact_for_constant_acceleration():
+    p0, v0, a, T = torch.tensor([1.0, -2.0]), torch.tensor([20.0, 1.0]), torch.tensor([-3.0, 0.5]), 1.0
+    p1, v1 = p0 + v0 * T + 0.5 * a * T**2, v0 + a * T
+    s = torch.tensor([0.2, 0.5, 1.0])
+    pos, vel = hermite(p0, v0, p1, v1, s, T)
+    t = s[:, None] * T
+    torch.testing.assert_close(pos, p0 + v0 * t + 0.5 * a * t**2)
+    torch.testing.assert_close(vel, v0 + a * t)
+
+
+def test_rotate_by_a_quarter_turn():
+    torch.testing.assert_close(rotate(torch.tensor([[1.0, 0.0]]), torch.tensor([np.pi / 2])),
+                               torch.tensor([[0.0, 1.0]]), atol=1e-7, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint.parent / "data"
+
+
+def test_imagined_start_observation_equals_the_recorded_one(tiny_checkpoint: Path, recorded: Path):
+    """At reset the imagination env's observation (its own frame transforms, headings from velocities) equals
+    the observation cut from the recorded episode at the same decision."""
+    from drive_mbrl.data import load_dataset
+
+    config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4)
+    env = ImaginationEnv(config, num_envs=1)
+    manifest, episodes = load_dataset(recorded)
+    episode = episodes[0]
+    spec = SceneSpec(agents=4, history_len=2, history_stride=history_stride(1.0, manifest["dt"]), horizon=1)
+    expected = episode_policy_obs(episode, spec)
+    hist, lanes = start_states([str(recorded)], env.A, env.W, env.frame_dt)
+    for s in (1, 3):  # decisions of the first episode (start states are in episode order)
+        env.starts_hist, env.starts_lane = torch.as_tensor(hist[s:s + 1]), torch.as_tensor(lanes[s:s + 1])
+        obs, _ = env.reset(seed=0)
+        np.testing.assert_allclose(obs[0], expected[s], atol=2e-4)
+
+
+def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoint: Path, recorded: Path):
+    config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, horizon=2, uncertainty_level=0.999)
+    env = ImaginationEnv(config, num_envs=16)
+    obs, _ = env.reset(seed=1)
+    assert obs.shape == (16, env.single_observation_space.shape[0]) and np.isfinite(obs).all()
+    ended = np.zeros(16, bool)
+    for _ in range(2):
+        obs, reward, term, trunc, _ = env.step(np.full(16, 1))
+        assert np.isfinite(obs).all() and ((reward >= 0) & (reward <= 1)).all()
+        ended |= term | trunc
+    assert ended.all()  # horizon 2: every rollout is over
+    obs, reward, term, trunc, _ = env.step(np.full(16, 1))  # next-step autoreset: fresh starts, nothing ends
+    assert (reward == 0).all() and not term.any() and not trunc.any()
+    assert (env.t == 0).all()
+
+
+def test_one_imagined_env_passes_gymnasiums_env_checker(tiny_checkpoint: Path, recorded: Path):
+    from gymnasium.utils.env_checker import check_env
+
+    from drive_mbrl.imagination import SingleImaginationEnv
+
+    env = SingleImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4))
+    check_env(env, skip_render_check=True)
+
+
+def test_crash_is_a_box_overlap_with_the_ego(tiny_checkpoint: Path, recorded: Path):
+    env = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), num_envs=2)
+    env.reset(seed=0)
+    env.size[:] = torch.tensor([5.0, 2.0])
+    pos = torch.zeros(2, env.A, 1, 2)
+    pos[:, 1:, 0, 0] = 100.0  # everyone far ahead ...
+    pos[0, 1, 0] = torch.tensor([4.9, 1.9])  # ... but in env 0 one car overlaps the ego (reach 5 x 2 m)
+    pos[1, 1, 0] = torch.tensor([5.1, 0.0])  # and in env 1 one is just clear of it
+    vel = torch.zeros(2, env.A, 1, 2)
+    vel[..., 0] = 20.0
+    present = torch.ones(2, env.A, 1, dtype=torch.bool)
+    assert env._overlap(pos, vel, present).tolist() == [True, False]
+    present[0, 1] = False  # absent agents never collide
+    assert env._overlap(pos, vel, present).tolist() == [False, False]
+
+
+def test_policy_env_observation_matches_the_episode_loop():
+    """PolicyEnv (what RLlib trains on) and agent=policy (what evaluation runs) see the same observation."""
+    env = PolicyEnv({"scenario": "highway", "agents": 4, "history_dt": 1.0})
+    try:
+        obs, info = env.reset(seed=11)
+        seen = [obs]
+        for action in (1, 3, 1):
+            obs, *_ = env.step(action)
+            seen.append(obs)
+        arrays = env.recorder.arrays()
+    finally:
+        env.close()
+    from drive_mbrl.features import policy_observation, scene_history
+
+    frames = [i * 5 for i in range(4)]  # highway: 5 recorded frames per policy step
+    for obs, frame in zip(seen, frames, strict=True):
+        hist, _, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
+                                   arrays["lane_heading"], frame, env.spec)
+        np.testing.assert_allclose(obs, policy_observation(hist, int(arrays["lane_id"][frame, 0])), atol=1e-6)

@@ -1,0 +1,170 @@
+"""The reactive policy: its observation (live == recorded), soft targets, behaviour cloning, DAgger labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drive_mbrl.distill import (
+    EXPERT_ACTION,
+    EXPERT_COSTS,
+    BCSettings,
+    DaggerAgent,
+    PolicyData,
+    policy_data,
+    soft_targets,
+    train_policy,
+)
+from drive_mbrl.errors import DataError
+from drive_mbrl.features import HIST_FEATURES, POLICY_FEATURES, episode_policy_obs, history_stride, policy_observation
+from drive_mbrl.policy import PolicyAgent, PolicyConfig, PolicyNet, load_policy, save_policy
+from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+from drive_mbrl.scenarios import load_scenario
+
+NAMES = ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"]
+
+
+@pytest.fixture
+def random_policy(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    net = PolicyNet(PolicyConfig(agents=4, hidden=16))
+    save_policy(tmp_path / "policy", net, NAMES, {})
+    return tmp_path / "policy"
+
+
+def test_policy_observation_by_hand():
+    F = len(HIST_FEATURES)
+    history = np.zeros((2, 2, F), np.float32)  # 2 slots, 2 frames
+    history[0, 0, :4], history[0, 1, :4] = [0, 0, 20, 0], [0, 0, 22, 1]
+    history[0, :, -1] = 1  # the ego is present in both frames
+    history[1, 1, :4], history[1, 1, -1] = [10, 4, 25, 0], 1  # slot 1 appears only in the last frame
+    obs = policy_observation(history, ego_lane=2)
+    P = len(POLICY_FEATURES)
+    assert obs.shape == (2 * P + 1,)
+    assert obs[:4].tolist() == [0, 0, 22, 1] and obs[F:F + 2].tolist() == [2, 1]  # dv of the ego
+    assert obs[P:P + 4].tolist() == [10, 4, 25, 0] and obs[P + F:P + F + 2].tolist() == [0, 0]  # absent before
+    assert obs[-1] == 2
+
+
+def test_live_observation_equals_the_one_recomputed_from_the_recorded_episode(random_policy: Path):
+    agent = PolicyAgent(str(random_policy))
+    seen: list[np.ndarray] = []
+    observe = agent.observation
+    agent.observation = lambda: seen.append(observe()) or seen[-1]  # type: ignore[method-assign]
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "policy", 0, 7, max_steps=6), agent)
+    finally:
+        runner.close()
+    recorded = episode_policy_obs(episode, agent.spec)
+    assert recorded.shape == (episode.steps, agent.net.config.obs_dim)
+    np.testing.assert_allclose(np.stack(seen), recorded, atol=1e-5)
+    assert np.abs(recorded[1:, -1]).max() >= 0  # lane number present
+    assert (recorded[1:, 2] > 10).all()  # the ego's own speed [m/s] at slot 0
+
+
+def test_soft_targets_by_hand():
+    costs = np.array([[1.0, 2.0, np.inf], [np.inf, np.inf, np.inf]])
+    label = np.array([0, 2])
+    out = soft_targets(costs, label, temperature=1.0)
+    e = np.exp(-1.0)
+    np.testing.assert_allclose(out[0], [1 / (1 + e), e / (1 + e), 0.0], rtol=1e-6)
+    assert out[1].tolist() == [0, 0, 1]  # nothing feasible: one-hot of the executed label
+    assert soft_targets(costs, label, 0.0)[0].tolist() == [1, 0, 0]
+
+
+def test_behaviour_cloning_learns_a_known_rule():
+    """Label = SLOWER when the slot-1 vehicle is within 15 m ahead, else FASTER: learnable from the features."""
+    rng = np.random.default_rng(0)
+    config = PolicyConfig(agents=2, hidden=32)
+    n = 1200
+    obs = rng.normal(size=(n, config.obs_dim)).astype(np.float32)
+    gap = rng.uniform(0, 40, n).astype(np.float32)
+    obs[:, len(POLICY_FEATURES)] = gap  # slot 1's x
+    label = np.where(gap < 15, 4, 3).astype(np.int64)
+    data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, steps=n)
+    net, summary = train_policy(data, config, BCSettings(epochs=60, seed=0))
+    assert summary["val_accuracy"] >= 0.95
+    with torch.no_grad():
+        test = np.zeros((2, config.obs_dim), np.float32)
+        test[:, len(POLICY_FEATURES)] = [5.0, 35.0]
+        assert net(torch.as_tensor(test)).argmax(-1).tolist() == [4, 3]
+
+
+def test_load_policy_refuses_bad_folders(tmp_path: Path, tiny_checkpoint: Path):
+    with pytest.raises(DataError, match="not a policy checkpoint"):
+        load_policy(tmp_path / "missing")
+    (tmp_path / "fake").mkdir()
+    for name in ("meta.json", "best.pt"):
+        (tmp_path / "fake" / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    with pytest.raises(DataError, match="not a policy"):
+        load_policy(tmp_path / "fake")
+
+
+def test_dagger_agent_logs_the_planners_labels_and_the_policy_drives(random_policy: Path, tiny_checkpoint: Path,
+                                                                     tmp_path: Path):
+    from drive_mbrl.data import RunSpec, collect
+
+    # The tiny forecaster sees 4 agents, 3 frames; the policy 4 agents, 2 frames: both run from one recording.
+    options = {"policy": str(random_policy), "checkpoint": str(tiny_checkpoint), "beta": 0.0,
+               "planner": {"budget": 64, "threads": 1}}
+    import json
+
+    collect(RunSpec(load_scenario("highway"), "dagger", 1, 5, max_steps=4, agent_options=json.dumps(options)),
+            tmp_path / "d")
+    data, names = policy_data([str(tmp_path / "d")], load_policy(random_policy)[0].config, temperature=0.5)
+    assert names == NAMES and len(data) == 4
+    from drive_mbrl.data import load_dataset
+
+    _, (episode,) = load_dataset(tmp_path / "d")
+    log = episode.step_log
+    assert log[EXPERT_ACTION].shape == (4,) and log[EXPERT_COSTS].shape == (4, 5)
+    assert (data.label == log[EXPERT_ACTION]).all()
+    assert np.allclose(data.target.sum(1), 1.0)
+    # beta=0: every executed action is the policy's own greedy choice on the recorded observation.
+    net, _ = load_policy(random_policy)
+    obs = episode_policy_obs(episode, net.config.scene_spec(history_stride(net.config.history_dt, 0.2)))
+    with torch.no_grad():
+        assert net(torch.as_tensor(obs)).argmax(-1).tolist() == episode.action.tolist()
+    # Where the planner's costs are finite, the soft target ranks actions as the costs do.
+    finite = np.isfinite(log[EXPERT_COSTS]).any(1) & (episode.fallback == "")
+    for costs, target in zip(log[EXPERT_COSTS][finite], data.target[finite], strict=True):
+        assert np.argmax(target) == np.argmin(costs)
+
+
+def test_dagger_beta_must_be_a_share(random_policy: Path, tiny_checkpoint: Path):
+    from drive_mbrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="beta"):
+        DaggerAgent(str(random_policy), str(tiny_checkpoint), beta=1.5)
+
+
+def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: Path, tmp_path: Path):
+    """Smoke test of `drive-mbrl distill` on a tiny budget (real planner, real env), then resume: the rerun
+    reuses every round (same policies, same figures)."""
+    import json
+
+    from conftest import run_cli
+
+    from drive_mbrl.data import RunSpec, collect
+
+    options = json.dumps({"checkpoint": str(tiny_checkpoint), "planner": {"budget": 32, "threads": 1}})
+    collect(RunSpec(load_scenario("highway"), "dagger", 2, 0, max_steps=6, agent_options=options), tmp_path / "x")
+    args = ["distill", f"dataset=[{tmp_path / 'x'}]", f"checkpoint={tiny_checkpoint}", "rounds=1",
+            "episodes_per_round=1", "eval_episodes=1", "epochs=3", "hidden=16", "planner.budget=32",
+            "planner.threads=1", "hydra.run.dir=run"]
+    first = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["real_steps"] > rounds[0]["real_steps"] == 12  # DAgger added the policy's own episode
+    assert rounds[1]["decisions"] > rounds[0]["decisions"]
+    net, meta = load_policy(tmp_path / "run" / "policy")
+    assert net.config.hidden == 16 and meta["summary"]["decisions"] == rounds[1]["decisions"]
+    again = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rounds
