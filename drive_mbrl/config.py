@@ -95,6 +95,7 @@ class CollectConfig:
     agent: str = opt("idm", "ego driver", choices=AGENTS)
     checkpoint: str = opt("", "agent=mpc: forecaster checkpoint folder (from `drive-mbrl fit`); agent=policy: "
                                 "policy folder (from `drive-mbrl distill`)")
+    bundle: str = opt("", "exported bundle folder for agent=onnx (from `drive-mbrl export`)")
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
@@ -374,3 +375,14 @@ class ExportConfig:
                                    metadata={"help": "settings of the exported planning step (constants of its graph)"})
     planner_scenes: int = opt(100, "recorded scenes the planner graph is checked on (0: export no planner graph)",
                               lo=0, hi=10**6)
+
+
+@dataclass
+class BenchExportConfig:
+    """`drive-mbrl bench export`: batch-1 latency of each graph of a bundle, onnxruntime against torch eager."""
+
+    bundle: str = opt("", "bundle folder (from `drive-mbrl export`); required")
+    repeats: int = opt(2000, "timed calls of the forecaster and the policy (p50 / p99)", lo=10, hi=10**7)
+    decisions: int = opt(30, "recorded scenes the planning step is timed on", lo=1, hi=10**6)
+    threads: int = opt(1, "CPU threads of both onnxruntime (intra-op) and torch", lo=1, hi=1024)
+    dataset: list[str] = opt([], "datasets of the recorded scenes (default: those of the bundle's parity check)")

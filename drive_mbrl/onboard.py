@@ -237,3 +237,88 @@ def load_bundle(folder: Path | str, settings: RuntimeSettings = RuntimeSettings(
         graphs[name] = Graph(name, spec, session)
     providers = choose_providers(settings.device)
     return Bundle(folder, contract, graphs, providers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The onboard agent: drives highway-env from a bundle
+
+
+class OnnxAgent:
+    """`agent=onnx bundle=<folder>`: drives with a bundle's planner graph (the whole planning step) through
+    onnxruntime alone. Like `mpc.MPCAgent` it cuts the scene from the episode's own track recording with the numpy
+    feature code, reads the ego's set-points from the simulator, draws the step's noise (numpy, seeded per
+    episode), runs the graph and executes its action; the plan shifted by one step warm-starts the next decision.
+    """
+
+    drives_itself = False
+
+    def __init__(self, bundle: str = "", device: str = "auto", threads: int = 1, seed: int = 0):
+        from drive_mbrl.errors import ConfigError
+
+        if not bundle:
+            raise ConfigError("agent=onnx needs bundle=<folder> (write one with `drive-mbrl export`)")
+        self.bundle = load_bundle(bundle, RuntimeSettings(device, threads), only=("planner",))
+        self.graph = self.bundle.graph("planner")
+        self.spec = self.graph.spec
+        self.seed = seed
+        self.last_fallback = ""
+        self.last_inputs: dict[str, np.ndarray] = {}
+        """The graph's inputs at the last decision (for inspection and tests)."""
+        self._recorder: Any = None
+
+    def reset(self, env: Any, seed: int) -> None:
+        from drive_mbrl.errors import ConfigError
+        from drive_mbrl.scenarios import action_names, env_timing
+
+        names = action_names(env)
+        if names != self.bundle.contract["actions"]:
+            raise ConfigError(f"bundle {self.bundle.folder} was exported for actions {self.bundle.contract['actions']}"
+                              f", this scenario has {names}: export a bundle of a model trained on this scenario")
+        sim_hz, policy_hz = env_timing(env)
+        if (sim_hz // policy_hz, 1.0 / sim_hz) != (self.spec["frames_per_step"], self.spec["sim_dt"]):
+            raise ConfigError(f"bundle {self.bundle.folder} plans at {self.spec['frames_per_step']} frames of "
+                              f"{self.spec['sim_dt']} s per step, this scenario runs {sim_hz} Hz / {policy_hz} Hz")
+        self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
+        self._warm = np.full(self.bundle.contract["scene"]["horizon"], self.spec["idle_action"], np.int64)
+        self.last_fallback = ""
+
+    def attach_tracks(self, recorder: Any) -> None:
+        """Called by the episode loop after each reset with its track recorder (the agent's perception)."""
+        from drive_mbrl.features import SceneSpec, history_stride
+
+        scene = self.bundle.contract["scene"]
+        self._spec = SceneSpec(agents=scene["agents"], history_len=scene["history_len"], horizon=scene["horizon"],
+                               history_stride=history_stride(scene["history_dt"], recorder.frame_dt))
+        self._recorder = recorder
+
+    def act(self, obs: Any, env: Any) -> int:
+        from drive_mbrl.features import live_history
+        from drive_mbrl.mpc import ego_values
+
+        if self._recorder is None:
+            raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
+        history, track, _, _ = live_history(self._recorder, self._spec)
+        feeds: dict[str, np.ndarray] = {"history": history, "agent_mask": track >= 0}
+        for t in self.spec["inputs"]:
+            if t["name"] in ("candidates", "modes"):
+                feeds[t["name"]] = self._rng.random(t["shape"], dtype=np.float32)
+            elif t["name"] == "gauss":
+                feeds[t["name"]] = self._rng.standard_normal(t["shape"], dtype=np.float32)
+        if "warm_start" in self.graph.inputs:
+            feeds["warm_start"] = self._warm
+        if "ego" in self.graph.inputs:
+            values = ego_values(env)
+            feeds["ego"] = np.array([values[f] for f in self.spec["ego_fields"]], np.float64)
+            feeds["target_speeds"] = np.array(values["target_speeds"], np.float64)
+        self.last_inputs = feeds
+        out = self.graph.run(**feeds)
+        reason = self.spec["fallback_reasons"][int(out["reason"])]
+        self.last_fallback = reason
+        plan = None
+        if reason == "":
+            plan = out["plan"]
+        elif reason == "no_plan_within_collision_limit" and self.spec["settings"]["fallback"] == "least_risk":
+            plan = out["least_risk"]
+        if plan is not None:
+            self._warm = np.concatenate([plan[1:], [self.spec["idle_action"]]]).astype(np.int64)
+        return int(out["action"])

@@ -130,3 +130,55 @@ def test_the_onboard_runner_never_imports_torch(tiny_bundle: Path):
             "print(out['reward'].shape, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "(2, 1, 2, 3) []"
+
+
+def test_agent_onnx_drives_a_real_episode_without_torch(tiny_bundle: Path):
+    code = ("import json, sys; from drive_mbrl.rollout import EpisodeJob, EpisodeRunner; "
+            "from drive_mbrl.scenarios import load_scenario; "
+            f"options = json.dumps({{'bundle': {str(tiny_bundle)!r}}}); "
+            "ep = EpisodeRunner().run(EpisodeJob(load_scenario('highway'), 'onnx', 0, 11, max_steps=4, "
+            "agent_options=options)); "
+            "print(json.dumps({'steps': ep.steps, 'crashed': bool(ep.crashed.any()), 'actions': ep.action.tolist(), "
+            "'torch': sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch"] == []
+    assert result["steps"] == 4 or result["crashed"]
+    assert all(0 <= a < 5 for a in result["actions"])
+
+
+def test_agent_onnx_acts_as_the_torch_planner_given_its_inputs(tiny_bundle: Path, tiny_checkpoint: Path):
+    import torch
+
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.export_planner import PLANNER_OUTPUTS, PlannerGraph
+    from drive_mbrl.fit import load_forecaster
+    from drive_mbrl.onboard import OnnxAgent
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+    from drive_mbrl.scenarios import load_scenario
+
+    agent = OnnxAgent(str(tiny_bundle))
+    spec = agent.graph.spec
+    model, _ = load_forecaster(tiny_checkpoint, "cpu")
+    torch_graph = PlannerGraph(model, PlannerConfig(**spec["settings"]), agent.bundle.contract["actions"],
+                               spec["frames_per_step"], spec["sim_dt"])
+    names = [t["name"] for t in spec["inputs"]]
+    steps: list[tuple[int, int]] = []
+    act = agent.act
+
+    def checked(obs, env):
+        action = act(obs, env)
+        with torch.no_grad():
+            out = torch_graph(*(torch.as_tensor(agent.last_inputs[n]) for n in names))
+        steps.append((action, int(dict(zip(PLANNER_OUTPUTS, out, strict=True))["action"])))
+        return action
+
+    agent.act = checked
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "onnx", 0, 3, max_steps=5), agent)
+    finally:
+        runner.close()
+    assert len(steps) == episode.steps >= 1
+    assert [a for a, _ in steps] == [t for _, t in steps]
+    assert episode.action.tolist() == [a for a, _ in steps]
