@@ -80,7 +80,8 @@ def agent_options(cfg: C.CollectConfig) -> str:
         if not cfg.bundle:
             raise C.ConfigError("agent=onnx needs bundle=<folder> (write one with `drive-mbrl export`)")
         read_contract(Path(cfg.bundle))  # a bad bundle fails here, before any episode is written
-        return agent_options_json({"bundle": str(Path(cfg.bundle).resolve()), "seed": cfg.planner.seed})
+        return agent_options_json({"bundle": str(Path(cfg.bundle).resolve()), "graph": cfg.onnx_graph,
+                                   "seed": cfg.planner.seed})
     return ""
 
 
@@ -543,7 +544,7 @@ def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("export needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
     out = Path(cfg.out) if cfg.out else Path("export/bundles") / Path(cfg.checkpoint).resolve().name
     result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed,
-                           cfg.planner if cfg.planner_scenes else None, cfg.planner_scenes)
+                           cfg.planner if cfg.planner_scenes else None, cfg.planner_scenes, cfg.policy)
     if "planner" in result["parity"]:
         p = result["parity"]["planner"]
         print(f"planner parity, {p['scenes']} recorded scenes: same action with the same noise "

@@ -96,6 +96,8 @@ class CollectConfig:
     checkpoint: str = opt("", "agent=mpc: forecaster checkpoint folder (from `drive-mbrl fit`); agent=policy: "
                                 "policy folder (from `drive-mbrl distill`)")
     bundle: str = opt("", "exported bundle folder for agent=onnx (from `drive-mbrl export`)")
+    onnx_graph: str = opt("auto", "agent=onnx drives with the bundle's policy or planner graph (auto: the policy "
+                          "when the bundle has one)", choices=("auto", "policy", "planner"))
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
@@ -375,6 +377,7 @@ class ExportConfig:
                                    metadata={"help": "settings of the exported planning step (constants of its graph)"})
     planner_scenes: int = opt(100, "recorded scenes the planner graph is checked on (0: export no planner graph)",
                               lo=0, hi=10**6)
+    policy: str = opt("", "reactive policy folder (from `drive-mbrl distill` or `drive-mbrl rl`) to export too")
 
 
 @dataclass

@@ -7,6 +7,7 @@
                      every input and output (name, shape with symbolic axes, dtype, units, meaning)
     forecaster.onnx  the forecaster ensemble: history, agent_mask, plans -> every member's and mode's futures
     planner.onnx     the whole planning step (export_planner.py): scene, ego state, noise -> the action to execute
+    policy.onnx      the reactive policy: observation -> logits and the greedy action
     parity.json      onnxruntime against torch on random and on recorded inputs, per output
 
 Normalisation sits inside the graphs (the forecaster's buffers), batch axes are dynamic, and each graph is one file
@@ -319,14 +320,87 @@ def export_planner(model: Forecaster, folder: Path, scenes: Scenes, settings: Pl
                           "bundle was written")
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
-             **planner_description(settings, names, frames_per_step, sim_dt), **contract}
+             **planner_description(settings, names, frames_per_step, sim_dt),
+             **contract}
+    return entry, figures
+
+
+class PolicyGraph(nn.Module):
+    """`policy.PolicyNet` with its greedy action: obs (B, D) float32 raw features -> logits (B, num_actions),
+    action (B,) int64 (argmax; normalisation is inside the network)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(obs)
+        return logits, logits.argmax(-1)
+
+
+def policy_contract(net: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of the policy graph (B observations: dynamic)."""
+    c = net.config
+    return {
+        "inputs": [tensor_spec("obs", ["B", c.obs_dim], "float32", "per feature: policy.observation_units",
+                               "features.policy_observation: every slot's policy.observation_features flattened "
+                               "slot-major (the ego first, then its nearest tracks), then the ego's lane number; raw "
+                               "values (normalisation is inside the graph)")],
+        "outputs": [tensor_spec("logits", ["B", c.num_actions], "float32", "logit", "action logits"),
+                    tensor_spec("action", ["B"], "int64", "action index", "the greedy action (argmax of logits)")],
+    }
+
+
+def policy_observations(net: Any, datasets: list[str], count: int) -> np.ndarray:
+    """Up to `count` recorded policy observations (N, D) from the episodes of `datasets`, evenly spread."""
+    from drive_mbrl.data import load_dataset
+    from drive_mbrl.features import episode_policy_obs, history_stride
+
+    rows = []
+    for path in datasets:
+        manifest, episodes = load_dataset(path)
+        spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
+        rows += [episode_policy_obs(ep, spec) for ep in episodes]
+    obs = np.concatenate(rows)
+    return obs[np.linspace(0, len(obs) - 1, min(count, len(obs))).round().astype(np.int64)]
+
+
+def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
+                  seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """policy.onnx in `folder` from the policy checkpoint folder `policy`, checked against torch on `samples`
+    random observations (around its normalisation statistics) and `samples` recorded ones. Returns its contract
+    entry and parity figures."""
+    from drive_mbrl.features import POLICY_FEATURES
+    from drive_mbrl.policy import BEST as POLICY_BEST
+    from drive_mbrl.policy import load_policy
+
+    net, meta = load_policy(policy)
+    contract = policy_contract(net)
+    graph = PolicyGraph(net).eval()
+    gen = torch.Generator().manual_seed(seed)
+    random_obs = net.obs_mean + net.obs_std * torch.randn(samples, net.config.obs_dim, generator=gen)
+    path = folder / "policy.onnx"
+    export_graph(graph, {"obs": random_obs[:2]}, contract, path)
+    session = make_session(path)
+    recorded = torch.as_tensor(policy_observations(net, datasets, samples))
+    figures = {"random": parity(session, graph, contract, {"obs": random_obs}, [1, 7, 32]),
+               "recorded": parity(session, graph, contract, {"obs": recorded}, [1, 7, 32])}
+    check_parity("policy", figures)
+    units = [u for u in HIST_UNITS] + ["m/s", "m/s"]
+    entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
+             "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
+             "source": {"checkpoint": str(policy), "weights_sha256": sha256_file(policy / POLICY_BEST)},
+             "observation_features": list(POLICY_FEATURES), "observation_units": units + ["lane number"],
+             "agents": net.config.agents, "history_len": 2, "history_dt": net.config.history_dt, **contract}
     return entry, figures
 
 
 def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] | None = None, samples: int = 1000,
-                  seed: int = 0, planner: PlannerConfig | None = None, planner_scenes: int = 100) -> dict[str, Any]:
-    """Export the forecaster checkpoint and the planning step on it (with `planner` settings; None: no planner
-    graph) into the bundle folder `out` (see the module docstring); recorded scenes for parity come from
+                  seed: int = 0, planner: PlannerConfig | None = None, planner_scenes: int = 100,
+                  policy: Path | str = "") -> dict[str, Any]:
+    """Export the forecaster checkpoint, the planning step on it (with `planner` settings; None: no planner
+    graph) and the reactive policy of the folder `policy` (if given) into the bundle folder `out` (see the module
+    docstring); recorded scenes for parity come from
     `datasets` (default: those the checkpoint was trained on). Returns the contract and parity figures."""
     from drive_mbrl.data import read_manifest
     from drive_mbrl.fit import BEST, load_forecaster, load_scenes
@@ -344,6 +418,9 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
         if planner is not None:
             graphs["planner"], figures["planner"] = export_planner(model, folder, scenes, planner, manifest,
                                                                    planner_scenes, seed)
+        if policy:
+            graphs["policy"], figures["policy"] = export_policy(Path(policy).resolve(), folder, datasets, samples,
+                                                               seed)
         write_json(folder / PARITY, {"tolerance": PARITY_TOLERANCE, "rule": PARITY_RULE,
                                      "datasets": [str(Path(d).resolve()) for d in datasets], **figures})
         return {

@@ -24,10 +24,12 @@ from drive_mbrl.egomotion import EGO_FIELDS, EgoState, ego_vector, rollout_ego_t
 from drive_mbrl.features import HIST_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
 from drive_mbrl.onboard import tensor_spec
-from drive_mbrl.planning import FALLBACK_REASONS, StepNoise, draw_noise, plan_step, search_shape
+from drive_mbrl.planning import FALLBACK_REASONS, StepNoise, draw_noise, enumerate_plans, plan_step, search_shape
 
 PLANNER_OUTPUTS = ("action", "plan", "reason", "least_risk", "cost", "collision_prob", "disagreement", "spread",
                    "expected_return", "evaluated")
+EGO_TABLE_LIMIT = 100_000
+"""Largest number of action sequences whose ego paths the graph integrates all at once (`PlannerGraph._ego_path`)."""
 DEFAULT_TARGET_SPEEDS = (20.0, 25.0, 30.0)
 """[m/s] highway-env's MDPVehicle target speeds (for example inputs; the onboard agent passes the live ones)."""
 
@@ -52,13 +54,27 @@ class PlannerGraph(nn.Module):
         H = self.model.config.horizon
         ego_path = None
         if self.kinematic:
-            ego_path = lambda plans: rollout_ego_tensors(feeds["ego"], feeds["target_speeds"], plans,  # noqa: E731
-                                                         self.names, self.frames_per_step, self.sim_dt)
+            ego_path = self._ego_path(feeds["ego"], feeds["target_speeds"])
         noise = StepNoise(feeds.get("candidates", torch.zeros(1, 0, H)), feeds["modes"], feeds["gauss"])
         warm = feeds.get("warm_start", torch.zeros(H, dtype=torch.int64))
         step = plan_step(self.model, feeds["history"], feeds["agent_mask"], self.settings, noise, warm, ego_path)
         step["action"] = executed_action(step, self.settings.fallback, self.slower)
         return tuple(step[k] for k in PLANNER_OUTPUTS)
+
+
+    def _ego_path(self, ego: torch.Tensor, speeds: torch.Tensor) -> Any:
+        """plans (P, H) -> the ego's path (P, H, 4) (`egomotion.rollout_ego_tensors`). Where every sequence fits
+        `EGO_TABLE_LIMIT`, the path of every sequence is integrated once (a fixed-size batch) and each plan looks
+        its row up: onnxruntime loads the graph in about a second instead of tens of seconds, as the integration's
+        hundreds of nodes then have fixed shapes (buffer planning over symbolic shapes is what takes the time)."""
+        nA, H = self.model.config.num_actions, self.model.config.horizon
+        integrate = lambda plans: rollout_ego_tensors(ego, speeds, plans, self.names,  # noqa: E731
+                                                      self.frames_per_step, self.sim_dt)
+        if nA ** H > EGO_TABLE_LIMIT:
+            return integrate
+        table = integrate(enumerate_plans(nA, H, ego.device))  # (nA^H, H, 4), lexicographic
+        weights = nA ** torch.arange(H - 1, -1, -1, device=ego.device)
+        return lambda plans: table[(plans * weights).sum(-1)]
 
 
 def executed_action(step: dict[str, torch.Tensor], fallback: str, slower: int) -> torch.Tensor:

@@ -244,21 +244,29 @@ def load_bundle(folder: Path | str, settings: RuntimeSettings = RuntimeSettings(
 
 
 class OnnxAgent:
-    """`agent=onnx bundle=<folder>`: drives with a bundle's planner graph (the whole planning step) through
-    onnxruntime alone. Like `mpc.MPCAgent` it cuts the scene from the episode's own track recording with the numpy
-    feature code, reads the ego's set-points from the simulator, draws the step's noise (numpy, seeded per
-    episode), runs the graph and executes its action; the plan shifted by one step warm-starts the next decision.
+    """`agent=onnx bundle=<folder>`: drives with a bundle's graph through onnxruntime alone, perceiving the scene
+    from the episode's own track recording with the numpy feature code (features.py), as the torch agents do.
+
+    graph `policy` (default when the bundle has one): the reactive policy's greedy action on
+    `features.policy_observation`, as `policy.PolicyAgent`. graph `planner`: the whole planning step, as
+    `mpc.MPCAgent`: the ego's set-points from the simulator, the step's noise drawn with numpy (seeded per episode),
+    the graph's action executed, its plan shifted by one step warm-starting the next decision.
     """
 
     drives_itself = False
 
-    def __init__(self, bundle: str = "", device: str = "auto", threads: int = 1, seed: int = 0):
+    def __init__(self, bundle: str = "", graph: str = "auto", device: str = "auto", threads: int = 1, seed: int = 0):
         from drive_mbrl.errors import ConfigError
 
         if not bundle:
             raise ConfigError("agent=onnx needs bundle=<folder> (write one with `drive-mbrl export`)")
-        self.bundle = load_bundle(bundle, RuntimeSettings(device, threads), only=("planner",))
-        self.graph = self.bundle.graph("planner")
+        names = read_contract(Path(bundle))["graphs"]
+        if graph == "auto":
+            graph = "policy" if "policy" in names else "planner"
+        if graph not in ("policy", "planner"):
+            raise ConfigError(f"agent=onnx graph={graph!r} is not known: choose auto, policy or planner")
+        self.bundle = load_bundle(bundle, RuntimeSettings(device, threads), only=(graph,))
+        self.graph = self.bundle.graph(graph)
         self.spec = self.graph.spec
         self.seed = seed
         self.last_fallback = ""
@@ -275,30 +283,41 @@ class OnnxAgent:
             raise ConfigError(f"bundle {self.bundle.folder} was exported for actions {self.bundle.contract['actions']}"
                               f", this scenario has {names}: export a bundle of a model trained on this scenario")
         sim_hz, policy_hz = env_timing(env)
-        if (sim_hz // policy_hz, 1.0 / sim_hz) != (self.spec["frames_per_step"], self.spec["sim_dt"]):
+        if self.graph.name == "planner" and (sim_hz // policy_hz, 1.0 / sim_hz) != (
+                self.spec["frames_per_step"], self.spec["sim_dt"]):
             raise ConfigError(f"bundle {self.bundle.folder} plans at {self.spec['frames_per_step']} frames of "
                               f"{self.spec['sim_dt']} s per step, this scenario runs {sim_hz} Hz / {policy_hz} Hz")
         self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
-        self._warm = np.full(self.bundle.contract["scene"]["horizon"], self.spec["idle_action"], np.int64)
+        if self.graph.name == "planner":
+            self._warm = np.full(self.bundle.contract["scene"]["horizon"], self.spec["idle_action"], np.int64)
         self.last_fallback = ""
 
     def attach_tracks(self, recorder: Any) -> None:
         """Called by the episode loop after each reset with its track recorder (the agent's perception)."""
         from drive_mbrl.features import SceneSpec, history_stride
 
-        scene = self.bundle.contract["scene"]
-        self._spec = SceneSpec(agents=scene["agents"], history_len=scene["history_len"], horizon=scene["horizon"],
-                               history_stride=history_stride(scene["history_dt"], recorder.frame_dt))
+        shape = self.spec if self.graph.name == "policy" else self.bundle.contract["scene"]
+        self._spec = SceneSpec(agents=shape["agents"], history_len=shape["history_len"],
+                               history_stride=history_stride(shape["history_dt"], recorder.frame_dt),
+                               horizon=self.bundle.contract["scene"]["horizon"])
         self._recorder = recorder
 
     def act(self, obs: Any, env: Any) -> int:
-        from drive_mbrl.features import live_history
-        from drive_mbrl.mpc import ego_values
+        from drive_mbrl.features import EGO_TRACK, live_history, policy_observation
 
         if self._recorder is None:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
-        history, track, _, _ = live_history(self._recorder, self._spec)
-        feeds: dict[str, np.ndarray] = {"history": history, "agent_mask": track >= 0}
+        history, track, _, arrays = live_history(self._recorder, self._spec)
+        if self.graph.name == "policy":
+            self.last_inputs = {"obs": policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))[None]}
+            return int(self.graph.run(**self.last_inputs)["action"][0])
+        return self._plan(history, track >= 0, env)
+
+    def _plan(self, history: np.ndarray, mask: np.ndarray, env: Any) -> int:
+        """One planning step through the planner graph (see the class docstring)."""
+        from drive_mbrl.mpc import ego_values
+
+        feeds: dict[str, np.ndarray] = {"history": history, "agent_mask": mask}
         for t in self.spec["inputs"]:
             if t["name"] in ("candidates", "modes"):
                 feeds[t["name"]] = self._rng.random(t["shape"], dtype=np.float32)

@@ -30,7 +30,7 @@ from tests.conftest import run_cli
 
 def test_bundle_holds_single_file_graphs_a_contract_and_passed_parity(tiny_bundle: Path, tiny_checkpoint: Path):
     assert sorted(p.name for p in tiny_bundle.iterdir()) == ["contract.json", "forecaster.onnx", "parity.json",
-                                                             "planner.onnx"]
+                                                             "planner.onnx", "policy.onnx"]
     contract = json.loads((tiny_bundle / "contract.json").read_text())
     assert contract["schema_version"] == 1 and contract["package"] == "drive_mbrl"
     assert contract["source"]["weights_sha256"] == sha256_file(tiny_checkpoint / BEST)
@@ -128,3 +128,20 @@ def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(
         assert got["cost"] == pytest.approx(float(step["cost"]), abs=1e-4)
     parity_figures = json.loads((tiny_bundle / "parity.json").read_text())["planner"]
     assert parity_figures["scenes"] == 8 and parity_figures["same_action_same_noise"] == 1.0
+
+
+def test_the_policy_graph_gives_the_torch_policys_logits_and_greedy_action(tiny_bundle: Path, tiny_policy: Path):
+    from drive_mbrl.onboard import load_bundle
+    from drive_mbrl.policy import load_policy
+
+    net, _ = load_policy(tiny_policy)
+    graph = load_bundle(tiny_bundle, only=("policy",)).graph("policy")
+    assert graph.spec["inputs"][0]["shape"] == ["B", 4 * 14 + 1] and graph.spec["history_dt"] == 1.0
+    obs = (net.obs_mean + net.obs_std * torch.randn(50, net.config.obs_dim, generator=torch.Generator().manual_seed(2)))
+    got = graph.run(obs=obs.numpy())
+    with torch.no_grad():
+        logits = net(obs)
+    np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-5)
+    assert got["action"].tolist() == logits.argmax(-1).tolist() and len(set(got["action"].tolist())) > 1
+    figures = json.loads((tiny_bundle / "parity.json").read_text())["policy"]
+    assert figures["random"]["inputs"] == 40 and figures["random"]["max_abs_error"]["action"] == 0.0

@@ -58,7 +58,7 @@ def test_sessions_use_one_thread_without_spinning_by_default(tiny_bundle: Path):
 
 
 def test_a_loaded_bundle_runs_and_checks_input_shapes(tiny_bundle: Path):
-    graph = load_bundle(tiny_bundle).graph("forecaster")
+    graph = load_bundle(tiny_bundle, only=("forecaster",)).graph("forecaster")
     out = graph.run(**_feeds(np.random.default_rng(0), batch=2, plans=3))
     assert out["mean"].shape == (2, 2, 3, 4, 2, 3, 4) and np.isfinite(out["mean"]).all()
     bad = _feeds(np.random.default_rng(0))
@@ -124,7 +124,7 @@ def test_a_changed_or_damaged_graph_file_is_refused(tiny_bundle: Path, tmp_path:
 
 def test_the_onboard_runner_never_imports_torch(tiny_bundle: Path):
     code = ("import sys, numpy as np; from drive_mbrl.onboard import load_bundle; "
-            f"g = load_bundle({str(tiny_bundle)!r}).graph('forecaster'); "
+            f"g = load_bundle({str(tiny_bundle)!r}, only=('forecaster',)).graph('forecaster'); "
             "out = g.run(history=np.zeros((1, 4, 3, 12), np.float32), agent_mask=np.ones((1, 4), bool), "
             "plans=np.zeros((1, 2, 3), np.int64)); "
             "print(out['reward'].shape, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
@@ -132,10 +132,11 @@ def test_the_onboard_runner_never_imports_torch(tiny_bundle: Path):
     assert done.stdout.strip() == "(2, 1, 2, 3) []"
 
 
-def test_agent_onnx_drives_a_real_episode_without_torch(tiny_bundle: Path):
+@pytest.mark.parametrize("graph", ["policy", "planner"])
+def test_agent_onnx_drives_a_real_episode_without_torch(tiny_bundle: Path, graph: str):
     code = ("import json, sys; from drive_mbrl.rollout import EpisodeJob, EpisodeRunner; "
             "from drive_mbrl.scenarios import load_scenario; "
-            f"options = json.dumps({{'bundle': {str(tiny_bundle)!r}}}); "
+            f"options = json.dumps({{'bundle': {str(tiny_bundle)!r}, 'graph': {graph!r}}}); "
             "ep = EpisodeRunner().run(EpisodeJob(load_scenario('highway'), 'onnx', 0, 11, max_steps=4, "
             "agent_options=options)); "
             "print(json.dumps({'steps': ep.steps, 'crashed': bool(ep.crashed.any()), 'actions': ep.action.tolist(), "
@@ -157,7 +158,7 @@ def test_agent_onnx_acts_as_the_torch_planner_given_its_inputs(tiny_bundle: Path
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
     from drive_mbrl.scenarios import load_scenario
 
-    agent = OnnxAgent(str(tiny_bundle))
+    agent = OnnxAgent(str(tiny_bundle), graph="planner")
     spec = agent.graph.spec
     model, _ = load_forecaster(tiny_checkpoint, "cpu")
     torch_graph = PlannerGraph(model, PlannerConfig(**spec["settings"]), agent.bundle.contract["actions"],
@@ -182,3 +183,22 @@ def test_agent_onnx_acts_as_the_torch_planner_given_its_inputs(tiny_bundle: Path
     assert len(steps) == episode.steps >= 1
     assert [a for a, _ in steps] == [t for _, t in steps]
     assert episode.action.tolist() == [a for a, _ in steps]
+
+
+def test_agent_onnx_drives_exactly_as_the_torch_policy_on_the_same_seed(tiny_bundle: Path, tiny_policy: Path):
+    from drive_mbrl.onboard import OnnxAgent
+    from drive_mbrl.policy import PolicyAgent
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+    from drive_mbrl.scenarios import load_scenario
+
+    runner = EpisodeRunner()
+    try:
+        episodes = [runner.run(EpisodeJob(load_scenario("highway"), name, 0, 21, max_steps=8), agent)
+                    for name, agent in (("policy", PolicyAgent(str(tiny_policy))),
+                                        ("onnx", OnnxAgent(str(tiny_bundle), graph="policy")))]
+    finally:
+        runner.close()
+    torch_episode, onnx_episode = episodes
+    assert onnx_episode.action.tolist() == torch_episode.action.tolist()
+    assert len(set(torch_episode.action.tolist())) > 1  # the random policy does not just repeat one action
+    np.testing.assert_array_equal(onnx_episode.state, torch_episode.state)
