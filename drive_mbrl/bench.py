@@ -266,7 +266,8 @@ def _percentiles(times_us: list[float]) -> dict[str, float]:
 def bench_export(bundle: str, repeats: int, decisions: int, threads: int, datasets: list[str]) -> dict[str, Any]:
     """Batch-1 latency (p50, p99 [µs]) of each graph of a bundle in onnxruntime against the same model in torch
     eager, in this process, both on `threads` CPU threads (onnxruntime: intra-op threads, spinning off), calls
-    alternating so that machine noise hits both alike. The forecaster: one random scene, one plan, `repeats` calls.
+    alternating so that machine noise hits both alike. The forecaster: one random scene, one plan, `repeats` calls;
+    the policy: one observation, `repeats` calls of the greedy action (its source checkpoint must be unchanged).
     The planning step: `decisions` recorded scenes of `datasets` (default: those of the bundle's parity check), torch
     `planning.plan_scene` against the planner graph, each drawing its own noise (torch / numpy) inside the timing.
     """
@@ -293,12 +294,33 @@ def bench_export(bundle: str, repeats: int, decisions: int, threads: int, datase
         times = _alternate({"torch": lambda i: torch_graph(*scene.values()),
                             "onnxruntime": lambda i: graph.session.run(None, feeds)}, repeats)
         rows["forecaster"] = {k: _percentiles(v) for k, v in times.items()}
+        if "policy" in loaded.graphs:
+            rows["policy"] = _bench_policy_graph(loaded, repeats)
         if "planner" in loaded.graphs:
             rows["planner"] = _bench_planner(loaded, model, meta, decisions, datasets or json.loads(
                 (Path(bundle) / PARITY).read_text())["datasets"])
     for row in rows.values():
         row["speedup_p50"] = row["torch"]["us_p50"] / row["onnxruntime"]["us_p50"]
     return {"bundle": str(bundle), "threads": threads, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _bench_policy_graph(loaded: Any, repeats: int) -> dict[str, Any]:
+    """Batch-1 latency of the bundle's policy graph against its source PolicyNet (greedy action, torch eager)."""
+    import torch
+
+    from drive_mbrl.onboard import sha256_file
+    from drive_mbrl.policy import BEST, load_policy
+
+    graph = loaded.graph("policy")
+    source = Path(graph.spec["source"]["checkpoint"])
+    if sha256_file(source / BEST) != graph.spec["source"]["weights_sha256"]:
+        raise ValueError(f"{source / BEST} is not the policy the bundle was exported from (sha256)")
+    net, _ = load_policy(source)
+    obs = (net.obs_mean + net.obs_std * torch.randn(1, net.config.obs_dim, generator=torch.Generator().manual_seed(0)))
+    feeds = {"obs": obs.numpy()}
+    times = _alternate({"torch": lambda i: int(net(obs).argmax(-1)),
+                        "onnxruntime": lambda i: int(graph.session.run(["action"], feeds)[0][0])}, repeats)
+    return {k: _percentiles(v) for k, v in times.items()}
 
 
 def _bench_planner(loaded: Any, model: Any, meta: dict[str, Any], decisions: int,

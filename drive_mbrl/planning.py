@@ -213,6 +213,11 @@ def sample_categorical(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
     return (uniform[..., None] >= cdf[..., :-1]).to(torch.int64).sum(-1)
 
 
+def _positions(values: torch.Tensor) -> torch.Tensor:
+    """The x, y columns of (..., T) predictions; the tensor itself when T = 2 (a copy in an ONNX graph otherwise)."""
+    return values if values.shape[-1] == 2 else values[..., :2]
+
+
 def sample_positions(out: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
     """Futures, per member, plan, agent and sample: the mode picked by its probability (`draws[0]`) and the
     mode's mean plus its std times the standard-normal draw `draws[1]` (shared over the horizon). Returns
@@ -221,11 +226,12 @@ def sample_positions(out: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor
     E, N, A, K, H, T = mean.shape
     probs = logits.exp()
     probs = torch.where(torch.isnan(probs), torch.full_like(probs, 1.0 / K), probs).clamp_min(0) + 1e-12
-    mode = sample_categorical(probs[None], draws[0].permute(3, 0, 1, 2))  # (M, E, N, A)
-    index = mode.permute(1, 2, 3, 0)[..., None, None].expand(E, N, A, -1, H, 2)  # (E, N, A, M, H, 2)
-    # Only the chosen modes' positions are gathered and exponentiated.
-    m = mean[..., :2].gather(3, index)
-    s = log_std[..., :2].gather(3, index).exp()
+    mode = sample_categorical(probs[None], draws[0].permute(3, 0, 1, 2)).permute(1, 2, 3, 0)  # (E, N, A, M)
+    M = mode.shape[-1]
+    rows = (mode + K * torch.arange(E * N * A, device=mode.device).reshape(E, N, A, 1)).reshape(-1)  # of (E N A K)
+    # Whole (H, 2) rows of the chosen modes only are copied, and only they are exponentiated.
+    m = _positions(mean).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2)
+    s = _positions(log_std).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2).exp()
     return torch.addcmul(m, s, draws[1][:, :, :, :, None, :].to(mean.dtype))
 
 
@@ -279,7 +285,7 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
     P(h) = 1 - prod_a (1 - sum_k p_ak hit_ak(<= h)). out: decode outputs without the scene axis (mean, log_std
     (E, N, A, K, H, >=2), logits (E, N, A, K)). Returns (E, N, H).
     """
-    mean, std, logits = out["mean"][..., :2], out["log_std"][..., :2].exp(), out["logits"]
+    mean, std, logits = _positions(out["mean"]), _positions(out["log_std"]).exp(), out["logits"]
     E, N, A, K, H, _ = mean.shape
     ego_mode = logits[:, :, 0].argmax(-1)[:, :, None, None, None, None].expand(E, N, 1, 1, H, 2)
     ego, ego_std = mean[:, :, :1].gather(3, ego_mode), std[:, :, :1].gather(3, ego_mode)  # (E, N, 1, 1, H, 2)
@@ -352,7 +358,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     cost = risk_measure(costs, settings.risk, settings.alpha) \
         + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
-    totals = [out[k].transpose(0, 1).reshape(N, -1).sum(-1) for k in ("mean", "log_std", "logits", "reward")]
+    totals = [out[k].sum([d for d in range(out[k].dim()) if d != 1]) for k in ("mean", "log_std", "logits", "reward")]
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "collision_prob": collision_prob,
@@ -530,10 +536,11 @@ def _with_ego_path(out: dict[str, torch.Tensor], path: torch.Tensor) -> dict[str
     """The forecaster's outputs with the ego's (slot 0) positions replaced by `path` (N, H, >=2) in every member and
     mode, with the minimum spread."""
     mean, log_std = out["mean"], out["log_std"]
-    E, N, _, K, H, T = mean.shape
-    ego = path[None, :, None, None, :, :T].to(mean.dtype).expand(E, N, 1, K, H, T)
-    return {**out, "mean": torch.cat([ego, mean[:, :, 1:]], dim=2),
-            "log_std": torch.cat([torch.full_like(log_std[:, :, :1], LOG_STD_MIN), log_std[:, :, 1:]], dim=2)}
+    T = mean.shape[-1]
+    is_ego = (torch.arange(mean.shape[2], device=mean.device) == 0)[:, None, None, None]  # (A, 1, 1, 1)
+    ego = path[None, :, None, None, :, :T].to(mean.dtype)  # (1, N, 1, 1, H, T)
+    return {**out, "mean": torch.where(is_ego, ego, mean),
+            "log_std": torch.where(is_ego, torch.full_like(log_std[:1, :1, :1], LOG_STD_MIN), log_std)}
 
 
 def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tensor],

@@ -145,3 +145,19 @@ def test_the_policy_graph_gives_the_torch_policys_logits_and_greedy_action(tiny_
     assert got["action"].tolist() == logits.argmax(-1).tolist() and len(set(got["action"].tolist())) > 1
     figures = json.loads((tiny_bundle / "parity.json").read_text())["policy"]
     assert figures["random"]["inputs"] == 40 and figures["random"]["max_abs_error"]["action"] == 0.0
+
+
+def test_bench_export_and_evaluate_agent_onnx_commands(tiny_bundle: Path, tmp_path: Path):
+    done = run_cli("bench", "export", f"bundle={tiny_bundle}", "repeats=20", "decisions=2",
+                   f"hydra.run.dir={tmp_path / 'bench'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "bench" / "metrics.json").read_text())["rows"]
+    assert sorted(rows) == ["forecaster", "planner", "policy"]
+    assert rows["policy"]["onnxruntime"]["calls"] == 20 and rows["planner"]["torch"]["calls"] == 2
+    assert all(row["torch"]["us_p50"] > 0 and row["onnxruntime"]["us_p50"] > 0 for row in rows.values())
+    done = run_cli("evaluate", "agent=onnx", f"bundle={tiny_bundle}", "onnx_graph=planner", "episodes=1",
+                   "max_steps=2", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["steps"] in (1, 2)
+    missing = run_cli("evaluate", "agent=onnx", f"bundle={tmp_path / 'none'}", "episodes=1", cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
