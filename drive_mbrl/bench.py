@@ -244,16 +244,20 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             "planner_budget": planner.budget, "threads": 1}
 
 
-def _alternate(calls: dict[str, Any], rounds: int) -> dict[str, list[float]]:
-    """Wall times [µs] of each call, alternating call by call for `rounds` rounds after one warm-up each."""
+def _alternate(calls: dict[str, Any], rounds: int, block: int = 1) -> dict[str, list[float]]:
+    """Wall times [µs] of `rounds` calls of each (called with the round index), after `block` warm-up calls each,
+    alternating between them every `block` calls (machine noise hits all alike; a block keeps a small model's
+    caches warm, as an onboard loop that calls one model does)."""
     for call in calls.values():
-        call(0)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
+        for i in range(block):
             call(i)
-            times[name].append((time.perf_counter() - start) * 1e6)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for first in range(0, rounds, block):
+        for name, call in calls.items():
+            for i in range(first, min(rounds, first + block)):
+                start = time.perf_counter()
+                call(i)
+                times[name].append((time.perf_counter() - start) * 1e6)
     return times
 
 
@@ -265,8 +269,9 @@ def _percentiles(times_us: list[float]) -> dict[str, float]:
 
 def bench_export(bundle: str, repeats: int, decisions: int, threads: int, datasets: list[str]) -> dict[str, Any]:
     """Batch-1 latency (p50, p99 [µs]) of each graph of a bundle in onnxruntime against the same model in torch
-    eager, in this process, both on `threads` CPU threads (onnxruntime: intra-op threads, spinning off), calls
-    alternating so that machine noise hits both alike. The forecaster: one random scene, one plan, `repeats` calls;
+    eager, in this process, both on `threads` CPU threads (onnxruntime: intra-op threads, spinning off), alternating
+    (in blocks of 100 / 50 calls for the policy / forecaster, call by call for the planner) so that machine noise
+    hits both alike. The forecaster: one random scene, one plan, `repeats` calls;
     the policy: one observation, `repeats` calls of the greedy action (its source checkpoint must be unchanged).
     The planning step: `decisions` recorded scenes of `datasets` (default: those of the bundle's parity check), torch
     `planning.plan_scene` against the planner graph, each drawing its own noise (torch / numpy) inside the timing.
@@ -292,7 +297,7 @@ def bench_export(bundle: str, repeats: int, decisions: int, threads: int, datase
         feeds = {k: v.numpy() for k, v in scene.items()}
         torch_graph, graph = ForecasterGraph(model).eval(), loaded.graph("forecaster")
         times = _alternate({"torch": lambda i: torch_graph(*scene.values()),
-                            "onnxruntime": lambda i: graph.session.run(None, feeds)}, repeats)
+                            "onnxruntime": lambda i: graph.session.run(None, feeds)}, repeats, block=50)
         rows["forecaster"] = {k: _percentiles(v) for k, v in times.items()}
         if "policy" in loaded.graphs:
             rows["policy"] = _bench_policy_graph(loaded, repeats)
@@ -319,7 +324,7 @@ def _bench_policy_graph(loaded: Any, repeats: int) -> dict[str, Any]:
     obs = (net.obs_mean + net.obs_std * torch.randn(1, net.config.obs_dim, generator=torch.Generator().manual_seed(0)))
     feeds = {"obs": obs.numpy()}
     times = _alternate({"torch": lambda i: int(net(obs).argmax(-1)),
-                        "onnxruntime": lambda i: int(graph.session.run(["action"], feeds)[0][0])}, repeats)
+                        "onnxruntime": lambda i: int(graph.session.run(["action"], feeds)[0][0])}, repeats, block=100)
     return {k: _percentiles(v) for k, v in times.items()}
 
 
