@@ -244,6 +244,39 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             "planner_budget": planner.budget, "threads": 1}
 
 
+def bench_replay(run: str, episode: int, steps: int, repeats: int, dpi: int) -> dict[str, Any]:
+    """Replay rendering speed [frames/s] over the first `steps` policy steps of an episode, one frame per step:
+    drawing alone (`SceneView.render`) and drawing + GIF encoding (PillowWriter, as `write_replay` does), medians
+    over `repeats`. The first frame, which draws the static background, is inside the timing."""
+    import os
+
+    from drive_mbrl.replay import SceneView, _gif_writer, load_replay
+
+    replay = load_replay(Path(run), episode)
+    frames = replay.episode.decision_frame[:steps]
+    draw, encode = [], []
+    for _ in range(repeats):
+        view = SceneView(replay, dpi=dpi)
+        try:
+            start = time.perf_counter()
+            images = [view.render(int(f)).copy() for f in frames]
+            draw.append(time.perf_counter() - start)
+            with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
+                writer = _gif_writer(1.0)
+                start = time.perf_counter()
+                with writer.saving(view.fig, str(Path(tmp) / "bench.gif"), dpi):
+                    for image in images:
+                        writer.add(image)
+                encode.append(time.perf_counter() - start)
+        finally:
+            view.close()
+    height, width = images[0].shape[:2]
+    total = [d + e for d, e in zip(draw, encode, strict=True)]
+    return {"run": run, "episode": episode, "frames": len(frames), "planning_log": replay.planned,
+            "frame_pixels": [int(width), int(height)], "draw_fps": len(frames) / median(draw),
+            "gif_fps": len(frames) / median(total), "draw_s": draw, "encode_s": encode, "cpus": os.cpu_count()}
+
+
 def _alternate(calls: dict[str, Any], rounds: int, block: int = 1) -> dict[str, list[float]]:
     """Wall times [µs] of `rounds` calls of each (called with the round index), after `block` warm-up calls each,
     alternating between them every `block` calls (machine noise hits all alike; a block keeps a small model's

@@ -160,6 +160,9 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.evaluate import format_table
     from drive_mbrl.scenarios import load_scenario
 
+    if cfg.expert_episodes == 1:
+        raise C.ConfigError("expert_episodes=1: the policy's validation split by episode needs at least 2 (or 0 to "
+                            "skip the policy stages)")
     scenario = load_scenario(cfg.scenario)
     collected = {}
     for agent in cfg.collect_agents:
@@ -182,11 +185,30 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
     if cfg.expert_episodes:
         result.update(pipeline_policy(cfg, run_dir, evaluations))
+    result["outputs"] = pipeline_replay_and_plots(cfg, run_dir, evaluations)
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
     if cfg.expert_episodes:
         print(f"policy:     {run_dir / 'policy'} (distilled; Dyna fine-tuned: {run_dir / 'rl' / 'policy'})")
+    for name, path in result["outputs"].items():
+        print(f"{name + ':':<11} {path}")
     return result
+
+
+def pipeline_replay_and_plots(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, str]:
+    """The pipeline's last stages: the agents compared (PNG with 95 % intervals) and a replay of the planner's first
+    held-out episode (GIF + key frames) with its plans and the predicted futures of the others."""
+    from drive_mbrl.plots import evaluation_png
+    from drive_mbrl.replay import load_replay, write_replay
+
+    outputs = {"plot": str(evaluation_png([(a, m, run_dir / "eval" / a) for a, m in evaluations.items() if m],
+                                          run_dir / "agents.png", f"{cfg.scenario}, held-out seeds"))}
+    if cfg.plan_episodes:
+        replay_dir = run_dir / "replay"
+        if not (replay_dir / "ep_000000.gif").is_file():
+            write_replay(load_replay(run_dir / "eval" / "mpc", 0), replay_dir)
+        outputs["replay"] = str(replay_dir / "ep_000000.gif")
+    return outputs
 
 
 def pipeline_policy(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +291,11 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
             "checkpoint": str(previous), "plot": str(run_dir / "learning_curve.png")}
 
 
+DAGGER_SEED = 3_000_000
+"""DAgger episodes reset with seeds from here (+ 100,000 per round): disjoint from collection's (from 0) and
+evaluation's (from 1,000,000)."""
+
+
 def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     """Behaviour cloning then DAgger rounds (see DistillConfig); round r's policy is run_dir/rounds/policy_r."""
     import json
@@ -293,7 +320,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     names = read_manifest(Path(cfg.dataset[0]))["action_names"]
     config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
     parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
-    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed)
+    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed, loss=cfg.loss)
     rounds, previous = [], None
     for r in range(cfg.rounds + 1):
         folder = run_dir / "rounds" / f"policy_{r}"
@@ -301,14 +328,21 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
             options = json.loads(expert)
             options.update(policy=str(previous.resolve()), beta=cfg.beta * 0.5 ** (r - 1), seed=cfg.seed)
             data_dir = run_dir / "rounds" / f"dagger_{r}"
-            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, cfg.seed + 100_000 * r,
+            spec = RunSpec(scenario, "dagger", cfg.episodes_per_round, DAGGER_SEED + cfg.seed + 100_000 * r,
                            agent_options=json.dumps(options, sort_keys=True))
-            _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
+            if not (folder / "meta.json").is_file():  # a finished round's data is read, not re-collected
+                _collect_into(spec, data_dir, cfg.workers, "", f"DAgger round {r}")
             parts.append(policy_data([str(data_dir)], config, cfg.temperature)[0])
         data = merge_data(parts)
         if (folder / "meta.json").is_file():
             net, meta = load_policy(folder)
             summary = meta["summary"]
+            ignore = {"rounds", "eval_episodes", "workers", "out"}
+            changed = sorted(k for k, v in asdict(cfg).items()
+                             if k not in ignore and meta.get("distill", {}).get(k, v) != v)
+            if changed:
+                raise C.ConfigError(f"{folder} was trained with other settings ({', '.join(changed)}): use a new "
+                                    "run directory (hydra.run.dir=...) or the same settings to resume")
         else:
             init = load_policy(previous)[0] if previous else None
             net, summary = train_policy(data, config, settings, init)
@@ -370,6 +404,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
                                      "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
+                                     "crash_head": cfg.crash_head,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:
         raise C.ConfigError("no envs: set real >= 1 or (mode=dyna) imagined >= 1")
@@ -377,6 +412,28 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                            epochs=cfg.epochs, lr=cfg.lr, gamma=cfg.gamma, entropy=cfg.entropy, real=cfg.real,
                            imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
     out = Path(cfg.out) if cfg.out else run_dir / "rl"
+    norm, norm_steps = None, 0
+    if not cfg.init:  # a fresh network needs input statistics: from the start states, or from random real steps
+        from drive_mbrl.features import episode_policy_obs, history_stride
+        from drive_mbrl.imagination import random_steps
+        from drive_mbrl.policy import PolicyNet
+
+        if imagined:
+            from drive_mbrl.data import load_dataset
+
+            obs = []
+            for path in cfg.dataset:
+                manifest, episodes = load_dataset(Path(path))
+                spec = policy.scene_spec(history_stride(policy.history_dt, manifest["dt"]))
+                obs += [episode_policy_obs(ep, spec) for ep in episodes if ep.steps]
+            stats = np.concatenate(obs)
+        else:
+            norm_steps = cfg.norm_steps
+            stats, _ = random_steps(cfg.scenario, norm_steps, cfg.seed + 8_000_000, policy.agents,
+                                    policy.history_dt)
+        net = PolicyNet(policy)
+        net.set_normalisation(stats)
+        norm = [net.obs_mean.tolist(), net.obs_std.tolist()]
     start_ray(cfg.ray_address, cfg.env_runners + 1)
     bar = tqdm(total=cfg.iterations, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
 
@@ -387,12 +444,13 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
 
     try:
         result = train_ppo(env_config, policy, names, str(Path(cfg.init).resolve()) if cfg.init else "", settings,
-                           out, cfg.env_runners, on_iteration)
+                           out, cfg.env_runners, on_iteration, norm, norm_steps)
     finally:
         bar.close()
     if cfg.eval_episodes:
+        last = result["history"][-1]["iteration"] if result["history"] else 0
         result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, 1, "",
-                                            out / "eval", options=policy_options(result["policy"]))
+                                            out / f"eval_iter{last}", options=policy_options(result["policy"]))
         from drive_mbrl.evaluate import format_table
 
         print(format_table({f"policy ({cfg.mode})": result["evaluate"]}))
@@ -588,6 +646,60 @@ def run_bench_export(cfg: C.BenchExportConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def run_replay(cfg: C.ReplayConfig, run_dir: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from drive_mbrl.replay import load_replay, render_frames, write_replay
+
+    if not cfg.run:
+        raise C.ConfigError("replay needs run=<evaluate or collect run folder, or dataset folder>")
+    replay = load_replay(Path(cfg.run), cfg.episode)
+    if not replay.planned:
+        print(f"episode {cfg.episode} of {replay.source} has no planning log (agent {replay.manifest['agent']}, "
+              "or recorded before step logs existed): replaying vehicles only")
+    total = len(render_frames(replay.episode, float(replay.manifest["dt"]), cfg.hz))
+    bar = tqdm(total=total, desc=f"replay episode {cfg.episode}", unit="frame", dynamic_ncols=True)
+    try:
+        metrics = write_replay(replay, Path(cfg.out) if cfg.out else run_dir, cfg.hz, cfg.key_frames, cfg.view,
+                               cfg.dpi, cfg.mp4, lambda _: bar.update(1))
+    finally:
+        bar.close()
+    print(f"gif: {metrics['gif']} ({metrics['frames']} frames, rendered at {metrics['render_fps']:.1f} frames/s)")
+    if "mp4" in metrics:
+        print(f"mp4: {metrics['mp4']}")
+    elif cfg.mp4:
+        print("mp4: skipped (ffmpeg is not installed)")
+    for png in metrics["png"]:
+        print(f"png: {png}")
+    return {"run": str(replay.source), **metrics}
+
+
+def run_plot(cfg: C.PlotConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.plots import plot_metrics
+
+    if not cfg.inputs:
+        raise C.ConfigError("plot needs inputs=[metrics.json or run folder,...]")
+    if cfg.labels and len(cfg.labels) != len(cfg.inputs):
+        raise C.ConfigError(f"labels has {len(cfg.labels)} entries for {len(cfg.inputs)} inputs: give one per "
+                            "input or none")
+    out = Path(cfg.out) if cfg.out else run_dir / f"{cfg.kind}.png"
+    path = plot_metrics(cfg.kind, [Path(p) for p in cfg.inputs], cfg.labels, out, cfg.title)
+    print(f"plot: {path}")
+    return {"kind": cfg.kind, "inputs": cfg.inputs, "plot": str(path)}
+
+
+def run_bench_replay(cfg: C.BenchReplayConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_replay
+
+    if not cfg.run:
+        raise C.ConfigError("bench replay needs run=<evaluate or collect run folder, or dataset folder>")
+    m = bench_replay(cfg.run, cfg.episode, cfg.steps, cfg.repeats, cfg.dpi)
+    print(f"{m['frames']} frames of {m['frame_pixels'][0]}x{m['frame_pixels'][1]} px "
+          f"({'with' if m['planning_log'] else 'without'} planning log): drawing {m['draw_fps']:.1f} frames/s, "
+          f"drawing + GIF encoding {m['gif_fps']:.1f} frames/s (medians of {cfg.repeats}, {m['cpus']} CPUs)")
+    return m
+
+
 COMMANDS: dict[str, Command] = {
     "collect": Command(C.CollectConfig, run_collect, "collect tracked episodes of an agent into a dataset"),
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
@@ -606,6 +718,9 @@ COMMANDS: dict[str, Command] = {
     "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),
+    "replay": Command(C.ReplayConfig, run_replay, "render an episode (GIF/MP4/PNG) with plans and predicted futures"),
+    "plot": Command(C.PlotConfig, run_plot, "learning curves, forecaster error, calibration, agent comparison"),
+    "bench_replay": Command(C.BenchReplayConfig, run_bench_replay, "replay rendering speed [frames/s]"),
 }
 
 

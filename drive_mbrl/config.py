@@ -261,6 +261,8 @@ class DistillConfig:
                       hi=1.0)
     temperature: float = opt(0.3, "soft-target temperature on the planner's costs (0 = hard labels)", lo=0.0,
                              hi=1e3)
+    loss: str = opt("ce", "ce: cross-entropy on the (soft) targets; cost: the logits regress the planner's relative "
+                    "action costs", choices=("ce", "cost"))
     hidden: int = opt(256, "policy hidden width", lo=4, hi=8192)
     layers: int = opt(2, "policy hidden layers", lo=1, hi=16)
     history_dt: float = opt(1.0, "[s] between the policy's two observed frames", lo=0.01, hi=10.0)
@@ -289,6 +291,7 @@ class RLConfig:
     uncertainty_level: float = opt(0.99, "imagined rollouts stop where the members disagree beyond this calibrated "
                                    "quantile", choices=UNCERTAINTY_LEVELS)
     uncertainty_penalty: float = opt(0.0, "reward penalty per unit of disagreement / limit", lo=0.0, hi=1e6)
+    crash_head: bool = opt(True, "imagined crashes also drawn from the forecaster's crash probability")
     real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
     imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
     iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)
@@ -298,7 +301,10 @@ class RLConfig:
     lr: float = opt(1e-4, "learning rate", lo=1e-8, hi=1.0)
     gamma: float = opt(0.9, "discount", lo=0.0, hi=1.0)
     entropy: float = opt(0.003, "entropy bonus", lo=0.0, hi=10.0)
-    max_real_steps: int = opt(5000, "real env steps sampled by RL at most", lo=0, hi=10**9)
+    max_real_steps: int = opt(5000, "real env steps sampled by RL at most (input statistics included)", lo=0,
+                              hi=10**9)
+    norm_steps: int = opt(200, "a fresh network's input statistics: random real steps (mode=model_free; mode=dyna "
+                          "takes them from the datasets); counted in the budget", lo=2, hi=10**6)
     hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)
     layers: int = opt(2, "policy hidden layers (a fresh network)", lo=1, hi=16)
     agents: int = opt(8, "slots the policy observes, the ego included (a fresh network)", lo=2, hi=64)
@@ -389,3 +395,47 @@ class BenchExportConfig:
     decisions: int = opt(30, "recorded scenes the planning step is timed on", lo=1, hi=10**6)
     threads: int = opt(1, "CPU threads of both onnxruntime (intra-op) and torch", lo=1, hi=1024)
     dataset: list[str] = opt([], "datasets of the recorded scenes (default: those of the bundle's parity check)")
+
+
+class ReplayConfig:
+    """`drive-mbrl replay`: render one recorded episode (GIF, MP4 when ffmpeg exists, PNG key frames) with the
+    planner's plans and predicted futures when the episode has a planning step log."""
+
+    run: str = opt("", "an evaluate or collect run folder, or a dataset folder (holding manifest.json); required")
+    episode: int = opt(0, "episode index within the dataset", lo=0, hi=10**7)
+    out: str = opt("", "output folder; empty = the replay's run dir")
+    hz: float = opt(5.0, "[Hz] rendered frames per second of episode time (0 = every recorded frame); the GIF "
+                    "plays in real time", lo=0.0, hi=1000.0)
+    key_frames: int = opt(4, "PNG key frames at evenly spaced policy steps", lo=0, hi=1000)
+    view: float = opt(0.0, "[m] width of the view that follows the ego; 0 = 160 on long roads (highway, merge), "
+                      "90 on compact ones (intersection, roundabout)", lo=0.0, hi=5000.0)
+    dpi: int = opt(80, "pixels per inch of the frames (a frame is 12 x 5.2 or 9 x 10 inches)", lo=20, hi=600)
+    mp4: bool = opt(True, "also write an MP4 when ffmpeg is installed")
+
+
+@dataclass
+class BenchReplayConfig:
+    """`drive-mbrl bench replay`: rendering speed [frames/s] of the replay for the first `steps` policy steps of an
+    episode, drawing only and drawing + GIF encoding, medians over repeats."""
+
+    run: str = opt("", "an evaluate or collect run folder, or a dataset folder; required")
+    episode: int = opt(0, "episode index", lo=0, hi=10**7)
+    steps: int = opt(30, "policy steps rendered (one frame per policy step)", lo=1, hi=10**5)
+    repeats: int = opt(3, "timed repeats (median reported)", lo=1, hi=100)
+    dpi: int = opt(80, "pixels per inch of the frames", lo=20, hi=600)
+
+
+PLOT_KINDS = ("learning", "forecaster", "reliability", "evaluation")
+
+
+@dataclass
+class PlotConfig:
+    """`drive-mbrl plot`: figures from metrics.json files of earlier runs."""
+
+    kind: str = opt("evaluation", "learning: `train` learning curves; forecaster: error vs horizon against "
+                    "baselines (`validate`/`fit`); reliability: calibration (`validate`/`fit`); evaluation: agents "
+                    "compared (`evaluate`)", choices=PLOT_KINDS)
+    inputs: list[str] = opt([], "metrics.json files or the run folders holding them; required")
+    labels: list[str] = opt([], "one legend label per input (default: the run folder's name)")
+    out: str = opt("", "PNG path; empty = <run dir>/<kind>.png")
+    title: str = opt("", "figure title (default: one naming the kind)")

@@ -43,11 +43,28 @@ class PolicyData:
     where they were logged (and the step was not handed to its fallback), else one-hot of `label`."""
     episode: np.ndarray
     """(N,) int64 episode id, unique across datasets (for splits by episode)."""
+    costs: np.ndarray
+    """(N, num_actions) float32 the planner's cost of each immediate action relative to the best one, in
+    [0, COST_CAP] (rejected actions at COST_CAP); NaN rows where no costs were logged or the step fell back."""
     steps: int
     """Real env steps the datasets hold (sample-efficiency accounting)."""
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+
+COST_CAP = 10.0
+"""Relative cost given to actions the planner rejected (every plan starting with them broke the chance
+constraint), and the clip of the others: the scale of the planner's collision cost."""
+
+
+def relative_costs(costs: np.ndarray) -> np.ndarray:
+    """(N, nA) costs minus each row's best, clipped to [0, COST_CAP]; inf (rejected) -> COST_CAP; rows without a
+    finite cost -> NaN."""
+    finite = np.isfinite(costs)
+    best = np.where(finite, costs, np.inf).min(1, keepdims=True)
+    rel = np.where(finite, np.clip(costs - np.where(np.isfinite(best), best, 0.0), 0.0, COST_CAP), COST_CAP)
+    return np.where(finite.any(1, keepdims=True), rel, np.nan).astype(np.float32)
 
 
 def soft_targets(costs: np.ndarray, label: np.ndarray, temperature: float) -> np.ndarray:
@@ -73,7 +90,7 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
     if not paths:
         raise DataError("no dataset given: pass dataset=[FOLDER,...] of planner episodes (`drive-mbrl collect "
                         "agent=mpc ...`)")
-    obs, label, target, episode, steps, names = [], [], [], [], 0, None
+    obs, label, target, costs, episode, steps, names = [], [], [], [], [], 0, None
     for offset, path in enumerate(paths):
         manifest, episodes = load_dataset(Path(path))
         names = names or manifest["action_names"]
@@ -89,24 +106,27 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
             expert = np.asarray(logged.get(EXPERT_ACTION, ep.action)).astype(np.int64).reshape(ep.steps)
             keep = expert >= 0
             onehot = np.eye(config.num_actions, dtype=np.float32)[np.maximum(expert, 0)]
+            rel = np.full((ep.steps, config.num_actions), np.nan, np.float32)
             if EXPERT_COSTS in logged:
-                soft = soft_targets(np.asarray(logged[EXPERT_COSTS], np.float64), np.maximum(expert, 0),
-                                    temperature)
-                onehot = np.where((ep.fallback == "")[:, None], soft, onehot)
+                planned = (ep.fallback == "")[:, None]
+                raw = np.asarray(logged[EXPERT_COSTS], np.float64)
+                onehot = np.where(planned, soft_targets(raw, np.maximum(expert, 0), temperature), onehot)
+                rel = np.where(planned, relative_costs(raw), np.nan).astype(np.float32)
             obs.append(episode_policy_obs(ep, spec)[keep])
             label.append(expert[keep])
             target.append(onehot[keep])
+            costs.append(rel[keep])
             episode.append(np.full(int(keep.sum()), offset * 10**7 + ep.index, np.int64))
             steps += ep.steps
     if not obs:
         raise DataError(f"datasets {paths} hold no decisions")
     return PolicyData(np.concatenate(obs), np.concatenate(label), np.concatenate(target), np.concatenate(episode),
-                      steps), list(names)
+                      np.concatenate(costs), steps), list(names)
 
 
 def merge_data(parts: list[PolicyData]) -> PolicyData:
     return PolicyData(*(np.concatenate([getattr(p, k) for p in parts])
-                        for k in ("obs", "label", "target", "episode")), steps=sum(p.steps for p in parts))
+                        for k in ("obs", "label", "target", "episode", "costs")), steps=sum(p.steps for p in parts))
 
 
 @dataclass(frozen=True)
@@ -118,14 +138,18 @@ class BCSettings:
     patience: int = 20
     """Stop after this many epochs without a lower validation loss."""
     val_fraction: float = 0.15
+    loss: str = "ce"
+    """`ce`: cross-entropy against the targets; `cost`: the logits regress the planner's negated relative action
+    costs (Huber) where they were logged, cross-entropy on the label elsewhere — the greedy action is then the
+    planner's cheapest, and every state teaches all actions' costs, not only the chosen one."""
     seed: int = 0
 
 
 def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, init: PolicyNet | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[PolicyNet, dict[str, Any]]:
-    """Behaviour cloning: cross-entropy against the targets (soft or one-hot), validation split by episode, best
-    weights by validation loss; accuracy is against the expert's executed label. `init` (a previous round's
-    policy) is fine-tuned, keeping its normalisation."""
+    """Behaviour cloning (`settings.loss`: cross-entropy against the targets, or regression of the planner's action
+    costs), validation split by episode, best weights by validation loss; accuracy is against the expert's
+    executed label. `init` (a previous round's policy) is fine-tuned, keeping its normalisation."""
     from drive_mbrl.fit import split_by_episode
 
     torch.manual_seed(settings.seed)
@@ -136,7 +160,18 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
     else:
         net.set_normalisation(data.obs[train_mask])
     x, y, t = torch.as_tensor(data.obs), torch.as_tensor(data.label), torch.as_tensor(data.target)
-    xt, tt, xv, yv, tv = x[train_mask], t[train_mask], x[val_mask], y[val_mask], t[val_mask]
+    c = torch.as_tensor(data.costs)
+    xt, yt, tt, ct = x[train_mask], y[train_mask], t[train_mask], c[train_mask]
+    xv, yv, tv, cv = x[val_mask], y[val_mask], t[val_mask], c[val_mask]
+
+    def objective(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+        if settings.loss == "ce":
+            return torch.nn.functional.cross_entropy(logits, target)
+        has = ~torch.isnan(cost[:, 0])
+        reg = torch.nn.functional.huber_loss(-logits[has], cost[has], reduction="sum") / cost.shape[1]
+        ce = torch.nn.functional.cross_entropy(logits[~has], label[~has], reduction="sum") if (~has).any() else 0.0
+        return (reg + ce) / len(logits)
+
     optim = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(settings.seed)
     best = {"val_loss": float("inf"), "epoch": -1, "state": None}
@@ -147,7 +182,7 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
         total = 0.0
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
-            loss = torch.nn.functional.cross_entropy(net(xt[idx]), tt[idx])
+            loss = objective(net(xt[idx]), yt[idx], tt[idx], ct[idx])
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -155,7 +190,7 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
         net.eval()
         with torch.no_grad():
             logits = net(xv)
-            val_loss = float(torch.nn.functional.cross_entropy(logits, tv))
+            val_loss = float(objective(logits, yv, tv, cv))
             val_acc = float((logits.argmax(-1) == yv).float().mean())
         record = {"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(record)

@@ -12,8 +12,10 @@ Imagination, per step and env (all envs in one batched forecaster call):
      its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
      filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
      lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges);
-  3. reward = the chosen member's reward head; a box overlap between the ego and another agent at any new frame
-     ends the rollout (terminated, reward 0, as highway-env's normalised reward on a crash);
+  3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too); the
+     rollout ends in a crash (terminated) when the ego's box overlaps another agent's at any new frame, or with the
+     probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
+     that the mean trajectories miss);
   4. model uncertainty is not ignored: when the members disagree more than the calibrated `uncertainty_level`
      quantile (stored in the checkpoint by `fit`), the rollout is truncated there, and an optional penalty
      (`uncertainty_penalty` x disagreement / limit) is subtracted from the reward;
@@ -107,6 +109,8 @@ class ImaginationConfig:
     """Calibrated disagreement quantile (one of forecaster.UNCERTAINTY_LEVELS) beyond which a rollout stops."""
     uncertainty_penalty: float = 0.0
     """Reward penalty per unit of disagreement / limit."""
+    crash_head: bool = True
+    """Also end rollouts in a crash with the forecaster's predicted crash probability of the step."""
     lane_width: float = 4.0
     """[m] lane width of the scenario's straight lanes (highway-env's default)."""
     agents: int = 8
@@ -130,7 +134,7 @@ def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, f
                          horizon=1)
         for ep in episodes:
             for s, frame in enumerate(ep.decision_frame):
-                if ep.crashed[: s + 1].any():
+                if ep.crashed[:s].any():  # the state just before a crash is a start too
                     break
                 h, _, _ = scene_history(ep.state, ep.present, ep.lane_offset, ep.lane_heading, int(frame), spec)
                 hist.append(h)
@@ -138,6 +142,18 @@ def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, f
     if not hist:
         raise ValueError(f"no start states in {list(paths)}")
     return np.stack(hist), np.asarray(lanes, np.int64)
+
+
+def idle_action(datasets: tuple[str, ...] | list[str]) -> int:
+    """Index of IDLE in the action names of the first dataset's manifest (the imagined plan after its first step)."""
+    from pathlib import Path
+
+    from drive_mbrl.data import read_manifest
+
+    names = read_manifest(Path(datasets[0]))["action_names"]
+    if "IDLE" not in names:
+        raise ValueError(f"dataset {datasets[0]} has no IDLE action ({names})")
+    return names.index("IDLE")
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -172,9 +188,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.model, meta = load_forecaster(config.checkpoint, "cpu")
         mc = self.model.config
         self.frame_dt = float(meta["history_dt"])
-        self.sub = int(round(mc.policy_dt / self.frame_dt))
+        self.sub = history_stride(mc.policy_dt, self.frame_dt)
         """Stored frames per policy step."""
-        self.gap = int(round(config.policy_history_dt / self.frame_dt))
+        self.gap = history_stride(config.policy_history_dt, self.frame_dt)
         self.W = max(mc.history_len, self.gap + 1)
         self.A = mc.agents
         if config.agents > self.A:
@@ -188,7 +204,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.single_action_space = gym.spaces.Discrete(mc.num_actions)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
-        self.idle = 1 if mc.num_actions == 5 else 0
+        self.idle = idle_action(config.datasets) if config.datasets else 1
         self.gen = torch.Generator().manual_seed(config.seed)
         B, A, W = num_envs, self.A, self.W
         self.pos = torch.zeros(B, A, W, 2)
@@ -269,6 +285,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         mode[:, 0] = logits[:, 0].argmax(-1)
         nxt = mean.gather(2, mode[:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]  # (B, A, 4)
         reward = out["reward"][self.member, b, 0, 0].clamp(0.0, 1.0)
+        crash_p = torch.sigmoid(out["crash_logit"][self.member, b, 0, 0])
+        head_crash = torch.rand(B, generator=self.gen) < crash_p if self.config.crash_head else torch.zeros(
+            B, dtype=torch.bool)
         # Back to the reference frame, then interpolate the frames in between.
         heading = self._heading()
         origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]
@@ -283,7 +302,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         ego_cross = crossed[:, 0, -1].long()
         offset = offset - crossed * self.config.lane_width
         present = self.present[:, :, -1:].expand(-1, -1, self.sub)
-        crash = self._overlap(pos, vel, present)
+        crash = self._overlap(pos, vel, present) | head_crash
         self.pos = torch.cat([self.pos[:, :, self.sub:], pos], dim=2)
         self.vel = torch.cat([self.vel[:, :, self.sub:], vel], dim=2)
         self.present = torch.cat([self.present[:, :, self.sub:], present], dim=2)
@@ -292,7 +311,6 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.t += 1
         if self.config.uncertainty_penalty:
             reward = reward - self.config.uncertainty_penalty * disagreement / self.dis_limit
-        reward = torch.where(crash, torch.zeros_like(reward), reward)
         terminated = crash
         unsure = disagreement > self.dis_limit
         truncated = ~terminated & ((self.t >= self.config.horizon) | unsure)
@@ -346,19 +364,25 @@ def imagination_throughput(env: ImaginationEnv, steps: int, seed: int = 0) -> fl
     return steps * env.num_envs / (time.perf_counter() - start)
 
 
-def real_throughput(scenario: str, steps: int, seed: int = 0) -> float:
-    """Real env steps per second of `PolicyEnv` (with perception) over `steps` random-action steps."""
+def random_steps(scenario: str, steps: int, seed: int = 0, agents: int = 8,
+                 history_dt: float = 1.0) -> tuple[np.ndarray, float]:
+    """`steps` random-action steps of `PolicyEnv` (reset seeds from `seed`): their observations (steps, D) and the
+    wall time [s] of the loop (env, perception and observation; resets included)."""
     import time
 
-    env = PolicyEnv({"scenario": scenario, "seed_offset": seed})
+    env = PolicyEnv({"scenario": scenario, "seed_offset": seed, "agents": agents, "history_dt": history_dt})
     rng = np.random.default_rng(seed)
-    env.reset()
+    obs = [env.reset()[0]]
     start = time.perf_counter()
-    for _ in range(steps):
-        _, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
-        if term or trunc:
-            env.reset()
-    rate = steps / (time.perf_counter() - start)
+    for _ in range(steps - 1):
+        o, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        obs.append(env.reset()[0] if term or trunc else o)
+    seconds = time.perf_counter() - start
     env.close()
-    return rate
+    return np.stack(obs), seconds
 
+
+def real_throughput(scenario: str, steps: int, seed: int = 0) -> float:
+    """Real env steps per second of `PolicyEnv` (with perception) over `steps` random-action steps."""
+    _, seconds = random_steps(scenario, steps + 1, seed)
+    return steps / seconds

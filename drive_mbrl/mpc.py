@@ -8,6 +8,12 @@ when no plan passes the chance constraint, SLOWER (`planner.fallback=slower`, de
 (`least_risk`; braking plans are among the candidates), or the reactive policy's action (`policy`). The previous
 plan, shifted by one step, warm-starts the next search; with `planner.policy` the reactive policy also proposes a
 share of the candidates.
+
+After each step the episode loop stores `step_log()`: the chosen plan, the best `LOG_CANDIDATES` distinct candidates
+with their cost, risk and collision probability, and the predicted futures of the scene's agents under the chosen
+plan (per mode, with uncertainty and mode probabilities) in the decision's ego frame, with the ego pose and the track
+id of each agent slot so a replay can draw them on the map (`decision_log`). The fallback reason is the episode's
+own `fallback` field.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import SceneSpec, history_stride, live_history
+from drive_mbrl.features import HEADING, SceneSpec, X, Y, history_stride, live_history
+
+LOG_CANDIDATES = 5
+"""Candidate plans kept per step in the step log (the best by cost, distinct)."""
 
 
 def planner_config(options: dict[str, Any] | PlannerConfig | None) -> PlannerConfig:
@@ -68,6 +77,8 @@ class MPCAgent:
         self.last_fallback = ""
         self.last_decision: Any = None
         self._recorder: Any = None
+        self._track = np.full(self.spec.agents, -1, np.int64)
+        self._ego_pose = np.full(3, np.nan)
 
     def reset(self, env: Any, seed: int) -> None:
         import torch
@@ -96,8 +107,10 @@ class MPCAgent:
         self._recorder = recorder
 
     def scene(self) -> tuple[np.ndarray, np.ndarray]:
-        """The current scene: history (A, L, F) float32 and agent_mask (A,) bool, ego frame."""
-        history, track, _, _ = live_history(self._recorder, self.spec)
+        """The current scene: history (A, L, F) float32 and agent_mask (A,) bool, ego frame. Keeps the slots' track
+        ids and the ego pose (x, y [m], heading [rad], world frame) of the frame for the step log."""
+        history, track, _, arrays = live_history(self._recorder, self.spec)
+        self._track, self._ego_pose = track, arrays["state"][-1, 0, [X, Y, HEADING]].astype(np.float64)
         return history, track >= 0
 
     def act(self, obs: Any, env: Any) -> int:
@@ -134,6 +147,77 @@ class MPCAgent:
             return self._fallback_action
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
         return int(plan[0])
+
+    def step_log(self) -> dict[str, np.ndarray]:
+        """What the last decision planned and predicted (`decision_log`), for the episode's step log."""
+        return decision_log(self.last_decision, self._track, self._ego_pose, LOG_CANDIDATES)
+
+
+def decision_log(decision: Any, track: np.ndarray, ego_pose: np.ndarray, top: int) -> dict[str, np.ndarray]:
+    """One step's planning record as fixed-shape arrays (`planning.Decision` with candidates, scores and futures).
+
+    track: (A,) int64 track id of each agent slot (-1 empty); ego_pose: (3,) x, y [m], heading [rad] of the ego in
+    the world frame at the decision (the origin of the ego frame: x forward, y to the right). Returns
+        plan (H,) int8 the chosen plan; least_risk (H,) int8 (-1 when not computed)
+        cand_plan (C, H) int8, cand_cost / cand_risk / cand_collision_prob (C,) float32: the best `top` distinct
+            candidates by cost (+inf: rejected by the chance constraint); rows -1 / NaN when fewer were scored
+        cost, collision_prob, disagreement [m], spread [m]: () float32 of the chosen plan
+        track (A,) int32, ego_pose (3,) float64
+        future_mean (A, K, H, 2) float32 and future_std (A, K, H, 2) float16 [m]: ego-frame positions per mode
+            and their predicted std, future_prob (A, K) float16 mode probabilities, future_disagreement (A, H)
+            float16 [m] (epistemic: std across members of the expected position, norm over x, y), see
+            `representative_futures`; NaN in empty slots.
+    """
+    H = decision.plan.shape[0]
+    scores = {k: v.detach().cpu().numpy() for k, v in decision.scores.items()}
+    plans = decision.candidates.detach().cpu().numpy()
+    order = np.argsort(scores["cost"], kind="stable")
+    _, first = np.unique(plans[order], axis=0, return_index=True)  # first (cheapest) occurrence of each plan
+    keep = order[np.sort(first)[:top]]
+    cand_plan = np.full((top, H), -1, np.int8)
+    cand_plan[: len(keep)] = plans[keep]
+    cand = {}
+    for name in ("cost", "risk", "collision_prob"):
+        cand["cand_" + name] = np.full(top, np.nan, np.float32)
+        cand["cand_" + name][: len(keep)] = scores[name][keep]
+    least_risk = decision.least_risk.cpu().numpy() if decision.least_risk is not None else np.full(H, -1)
+    mask = track >= 0
+    return {
+        "plan": decision.plan.cpu().numpy().astype(np.int8), "least_risk": least_risk.astype(np.int8),
+        "cand_plan": cand_plan, **cand,
+        **{name: np.float32(getattr(decision, name)) for name in ("cost", "collision_prob", "disagreement",
+                                                                    "spread")},
+        "track": track.astype(np.int32), "ego_pose": np.asarray(ego_pose, np.float64),
+        **representative_futures({k: v.detach().cpu() for k, v in decision.futures.items()}, mask),
+    }
+
+
+def representative_futures(futures: dict[str, Any], agent_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Compress an ensemble's futures to one member per agent: mode identities differ between members (each learnt
+    its own modes), so modes are not averaged across members; instead each agent's modes come from the member whose
+    expected trajectory is closest to the ensemble's (the medoid-like member), and the members' spread is kept as
+    `future_disagreement`.
+
+    futures: torch tensors mean, log_std (E, A, K, H, 2) [m], logits (E, A, K); agent_mask (A,) bool. Returns
+    future_mean (A, K, H, 2) float32, future_std (A, K, H, 2) float16, future_prob (A, K) float16,
+    future_disagreement (A, H) float16; NaN where the slot is empty.
+    """
+    mean, std, prob = futures["mean"].double(), futures["log_std"].double().exp(), futures["logits"].double().exp()
+    A = mean.shape[1]
+    expected = (prob[..., None, None] * mean).sum(2)  # (E, A, H, 2)
+    member = ((expected - expected.mean(0)) ** 2).sum((-1, -2)).argmin(0)  # (A,)
+    empty = ~np.asarray(agent_mask, bool)
+
+    def own(x: Any, dtype: Any) -> np.ndarray:
+        with np.errstate(over="ignore"):  # an exploding std stays inf in float16
+            out = x.numpy().astype(dtype)  # (A, ...)
+        out[empty] = np.nan
+        return out
+
+    slots = np.arange(A)
+    return {"future_mean": own(mean[member, slots], np.float32), "future_std": own(std[member, slots], np.float16),
+            "future_prob": own(prob[member, slots], np.float16),
+            "future_disagreement": own(expected.std(0, unbiased=False).norm(dim=-1), np.float16)}
 
 
 

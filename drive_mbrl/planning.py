@@ -338,8 +338,9 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:
-    cost (risk measure + epistemic term, +inf where the chance constraint fails or the model's output is not
-    finite), collision_prob (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
+    cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
+    (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
+    (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
     sampled_collision_prob (share of samples colliding within those steps), disagreement
     and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
@@ -355,13 +356,14 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
                                          settings)[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
-    cost = risk_measure(costs, settings.risk, settings.alpha) \
-        + (settings.epistemic_weight - settings.explore_weight) * disagreement
+    risk = risk_measure(costs, settings.risk, settings.alpha)
+    cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
     totals = [out[k].sum([d for d in range(out[k].dim()) if d != 1]) for k in ("mean", "log_std", "logits", "reward")]
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
-    return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "collision_prob": collision_prob,
+    return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
+            "collision_prob": collision_prob,
             "sampled_collision_prob": sampled_prob, "disagreement": disagreement, "spread": spread,
             "expected_return": returns.mean((0, 2)),
             "finite": finite}
@@ -395,6 +397,13 @@ class Decision:
     """(num_actions,) the lowest risk cost among the evaluated plans that start with each action (inf where none
     was evaluated or every one broke the chance constraint): the planner's view of each immediate action, used as
     soft targets when distilling it into the policy."""
+    candidates: torch.Tensor | None = None
+    """(P, H) every plan scored (all iterations; a plan may repeat across CEM iterations), for step logs."""
+    scores: dict[str, torch.Tensor] | None = None
+    """name -> (P,) `score_plans`' figures of `candidates` (cost, risk, collision_prob, ...)."""
+    futures: dict[str, torch.Tensor] | None = None
+    """The forecaster's outputs under the chosen plan, as scored (ego slot replaced by `ego_path` when given):
+    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K)."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -472,8 +481,10 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
     proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior).
     Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into FALLBACK_REASONS, in the order of
     `plan_scene`), least_risk (H,) (the plan of least collision probability, ties to the higher expected return),
-    collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored) and
-    action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf: none).
+    collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored),
+    action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf: none),
+    future_mean, future_log_std (E, A, K, H, 2) and future_logits (E, A, K) (the forecaster's outputs under the
+    plan, as scored), candidates (P, H) and scores (name -> (P,)) of every plan scored in any iteration.
     """
     c = model.config
     nA, H = c.num_actions, c.horizon
@@ -488,6 +499,8 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
         probs = (1 - settings.policy_share) * probs + settings.policy_share * proposal.to(probs)[None]
     elites = max(1, round(settings.elites * population))
     best = least = summary = action_costs = None
+    candidates: list[torch.Tensor] = []
+    scored: list[dict[str, torch.Tensor]] = []
     for it in range(iterations):
         if exhaustive:
             plans = enumerate_plans(nA, H, history.device)
@@ -510,9 +523,12 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
         costs_by_action = torch.where(first, cost[:, None], torch.full_like(first, math.inf, dtype=cost.dtype))
         least_cost = costs_by_action.amin(0)
         action_costs = least_cost if action_costs is None else torch.minimum(action_costs, least_cost)
+        candidates.append(plans)
+        scored.append(scores)
         i = torch.argmin(cost)
         new = {"plan": plans[i], **{k: scores[k][i] for k in ("cost", "collision_prob", "disagreement", "spread",
-                                                                "expected_return")}}
+                                                                "expected_return")},
+               **{"future_" + k: out[k][:, i] for k in ("mean", "log_std", "logits")}}
         best = _better(new, best, new["cost"] < best["cost"] if best else None)
         j = torch.argmax(torch.where(cp == cp.min(), er, torch.full_like(er, -math.inf)))
         new = {"least_risk": plans[j], "cp": cp[j], "er": er[j]}
@@ -529,7 +545,8 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
     reason = fallback_reason(best, summary, model.uncertainty_quantiles[
         :, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)])
     return {**best, "reason": reason, "least_risk": least["least_risk"], "evaluated": summary["evaluated"],
-            "action_costs": action_costs}
+            "action_costs": action_costs, "candidates": torch.cat(candidates),
+            "scores": {k: torch.cat([s[k] for s in scored]) for k in scored[0]}}
 
 
 def _with_ego_path(out: dict[str, torch.Tensor], path: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -586,4 +603,5 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
     return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),
                     float(step["disagreement"]), float(step["spread"]), float(step["expected_return"]),
-                    int(step["evaluated"]), least_risk, step["action_costs"])
+                    int(step["evaluated"]), least_risk, step["action_costs"], step["candidates"],
+                    step["scores"], {k: step["future_" + k] for k in ("mean", "log_std", "logits")})

@@ -1,12 +1,26 @@
-"""Figures (the only matplotlib importer): forecaster error vs horizon against baselines, reliability diagram.
+"""Figures (with replay.py, the only matplotlib importers): forecaster error vs horizon against baselines,
+reliability diagrams, learning curves of the MBRL loop, and agents compared on evaluation figures.
 
-Functions take the metrics dicts the library returns and write PNG files with the Agg backend (no display).
+Functions take the metrics dicts the library returns (or the metrics.json files the CLI wrote) and write PNG files
+atomically with the Agg backend (no display). Intervals are 95 %: a normal interval of the mean over episodes
+(mean +- 1.96 sd / sqrt(n)) and Wilson's interval for rates (crash rate); they come from the episode files beside a
+run's metrics.json when those are on disk, else from the summary figures.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from drive_mbrl.data import atomic_write
+from drive_mbrl.errors import DataError
+
+Z95 = 1.959964
+"""Standard-normal quantile of a two-sided 95 % interval."""
 
 
 def forecaster_report_png(figures: dict[str, Any], path: Path, title: str) -> Path:
@@ -38,11 +52,7 @@ def forecaster_report_png(figures: dict[str, Any], path: Path, title: str) -> Pa
     ax_cal.grid(alpha=0.3)
     ax_cal.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def learning_curve_png(curve: list[dict[str, Any]], path: Path) -> Path:
@@ -66,8 +76,185 @@ def learning_curve_png(curve: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("model-based RL learning curve")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write `fig` to `path` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean of `values` (n,) and its 95 % normal interval (mean +- 1.96 sd / sqrt(n), population sd; zero width
+    for n = 1)."""
+    values = np.asarray(values, dtype=float)
+    mean, half = float(values.mean()), Z95 * float(values.std()) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def wilson_interval(successes: float, n: int) -> tuple[float, float, float]:
+    """A rate k / n and its 95 % Wilson score interval."""
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def read_metrics(path: Path, command: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
+    """A run's metrics.json (`path` is the file or its run folder), checked to come from one of `command`; returns
+    the metrics and the run folder. Raises DataError naming the file."""
+    path = Path(path)
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"{file} does not exist: pass metrics.json files or the run folders holding them")
+    try:
+        metrics = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file} is not valid JSON ({exc})") from exc
+    if metrics.get("command") not in command:
+        raise DataError(f"{file} comes from `{metrics.get('command')}`, this plot needs metrics of "
+                        f"{' or '.join(command)}")
+    return metrics, file.parent
+
+
+def episode_intervals(root: Path) -> dict[str, tuple[float, float, float]] | None:
+    """Return, crash rate and speed [m/s] with 95 % intervals over the episodes of the dataset folder `root`, or
+    None when it holds no episodes."""
+    from drive_mbrl.data import load_dataset
+    from drive_mbrl.evaluate import episode_metrics
+
+    if not (root / "manifest.json").is_file():
+        return None
+    rows = [episode_metrics(ep) for ep in load_dataset(root)[1]]
+    if not rows:
+        return None
+    col = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    return {"return_mean": mean_interval(col["return"]), "speed_mean": mean_interval(col["speed_mean"]),
+            "crash_rate": wilson_interval(float(col["crashed"].sum()), len(rows))}
+
+
+def summary_intervals(m: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """The same figures from an evaluate summary alone (no interval for speed: its spread is not in the summary)."""
+    n = int(m["episodes"])
+    half = Z95 * float(m["return_std"]) / math.sqrt(n)
+    return {"return_mean": (m["return_mean"], m["return_mean"] - half, m["return_mean"] + half),
+            "crash_rate": wilson_interval(round(m["crash_rate"] * n), n),
+            "speed_mean": (m["speed_mean"], m["speed_mean"], m["speed_mean"])}
+
+
+PANELS = (("return_mean", "return per episode"), ("crash_rate", "crash rate"), ("speed_mean", "ego speed [m/s]"))
+
+
+def evaluation_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, title: str) -> Path:
+    """Agents (one bar each) on return, crash rate and speed with 95 % intervals. runs: (label, evaluate metrics,
+    run folder) each; intervals from the run's `episodes/` when on disk."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
+    figures = [episode_intervals(folder / "episodes") or summary_intervals(m) for _, m, folder in runs]
+    x = np.arange(len(runs))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        mean, lo, hi = (np.array([f[key][i] for f in figures]) for i in range(3))
+        ax.bar(x, mean, color=[f"C{i}" for i in range(len(runs))], alpha=0.85)
+        ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="black", capsize=4, lw=1.2)
+        ax.set_xticks(x, [r[0] for r in runs], rotation=20, ha="right")
+        ax.set(ylabel=label, title=label)
+        ax.grid(axis="y", alpha=0.3)
+    episodes = ", ".join(f"{r[0]}: {r[1]['episodes']}" for r in runs)
+    fig.suptitle(f"{title or 'agents compared'} (95 % intervals; episodes {episodes})", fontsize=10)
+    return _save(fig, path)
+
+
+def learning_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, title: str) -> Path:
+    """Learning curves of `train` runs: real env steps of training data vs return, crash rate and speed, one line
+    per run with a 95 % band from each iteration's evaluation episodes (`eval/iter<i>` in the run folder)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.6 * len(PANELS), 3.8))
+    for i, (label, m, folder) in enumerate(runs):
+        curve = m["learning_curve"]
+        steps = np.array([row["real_steps"] for row in curve])
+        bands = [episode_intervals(folder / "eval" / f"iter{row['iteration']}") for row in curve]
+        for ax, (key, name) in zip(axes, PANELS, strict=True):
+            ax.plot(steps, [row[key] for row in curve], "o-", color=f"C{i}", lw=2, label=label)
+            if all(b is not None for b in bands):
+                ax.fill_between(steps, [b[key][1] for b in bands], [b[key][2] for b in bands], color=f"C{i}",
+                                alpha=0.2, lw=0)
+            ax.set(xlabel="real env steps of training data", ylabel=name, title=name)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "model-based RL learning curves (bands: 95 % intervals over evaluation episodes)",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def _per_horizon(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-horizon validation rows of a `validate` or `fit` metrics dict."""
+    return m["per_horizon"] if "per_horizon" in m else m["validation"]["per_horizon"]
+
+
+def forecaster_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, title: str) -> Path:
+    """Mean position error [m] vs horizon [s] of each forecaster (solid) and the physics baselines of the first
+    input (dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for i, (label, m, _) in enumerate(runs):
+        rows = _per_horizon(m)
+        ax.plot([r["horizon_s"] for r in rows], [r["ml_l2_mean"] for r in rows], "o-", lw=2, color=f"C{i}",
+                label=f"{label} (most likely mode)")
+    rows = _per_horizon(runs[0][1])
+    for j, name in enumerate(rows[0]["baselines"]):
+        ax.plot([r["horizon_s"] for r in rows], [r["baselines"][name]["l2_mean"] for r in rows], "s--", lw=1.2,
+                color=f"C{len(runs) + j}", label=name.replace("_", " "))
+    ax.set(xlabel="horizon [s]", ylabel="position error, mean L2 [m]",
+           title=title or "forecaster error vs horizon against physics baselines")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reliability_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, title: str) -> Path:
+    """Reliability diagrams: empirical coverage of the predicted highest-density regions against their nominal
+    mass, one panel per input, one line per horizon."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.4 * len(runs), 4.2), squeeze=False)
+    for ax, (label, m, _) in zip(axes[0], runs, strict=True):
+        ax.plot([0, 1], [0, 1], "k:", label="ideal")
+        for r in _per_horizon(m):
+            levels = sorted(float(a) for a in r["coverage"])
+            ax.plot(levels, [r["coverage"][f"{a:.1f}"] for a in levels], "o-", ms=3,
+                    label=f"{r['horizon_s']:.0f} s ahead")
+        ax.set(xlabel="nominal probability mass", ylabel="empirical coverage", title=label, xlim=(0, 1),
+               ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "calibration: reliability of the predicted regions", fontsize=10)
+    return _save(fig, path)
+
+
+PLOTS = {"learning": (learning_png, ("train",)), "forecaster": (forecaster_png, ("validate", "fit")),
+         "reliability": (reliability_png, ("validate", "fit")), "evaluation": (evaluation_png, ("evaluate",))}
+
+
+def plot_metrics(kind: str, inputs: list[Path], labels: list[str], path: Path, title: str = "") -> Path:
+    """Draw plot `kind` (a key of PLOTS) from metrics.json files or run folders into the PNG `path`."""
+    draw, commands = PLOTS[kind]
+    runs = []
+    for i, source in enumerate(inputs):
+        metrics, folder = read_metrics(source, commands)
+        runs.append((labels[i] if labels else folder.name, metrics, folder))
+    return draw(runs, Path(path), title)

@@ -34,7 +34,8 @@ from drive_mbrl.policy import PolicyConfig, PolicyNet, load_policy, save_policy
 
 
 class PolicyRLModule(TorchRLModule, ValueFunctionAPI):
-    """model_config: {"policy": asdict(PolicyConfig), "init": policy folder or ""}."""
+    """model_config: {"policy": asdict(PolicyConfig), "init": policy folder or "", "norm": [mean, std] input
+    statistics for a fresh network (D floats each), or None}."""
 
     def setup(self) -> None:
         config = PolicyConfig(**self.model_config["policy"])
@@ -42,6 +43,10 @@ class PolicyRLModule(TorchRLModule, ValueFunctionAPI):
         if self.model_config.get("init"):
             net, _ = load_policy(self.model_config["init"])
             self.policy.load_state_dict(net.state_dict())
+        elif self.model_config.get("norm"):
+            mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in self.model_config["norm"])
+            self.policy.obs_mean.copy_(mean)
+            self.policy.obs_std.copy_(std)
         self.value = torch.nn.Sequential(torch.nn.Linear(config.obs_dim, config.hidden), torch.nn.Tanh(),
                                          torch.nn.Linear(config.hidden, config.hidden), torch.nn.Tanh(),
                                          torch.nn.Linear(config.hidden, 1))
@@ -64,7 +69,7 @@ class MixedVectorEnv(gym.vector.VectorEnv):
 
         torch.set_num_threads(1)
         self.n_real, self.n_imagined = int(config.get("real", 1)), int(config.get("imagined", 0))
-        worker = int(getattr(config, "worker_index", 0))
+        worker = int(config.get("worker_index", 0))
         seed = int(config.get("seed", 0)) + 1_000 * worker
         self.real = [PolicyEnv({"scenario": config["scenario"], "agents": config["agents"],
                                 "history_dt": config["history_dt"], "seed_offset": seed + 100_000 * i})
@@ -78,6 +83,8 @@ class MixedVectorEnv(gym.vector.VectorEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
         self._done = np.zeros(self.n_real, bool)
+        self.real_steps = 0
+        """Real simulator steps taken so far (reset calls excluded): the exact real-data count."""
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         obs = [env.reset()[0] for env in self.real]
@@ -94,6 +101,7 @@ class MixedVectorEnv(gym.vector.VectorEnv):
                 o, r, te, tr = env.reset()[0], 0.0, False, False
             else:
                 o, r, te, tr, _ = env.step(int(actions[i]))
+                self.real_steps += 1
             self._done[i] = te or tr
             obs.append(o)
             rew.append(r)
@@ -153,7 +161,7 @@ def check_resources(env_runners: int) -> None:
 
 
 def build_ppo(env_config: dict[str, Any], policy: PolicyConfig, init: str, settings: PPOSettings,
-              env_runners: int = 0) -> Any:
+              env_runners: int = 0, norm: list[list[float]] | None = None) -> Any:
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from ray.tune.registry import register_env
@@ -172,37 +180,52 @@ def build_ppo(env_config: dict[str, Any], policy: PolicyConfig, init: str, setti
                   num_epochs=settings.epochs, lr=settings.lr, gamma=settings.gamma, lambda_=settings.lambda_,
                   clip_param=settings.clip, entropy_coeff=settings.entropy, vf_clip_param=10.0)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=PolicyRLModule,
-                                               model_config={"policy": asdict(policy), "init": init}))
+                                               model_config={"policy": asdict(policy), "init": init,
+                                                             "norm": norm}))
         .debugging(seed=settings.seed)
     )
     return config.build_algo()
 
 
+def real_steps_taken(algo: Any) -> int:
+    """Real simulator steps the MixedVectorEnvs of every env runner took since they were built."""
+    counts = algo.env_runner_group.foreach_env_runner(
+        lambda runner: getattr(getattr(runner, "env", None), "unwrapped", None) and runner.env.unwrapped.real_steps)
+    return int(sum(c or 0 for c in counts))
+
+
 def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: list[str], init: str,
               settings: PPOSettings, out: Path, env_runners: int = 0,
-              on_iteration: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_iteration: Callable[[dict[str, Any]], None] | None = None,
+              norm: list[list[float]] | None = None, real_steps_before: int = 0) -> dict[str, Any]:
     """PPO until `settings.iterations` or the real-step budget; resumes from out/algo. The policy after every
-    iteration is in out/policy (a `policy.load_policy` folder). Returns the per-iteration history."""
+    iteration is in out/policy (a `policy.load_policy` folder). Real steps are counted exactly (the envs' own
+    counters, plus `real_steps_before` spent before PPO, e.g. on input statistics). Returns the history; its
+    `episode_return_mean` is RLlib's over the training episodes, real and imagined mixed (imagined ones are short),
+    so it tracks training only — driving figures come from evaluation."""
     import json
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "history.json"
     history = json.loads(state_file.read_text()) if state_file.is_file() else []
-    algo = build_ppo(env_config, policy, init, settings, env_runners)
+    algo = build_ppo(env_config, policy, init, settings, env_runners, norm)
     try:
-        if history and (out / "algo").is_dir():
-            algo.restore_from_path(str((out / "algo").resolve()))
-        share = settings.real / (settings.real + settings.imagined)
+        if history:
+            saved = next((d for d in (out / "algo", out / "algo.old") if d.is_dir()), None)
+            if saved is None:
+                raise ConfigError(f"{out} has a training history but no saved algorithm state: use a new out folder")
+            algo.restore_from_path(str(saved.resolve()))
+        base = history[-1]["real_steps"] if history else real_steps_before
         for it in range(len(history), settings.iterations):
-            real_so_far = history[-1]["real_steps"] if history else 0
-            if real_so_far >= settings.max_real_steps:
+            if (history[-1]["real_steps"] if history else base) >= settings.max_real_steps:
                 break
             result = algo.train()
             runners = result.get("env_runners", {})
             sampled = int(runners.get("num_env_steps_sampled_lifetime", 0))
-            row = {"iteration": it, "env_steps": sampled, "real_steps": int(round(sampled * share)),
-                   "imagined_steps": int(round(sampled * (1 - share))),
+            real = base + real_steps_taken(algo)
+            row = {"iteration": it, "env_steps": sampled, "real_steps": real,
+                   "imagined_steps": max(0, sampled - (real - real_steps_before)),
                    "episode_return_mean": float(runners.get("episode_return_mean", float("nan")))}
             _save_atomically(out / "algo", lambda tmp: algo.save_to_path(str(tmp.resolve())))
             net = algo.get_module().policy

@@ -183,3 +183,59 @@ def action_names(env: Any) -> list[str]:
     """Meta-action names indexed by the discrete action the env accepts."""
     actions = env.unwrapped.action_type.actions
     return [actions[i] for i in range(len(actions))]
+
+
+@dataclass(frozen=True)
+class LaneGeometry:
+    """One lane of the road network sampled as polylines in the world frame ([m])."""
+
+    edge: str
+    """Road edge 'from->to' (as in `Episode.lane_edges`)."""
+    index: int
+    """Lane number within its edge."""
+    centre: Any
+    """(P, 2) float64 points along the lane centre."""
+    left: Any
+    """(P, 2) the lane's left border (lateral -width/2; the driver's left on highway roads)."""
+    right: Any
+    """(P, 2) the lane's right border (lateral +width/2)."""
+    left_line: int
+    """highway-env's LineType of the left border: 0 none, 1 striped, 2 continuous, 3 continuous line."""
+    right_line: int
+
+
+def road_geometry(scenario: Scenario, seed: int, spacing: float = 2.0, max_points: int = 400) -> list[LaneGeometry]:
+    """Every lane of the scenario's road network after a reset with `seed`, sampled every `spacing` [m] (at most
+    `max_points` per lane: highway's 10 km straight lanes) through the lane's own `position(s, lateral)` (straight,
+    sine and circular lanes alike), with collinear points dropped so a straight lane keeps only its ends."""
+    import numpy as np
+
+    env = make_env(scenario)
+    try:
+        reset_env(env, seed)
+        lanes = []
+        for start, ends in env.unwrapped.road.network.graph.items():
+            for end, edge_lanes in ends.items():
+                for index, lane in enumerate(edge_lanes):
+                    points = int(np.clip(np.ceil(lane.length / spacing) + 1, 2, max_points))
+                    s = np.linspace(0.0, float(lane.length), points)
+                    half = np.array([lane.width_at(si) / 2 for si in s])
+                    centre, left, right = (np.array([lane.position(si, k * w) for si, w in zip(s, half, strict=True)])
+                                           for k in (0.0, -1.0, 1.0))
+                    keep = _turning_points(centre)
+                    lines = [int(t) for t in lane.line_types]
+                    lanes.append(LaneGeometry(f"{start}->{end}", index, centre[keep], left[keep], right[keep],
+                                              lines[0], lines[1]))
+        return lanes
+    finally:
+        env.close()
+
+
+def _turning_points(points: Any, tolerance: float = 1e-4) -> Any:
+    """Indices of a polyline's (P, 2) ends and of the points where its direction changes by > `tolerance` [rad]."""
+    import numpy as np
+
+    step = np.diff(points, axis=0)
+    angle = np.arctan2(step[:, 1], step[:, 0])
+    turn = np.abs(np.angle(np.exp(1j * np.diff(angle)))) > tolerance
+    return np.concatenate([[0], np.flatnonzero(turn) + 1, [len(points) - 1]])

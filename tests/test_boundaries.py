@@ -23,6 +23,8 @@ HEAVY = ("highway_env", "ray", "hydra", "matplotlib", "torch", "onnxruntime")
     ("drive_mbrl.distill", ("torch",)),
     ("drive_mbrl.imagination", ("torch",)),
     ("drive_mbrl.rllib", ("torch", "ray")),
+    ("drive_mbrl.replay", ()),
+    ("drive_mbrl.plots", ()),
 ])
 def test_importing_a_module_pulls_in_no_heavy_dependency(module, allowed):
     code = (f"import sys, {module}; heavy = {HEAVY!r}; allowed = {allowed!r}; "

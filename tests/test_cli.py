@@ -156,3 +156,21 @@ def test_train_loop_smoke_then_resume(tmp_path: Path):
     again = run_cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["learning_curve"] == curve
+
+
+def test_pipeline_main_job_smoke_on_a_tiny_budget(tmp_path: Path):
+    """Smoke test of the README's main job, every stage on a tiny budget: collect, evaluate, fit + validate, plan,
+    planner labels, distill, Dyna PPO, plots and a replay; it ends by printing where everything is."""
+    args = ["pipeline", "collect_episodes=2", "eval_episodes=2", "plan_episodes=1", "expert_episodes=2",
+            "distill.episodes_per_round=1", "distill.eval_episodes=1", "distill.epochs=2", "rl_iterations=1",
+            "fit.epochs=1", "fit.width=16", "fit.heads=2", "fit.members=2", "fit.blocks=1", "fit.decoder_width=16",
+            "planner.budget=32", "planner.threads=1", "hydra.run.dir=run"]
+    done = run_cli(*args, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["evaluate"]) == {"slower", "idm", "mpc", "policy", "policy_dyna"}
+    for name in ("plot", "replay"):
+        assert Path(metrics["outputs"][name]).stat().st_size > 10_000
+        assert metrics["outputs"][name] in done.stdout
+    assert (run / "policy" / "best.pt").is_file() and (run / "rl" / "policy" / "best.pt").is_file()

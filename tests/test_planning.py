@@ -309,6 +309,36 @@ def test_plan_scene_falls_back_on_nan_and_on_exploding_uncertainty():
     assert plan_scene(model, history, mask, settings, gen()).fallback == ""
 
 
+def test_plan_scene_returns_the_chosen_plans_futures_and_every_candidate():
+    model = FakeModel([3, 1, 4, 1, 0])
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    history[:, :, 6:8] = torch.tensor([5.0, 2.0])
+    decision = plan_scene(model, history, mask, PlannerConfig(budget=300, iterations=3), gen())
+    assert decision.candidates.shape == (decision.evaluated, 5)
+    assert decision.scores["cost"].shape == (decision.evaluated,)
+    assert float(decision.scores["cost"].min()) == decision.cost
+    assert decision.futures["mean"].shape == (2, 2, 1, 5, 2) and decision.futures["logits"].shape == (2, 2, 1)
+    assert torch.all(decision.futures["mean"][:, 1, ..., 0] == 500.0)  # FakeModel's agent 1 sits at x = 500 m
+    assert torch.equal(decision.scores["risk"], decision.scores["risk"].nan_to_num())  # finite, unlike cost
+
+
+def test_representative_futures_take_the_member_nearest_the_consensus():
+    from drive_mbrl.mpc import representative_futures
+
+    # 3 members, 2 slots (slot 1 empty), 2 modes, H=1. Members 0 and 2 expect x = 10, member 1 expects x = 40:
+    # the consensus is x = 20, so member 0 (first of the nearest) is kept. Member 0's modes: x 0 and 20, p 1/2 each.
+    mean = torch.zeros(3, 2, 2, 1, 2)
+    mean[0, :, 1, :, 0], mean[1, :, :, :, 0], mean[2, :, :, :, 0] = 20.0, 40.0, 10.0
+    logits = torch.log(torch.full((3, 2, 2), 0.5))
+    out = representative_futures({"mean": mean, "log_std": torch.zeros_like(mean), "logits": logits},
+                                 np.array([True, False]))
+    assert out["future_mean"][0, :, 0, 0].tolist() == [0.0, 20.0]
+    assert out["future_prob"][0].tolist() == [0.5, 0.5] and out["future_std"][0, 0, 0, 0] == 1.0
+    expected_x = np.array([10.0, 40.0, 10.0])
+    assert out["future_disagreement"][0, 0] == pytest.approx(expected_x.std(), rel=1e-3)
+    assert np.isnan(out["future_mean"][1]).all() and np.isnan(out["future_prob"][1]).all()
+
+
 def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_checkpoint: Path):
     from drive_mbrl.mpc import MPCAgent
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
@@ -378,3 +408,38 @@ def test_kinematic_ego_matches_highway_env_exactly():
                                            atol=1e-4)
     finally:
         env.close()
+
+
+def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path):
+    """The logged plan is the executed action, the ego pose and slot 0 are the recorded ego, candidates are sorted,
+    and the kinematic ego prediction, taken back to the world frame with the logged pose, lands where the
+    simulator put the ego one step later (exact on a straight highway)."""
+    from drive_mbrl.mpc import LOG_CANDIDATES, MPCAgent
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+    from drive_mbrl.scenarios import load_scenario
+
+    agent = MPCAgent(str(tiny_checkpoint), {"budget": 64, "threads": 1, "chance_epsilon": 1.0})
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "mpc", 0, 7, max_steps=5), agent)
+    finally:
+        runner.close()
+    log, S = episode.step_log, episode.steps
+    A, K, H = 4, 2, 3  # the tiny checkpoint's agents, modes, horizon
+    assert log["plan"].shape == (S, H) and log["cand_plan"].shape == (S, LOG_CANDIDATES, H)
+    assert log["future_mean"].shape == (S, A, K, H, 2) and log["future_prob"].shape == (S, A, K)
+    planned = np.flatnonzero(episode.fallback == "")
+    assert len(planned[planned < S - 1]) >= 2, f"too few planned steps to check: {list(episode.fallback)}"
+    assert log["plan"][planned, 0].tolist() == episode.action[planned].tolist()
+    assert np.all(log["track"][:, 0] == 0)
+    np.testing.assert_allclose(log["ego_pose"], episode.state[episode.decision_frame][:, 0][:, [0, 1, 4]], atol=1e-4)
+    assert np.all(np.diff(log["cand_cost"], axis=1) >= 0) and np.allclose(log["cand_cost"][:, 0], log["cost"])
+    assert np.all(log["cand_plan"][:, 0] == log["plan"])
+    present = log["track"] >= 0
+    np.testing.assert_allclose(log["future_prob"][present].astype(float).sum(-1), 1.0, atol=1e-2)
+    for s in planned[planned < S - 1]:
+        x, y, heading = log["ego_pose"][s]
+        local = log["future_mean"][s, 0, 0, 0]  # the ego's position one step ahead, ego frame
+        world = [x + np.cos(heading) * local[0] - np.sin(heading) * local[1],
+                 y + np.sin(heading) * local[0] + np.cos(heading) * local[1]]
+        np.testing.assert_allclose(world, episode.state[episode.decision_frame[s + 1], 0, :2], atol=1e-2)

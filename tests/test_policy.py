@@ -85,13 +85,42 @@ def test_behaviour_cloning_learns_a_known_rule():
     gap = rng.uniform(0, 40, n).astype(np.float32)
     obs[:, len(POLICY_FEATURES)] = gap  # slot 1's x
     label = np.where(gap < 15, 4, 3).astype(np.int64)
-    data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, steps=n)
+    costs = np.full((n, 5), np.nan, np.float32)
+    data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, costs, steps=n)
     net, summary = train_policy(data, config, BCSettings(epochs=60, seed=0))
     assert summary["val_accuracy"] >= 0.95
     with torch.no_grad():
         test = np.zeros((2, config.obs_dim), np.float32)
         test[:, len(POLICY_FEATURES)] = [5.0, 35.0]
         assert net(torch.as_tensor(test)).argmax(-1).tolist() == [4, 3]
+
+
+def test_cost_regression_learns_the_cheapest_action():
+    """loss=cost: the logits learn the negated relative costs; the greedy action is the cheapest one. Costs: SLOWER
+    is free and FASTER costs 10 (rejected) when the car ahead is within 15 m, the other way round beyond."""
+    from drive_mbrl.distill import relative_costs
+
+    rng = np.random.default_rng(1)
+    config = PolicyConfig(agents=2, hidden=32)
+    n = 1200
+    obs = rng.normal(size=(n, config.obs_dim)).astype(np.float32)
+    gap = rng.uniform(0, 40, n).astype(np.float32)
+    obs[:, len(POLICY_FEATURES)] = gap
+    raw = np.full((n, 5), 1.0)
+    raw[:, 4] = np.where(gap < 15, -2.0, 0.5)
+    raw[:, 3] = np.where(gap < 15, np.inf, -2.0)
+    rel = relative_costs(raw)
+    assert rel[0].min() == 0 and rel.max() == 10.0  # inf -> the cap
+    label = rel.argmin(1)
+    data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, rel, steps=n)
+    net, summary = train_policy(data, config, BCSettings(epochs=150, seed=0, loss="cost", lr=3e-3))
+    assert summary["val_accuracy"] >= 0.95
+    test = np.zeros((2, config.obs_dim), np.float32)
+    test[:, len(POLICY_FEATURES)] = [5.0, 35.0]
+    with torch.no_grad():
+        logits = net(torch.as_tensor(test))
+    assert logits.argmax(-1).tolist() == [4, 3]
+    assert float(-logits[0, 3] + logits[0, 4]) > 5.0  # FASTER near a car is learned as far costlier
 
 
 def test_load_policy_refuses_bad_folders(tmp_path: Path, tiny_checkpoint: Path):
