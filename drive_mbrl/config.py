@@ -397,6 +397,7 @@ class BenchExportConfig:
     dataset: list[str] = opt([], "datasets of the recorded scenes (default: those of the bundle's parity check)")
 
 
+@dataclass
 class ReplayConfig:
     """`drive-mbrl replay`: render one recorded episode (GIF, MP4 when ffmpeg exists, PNG key frames) with the
     planner's plans and predicted futures when the episode has a planning step log."""
