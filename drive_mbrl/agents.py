@@ -24,11 +24,12 @@ from drive_mbrl.types import Agent
 
 BUILTIN_AGENTS = ("random", "slower", "idm", "explore")
 """Rule agents that need no options."""
-AGENTS = (*BUILTIN_AGENTS, "mpc", "oracle", "policy", "dagger")
+AGENTS = (*BUILTIN_AGENTS, "mpc", "oracle", "policy", "dagger", "onnx")
 """Every agent name: `mpc` plans on a learned forecaster (mpc.py, option `checkpoint`), `oracle` plans on copies of
 the true simulator (oracle.py), `policy` is the reactive policy network (policy.py, option `checkpoint`), `dagger`
 lets a policy drive while the planner labels every step (distill.py; without a policy the planner drives and
-logs its per-action costs)."""
+logs its per-action costs), `onnx` drives from an exported bundle with onnxruntime alone (onboard.py, option
+`bundle`)."""
 EXPLORE_WEIGHTS = {"LANE_LEFT": 0.15, "IDLE": 0.3, "LANE_RIGHT": 0.15, "FASTER": 0.15, "SLOWER": 0.25}
 """Relative probabilities of the `explore` agent's actions (renormalised over the actions a scenario has)."""
 SPEED_CHANGE_THRESHOLD = 1.0
@@ -137,6 +138,10 @@ def make_agent(name: str, options: dict[str, Any] | None = None) -> Agent:
         from drive_mbrl.mpc import MPCAgent
 
         return MPCAgent(**options)
+    if name == "onnx":
+        from drive_mbrl.onboard import OnnxAgent
+
+        return OnnxAgent(**options)
     if name == "oracle":
         from drive_mbrl.oracle import OracleAgent
 

@@ -275,3 +275,133 @@ def bench_replay(run: str, episode: int, steps: int, repeats: int, dpi: int) -> 
     return {"run": run, "episode": episode, "frames": len(frames), "planning_log": replay.planned,
             "frame_pixels": [int(width), int(height)], "draw_fps": len(frames) / median(draw),
             "gif_fps": len(frames) / median(total), "draw_s": draw, "encode_s": encode, "cpus": os.cpu_count()}
+
+
+def _alternate(calls: dict[str, Any], rounds: int, block: int = 1) -> dict[str, list[float]]:
+    """Wall times [µs] of `rounds` calls of each (called with the round index), after `block` warm-up calls each,
+    alternating between them every `block` calls (machine noise hits all alike; a block keeps a small model's
+    caches warm, as an onboard loop that calls one model does)."""
+    for call in calls.values():
+        for i in range(block):
+            call(i)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for first in range(0, rounds, block):
+        for name, call in calls.items():
+            for i in range(first, min(rounds, first + block)):
+                start = time.perf_counter()
+                call(i)
+                times[name].append((time.perf_counter() - start) * 1e6)
+    return times
+
+
+def _percentiles(times_us: list[float]) -> dict[str, float]:
+    ordered = sorted(times_us)
+    return {"us_p50": median(ordered), "us_p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "calls": len(ordered)}
+
+
+def bench_export(bundle: str, repeats: int, decisions: int, threads: int, datasets: list[str]) -> dict[str, Any]:
+    """Batch-1 latency (p50, p99 [µs]) of each graph of a bundle in onnxruntime against the same model in torch
+    eager, in this process, both on `threads` CPU threads (onnxruntime: intra-op threads, spinning off), alternating
+    (in blocks of 100 / 50 calls for the policy / forecaster, call by call for the planner) so that machine noise
+    hits both alike. The forecaster: one random scene, one plan, `repeats` calls;
+    the policy: one observation, `repeats` calls of the greedy action (its source checkpoint must be unchanged).
+    The planning step: `decisions` recorded scenes of `datasets` (default: those of the bundle's parity check), torch
+    `planning.plan_scene` against the planner graph, each drawing its own noise (torch / numpy) inside the timing.
+    """
+    import json
+
+    import torch
+
+    from drive_mbrl.export import ForecasterGraph, random_scene_inputs
+    from drive_mbrl.fit import BEST, load_forecaster
+    from drive_mbrl.onboard import PARITY, RuntimeSettings, load_bundle, sha256_file
+
+    torch.set_num_threads(threads)
+    loaded = load_bundle(bundle, RuntimeSettings(device="cpu", threads=threads))
+    source = loaded.contract["source"]
+    checkpoint = Path(source["checkpoint"])
+    if sha256_file(checkpoint / BEST) != source["weights_sha256"]:
+        raise ValueError(f"{checkpoint / BEST} is not the checkpoint bundle {bundle} was exported from (sha256)")
+    model, meta = load_forecaster(checkpoint, "cpu")
+    rows: dict[str, Any] = {}
+    with torch.inference_mode():
+        scene = random_scene_inputs(model, 1, 1, torch.Generator().manual_seed(0))
+        feeds = {k: v.numpy() for k, v in scene.items()}
+        torch_graph, graph = ForecasterGraph(model).eval(), loaded.graph("forecaster")
+        times = _alternate({"torch": lambda i: torch_graph(*scene.values()),
+                            "onnxruntime": lambda i: graph.session.run(None, feeds)}, repeats, block=50)
+        rows["forecaster"] = {k: _percentiles(v) for k, v in times.items()}
+        if "policy" in loaded.graphs:
+            rows["policy"] = _bench_policy_graph(loaded, repeats)
+        if "planner" in loaded.graphs:
+            rows["planner"] = _bench_planner(loaded, model, meta, decisions, datasets or json.loads(
+                (Path(bundle) / PARITY).read_text())["datasets"])
+    for row in rows.values():
+        row["speedup_p50"] = row["torch"]["us_p50"] / row["onnxruntime"]["us_p50"]
+    return {"bundle": str(bundle), "threads": threads, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _bench_policy_graph(loaded: Any, repeats: int) -> dict[str, Any]:
+    """Batch-1 latency of the bundle's policy graph against its source PolicyNet (greedy action, torch eager)."""
+    import torch
+
+    from drive_mbrl.onboard import sha256_file
+    from drive_mbrl.policy import BEST, load_policy
+
+    graph = loaded.graph("policy")
+    source = Path(graph.spec["source"]["checkpoint"])
+    if sha256_file(source / BEST) != graph.spec["source"]["weights_sha256"]:
+        raise ValueError(f"{source / BEST} is not the policy the bundle was exported from (sha256)")
+    net, _ = load_policy(source)
+    obs = (net.obs_mean + net.obs_std * torch.randn(1, net.config.obs_dim, generator=torch.Generator().manual_seed(0)))
+    feeds = {"obs": obs.numpy()}
+    times = _alternate({"torch": lambda i: int(net(obs).argmax(-1)),
+                        "onnxruntime": lambda i: int(graph.session.run(["action"], feeds)[0][0])}, repeats, block=100)
+    return {k: _percentiles(v) for k, v in times.items()}
+
+
+def _bench_planner(loaded: Any, model: Any, meta: dict[str, Any], decisions: int,
+                   datasets: list[str]) -> dict[str, Any]:
+    """Planning-step latency on recorded scenes: torch `plan_scene` against the bundle's planner graph."""
+    import numpy as np
+    import torch
+
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.data import read_manifest
+    from drive_mbrl.egomotion import rollout_ego
+    from drive_mbrl.export_planner import planner_inputs, scene_ego_state, step_noise
+    from drive_mbrl.fit import load_scenes
+    from drive_mbrl.planning import plan_scene
+
+    spec, graph = loaded.graph("planner").spec, loaded.graph("planner")
+    settings = PlannerConfig(**spec["settings"])
+    scenes = load_scenes(datasets, model.config, meta["history_dt"])[0]
+    pick = np.linspace(0, len(scenes) - 1, min(decisions, len(scenes))).round().astype(np.int64)
+    names, rng, gen = loaded.contract["actions"], np.random.default_rng(0), torch.Generator().manual_seed(0)
+    warm = np.full(model.config.horizon, spec["idle_action"])
+    lanes = int(read_manifest(Path(datasets[0]))["env_config_resolved"].get("lanes_count", 3))
+    inputs = []
+    for i in pick:
+        ego = scene_ego_state(scenes.history[i], lanes)
+        feeds = {k: v.numpy() for k, v in planner_inputs(model, settings, scenes.history[i], scenes.agent_mask[i],
+                                                         warm, ego, step_noise(model, settings, gen)).items()}
+        inputs.append((torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]), ego, feeds))
+    noisy = {t["name"]: t["shape"] for t in spec["inputs"] if t["name"] in ("candidates", "modes", "gauss")}
+
+    def run_torch(i: int) -> Any:
+        history, mask, ego, _ = inputs[i % len(inputs)]
+        path = (lambda plans: rollout_ego(ego, plans, names, spec["frames_per_step"], spec["sim_dt"])) \
+            if settings.ego_model == "kinematic" else None
+        return plan_scene(model, history, mask, settings, gen, torch.as_tensor(warm), None, path)
+
+    def run_onnx(i: int) -> Any:
+        feeds = dict(inputs[i % len(inputs)][3])
+        for name, shape in noisy.items():
+            feeds[name] = rng.standard_normal(shape, dtype=np.float32) if name == "gauss" else rng.random(
+                shape, dtype=np.float32)
+        return graph.session.run(["action"], feeds)
+
+    with torch.inference_mode():
+        times = _alternate({"torch": run_torch, "onnxruntime": run_onnx}, len(inputs))
+    return {"decisions": len(inputs), "budget": settings.budget, **{k: _percentiles(v) for k, v in times.items()}}

@@ -59,7 +59,8 @@ def _collect_into(spec: Any, out: Path, workers: int, ray_address: str, desc: st
 
 
 def agent_options(cfg: C.CollectConfig) -> str:
-    """The agent's options as canonical JSON: a planner's checkpoint (absolute) and settings; '' for rule agents."""
+    """The agent's options as canonical JSON: a planner's checkpoint (absolute) and settings, a bundle (absolute);
+    '' for rule agents."""
     from dataclasses import asdict
 
     from drive_mbrl.data import agent_options_json
@@ -73,6 +74,14 @@ def agent_options(cfg: C.CollectConfig) -> str:
         return agent_options_json({"planner": asdict(cfg.planner)})
     if cfg.agent == "policy":
         return policy_options(cfg.checkpoint)
+    if cfg.agent == "onnx":
+        from drive_mbrl.onboard import read_contract
+
+        if not cfg.bundle:
+            raise C.ConfigError("agent=onnx needs bundle=<folder> (write one with `drive-mbrl export`)")
+        read_contract(Path(cfg.bundle))  # a bad bundle fails here, before any episode is written
+        return agent_options_json({"bundle": str(Path(cfg.bundle).resolve()), "graph": cfg.onnx_graph,
+                                   "seed": cfg.planner.seed})
     return ""
 
 
@@ -586,6 +595,26 @@ def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[st
     return metrics
 
 
+def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.export import export_bundle
+
+    if not cfg.checkpoint:
+        raise C.ConfigError("export needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
+    out = Path(cfg.out) if cfg.out else Path("export/bundles") / Path(cfg.checkpoint).resolve().name
+    result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed,
+                           cfg.planner if cfg.planner_scenes else None, cfg.planner_scenes, cfg.policy)
+    if "planner" in result["parity"]:
+        p = result["parity"]["planner"]
+        print(f"planner parity, {p['scenes']} recorded scenes: same action with the same noise "
+              f"{p['same_action_same_noise']:.1%}, with independent noise {p['same_action_independent_noise']:.1%}")
+    for graph, figures in result["parity"].items():
+        for kind, row in figures.items() if graph != "planner" else ():
+            print(f"{graph} parity, {row['inputs']} {kind} inputs: max |onnx - torch| " + ", ".join(
+                f"{k} {v:.2g}" for k, v in row["max_abs_error"].items()))
+    print(f"bundle: {out} ({', '.join(result['contract']['graphs'])})")
+    return {"bundle": str(out.resolve()), "graphs": list(result["contract"]["graphs"]), "parity": result["parity"]}
+
+
 def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.bench import bench_policy
 
@@ -601,6 +630,20 @@ def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
           f"{m['planner_budget']}) p50 {m['planner_ms_p50']:.0f} ms (p99 {m['planner_ms_p99']:.0f}): "
           f"{m['planner_over_policy']:.0f}x")
     return m
+
+
+def run_bench_export(cfg: C.BenchExportConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.bench import bench_export
+
+    if not cfg.bundle:
+        raise C.ConfigError("bench export needs bundle=<folder> (write one with `drive-mbrl export`)")
+    metrics = bench_export(cfg.bundle, cfg.repeats, cfg.decisions, cfg.threads, cfg.dataset)
+    print(f"{metrics['threads']} thread(s), batch 1, p50 / p99")
+    for name, row in metrics["rows"].items():
+        t, o = row["torch"], row["onnxruntime"]
+        print(f"{name:>10}: torch {t['us_p50']:,.1f} / {t['us_p99']:,.1f} us, onnxruntime {o['us_p50']:,.1f} / "
+              f"{o['us_p99']:,.1f} us, x{row['speedup_p50']:.2f}")
+    return metrics
 
 
 def run_replay(cfg: C.ReplayConfig, run_dir: Path) -> dict[str, Any]:
@@ -669,6 +712,9 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command(C.PipelineConfig, run_pipeline, "the main job: every stage on the default scenario"),
     "bench_collect": Command(C.BenchCollectConfig, run_bench_collect, "collection steps/s vs worker count"),
     "train": Command(C.TrainConfig, run_train, "the model-based RL loop: fit -> plan -> collect, learning curve"),
+    "export": Command(C.ExportConfig, run_export, "ONNX bundle of the models with contract and parity check"),
+    "bench_export": Command(C.BenchExportConfig, run_bench_export,
+                            "batch-1 latency of a bundle's graphs, onnxruntime vs torch"),
     "bench_plan": Command(C.BenchPlanConfig, run_bench_plan, "MPC decision latency vs budget and members"),
     "bench_forecaster": Command(C.BenchForecasterConfig, run_bench_forecaster,
                                 "forecaster scene-rollouts/s vs number of candidate plans"),

@@ -95,6 +95,9 @@ class CollectConfig:
     agent: str = opt("idm", "ego driver", choices=AGENTS)
     checkpoint: str = opt("", "agent=mpc: forecaster checkpoint folder (from `drive-mbrl fit`); agent=policy: "
                                 "policy folder (from `drive-mbrl distill`)")
+    bundle: str = opt("", "exported bundle folder for agent=onnx (from `drive-mbrl export`)")
+    onnx_graph: str = opt("auto", "agent=onnx drives with the bundle's policy or planner graph (auto: the policy "
+                          "when the bundle has one)", choices=("auto", "policy", "planner"))
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "agent=mpc settings"})
     episodes: int = opt(10, "number of episodes (the dataset holds episodes 0 .. episodes-1)", lo=1, hi=10**7)
     seed: int = opt(0, "base seed: episode i is reset with seed + i", lo=0, hi=2**31 - 1)
@@ -363,6 +366,35 @@ class PipelineConfig:
                                                                          eval_episodes=10),
                                    metadata={"help": "policy distillation (dataset/checkpoint set by the pipeline)"})
     rl_iterations: int = opt(2, "Dyna PPO iterations fine-tuning the distilled policy (0 skips)", lo=0, hi=10**6)
+
+
+@dataclass
+class ExportConfig:
+    """`drive-mbrl export`: an ONNX bundle (forecaster, planning step, policy) with its contract and parity check."""
+
+    checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
+    out: str = opt("", "bundle folder; empty = export/bundles/<checkpoint folder name>. An older bundle there is "
+                   "replaced once the new one passed its checks")
+    dataset: list[str] = opt([], "datasets whose recorded scenes the parity check runs on (default: the "
+                             "checkpoint's training data)")
+    samples: int = opt(1000, "random inputs, and recorded scenes, the parity check compares", lo=1, hi=10**6)
+    seed: int = opt(0, "seed of the random parity inputs", lo=0, hi=2**31 - 1)
+    planner: PlannerConfig = field(default_factory=PlannerConfig,
+                                   metadata={"help": "settings of the exported planning step (constants of its graph)"})
+    planner_scenes: int = opt(100, "recorded scenes the planner graph is checked on (0: export no planner graph)",
+                              lo=0, hi=10**6)
+    policy: str = opt("", "reactive policy folder (from `drive-mbrl distill` or `drive-mbrl rl`) to export too")
+
+
+@dataclass
+class BenchExportConfig:
+    """`drive-mbrl bench export`: batch-1 latency of each graph of a bundle, onnxruntime against torch eager."""
+
+    bundle: str = opt("", "bundle folder (from `drive-mbrl export`); required")
+    repeats: int = opt(2000, "timed calls of the forecaster and the policy (p50 / p99)", lo=10, hi=10**7)
+    decisions: int = opt(30, "recorded scenes the planning step is timed on", lo=1, hi=10**6)
+    threads: int = opt(1, "CPU threads of both onnxruntime (intra-op) and torch", lo=1, hi=1024)
+    dataset: list[str] = opt([], "datasets of the recorded scenes (default: those of the bundle's parity check)")
 
 
 @dataclass

@@ -50,12 +50,23 @@ class EgoState:
     """[m] the ego's length (the bicycle model's wheelbase is half of it)."""
 
 
-def speed_to_index(speed: torch.Tensor, speeds: tuple[float, ...]) -> torch.Tensor:
-    """Index of the closest allowed speed (highway-env's `MDPVehicle.speed_to_index`, uniform speeds)."""
-    if len(speeds) == 1:
+EGO_FIELDS = ("speed", "heading", "lateral", "lane_heading", "lane", "target_lane", "lanes", "lane_width",
+              "target_speed", "length")
+"""Order of `ego_vector`: EgoState's scalar fields (lane numbers as floats), the target speeds go separately."""
+
+
+def ego_vector(state: EgoState) -> tuple[torch.Tensor, torch.Tensor]:
+    """EgoState as tensors: (len(EGO_FIELDS),) float64 in that order and target_speeds (S,) float64 [m/s]."""
+    values = torch.tensor([float(getattr(state, name)) for name in EGO_FIELDS], dtype=torch.float64)
+    return values, torch.tensor(state.target_speeds, dtype=torch.float64)
+
+
+def speed_to_index(speed: torch.Tensor, speeds: torch.Tensor) -> torch.Tensor:
+    """Index of the closest allowed speed (highway-env's `MDPVehicle.speed_to_index`, uniform speeds (S,))."""
+    if speeds.shape[0] == 1:
         return torch.zeros_like(speed, dtype=torch.int64)
     x = (speed - speeds[0]) / (speeds[-1] - speeds[0])
-    return torch.round(x * (len(speeds) - 1)).clamp(0, len(speeds) - 1).to(torch.int64)
+    return torch.round(x * (speeds.shape[0] - 1)).clamp(0, speeds.shape[0] - 1).to(torch.int64)
 
 
 def rollout_ego(state: EgoState, plans: torch.Tensor, action_names: list[str], frames_per_step: int,
@@ -64,52 +75,75 @@ def rollout_ego(state: EgoState, plans: torch.Tensor, action_names: list[str], f
 
     plans: (N, H) int64 meta-action indices into `action_names`. Returns (N, H, 4): x, y [m] and vx, vy [m/s].
     """
+    ego, speeds = ego_vector(state)
+    return rollout_ego_tensors(ego.to(plans.device), speeds.to(plans.device), plans, action_names, frames_per_step,
+                               sim_dt)
+
+
+def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Tensor, action_names: list[str],
+                        frames_per_step: int, sim_dt: float) -> torch.Tensor:
+    """`rollout_ego` on the ego's state as tensors (`ego_vector`): ego (len(EGO_FIELDS),) and target speeds (S,),
+    float64. Tensor-only with no data-dependent Python control flow, so it traces into an ONNX graph."""
     N, H = plans.shape
-    dev, dt = plans.device, torch.float64
-    speeds = torch.tensor(state.target_speeds, device=dev, dtype=dt)
-    x = torch.zeros(N, device=dev, dtype=dt)
-    y = torch.full((N,), state.lateral, device=dev, dtype=dt)
-    psi = torch.full((N,), state.heading, device=dev, dtype=dt)
-    v = torch.full((N,), state.speed, device=dev, dtype=dt)
-    target_v = torch.full((N,), state.target_speed, device=dev, dtype=dt)
-    target_lane = torch.full((N,), state.target_lane, device=dev, dtype=torch.int64)
+    dt = torch.float64
+    v0, psi0, lateral, lane_heading, lane, lane0, lanes, lane_width, target_v0, length = ego.to(dt).unbind(0)
+    speeds = speeds.to(dt)
+    zeros = torch.zeros_like(plans[:, 0], dtype=dt)
+    x, y, psi, v, target_v = zeros, zeros + lateral, zeros + psi0, zeros + v0, zeros + target_v0
+    target_lane = zeros + lane0
     index = {name: i for i, name in enumerate(action_names)}
-    half = state.length / 2
-    out = torch.empty(N, H, 4, device=dev, dtype=dt)
+    half = length / 2
+    steps = []
     for h in range(H):
         a = plans[:, h]
         if "FASTER" in index or "SLOWER" in index:
             step = (a == index.get("FASTER", -1)).to(torch.int64) - (a == index.get("SLOWER", -1)).to(torch.int64)
-            moved = step != 0
-            new_v = speeds[(speed_to_index(v, state.target_speeds) + step).clamp(0, len(speeds) - 1)]
-            target_v = torch.where(moved, new_v, target_v)
+            new_v = speeds[(speed_to_index(v, speeds) + step).clamp(0, speeds.shape[0] - 1)]
+            target_v = torch.where(step != 0, new_v, target_v)
         if "LANE_LEFT" in index or "LANE_RIGHT" in index:
-            shift = (a == index.get("LANE_RIGHT", -1)).to(torch.int64) - (a == index.get("LANE_LEFT", -1)).to(
-                torch.int64)
+            shift = (a == index.get("LANE_RIGHT", -1)).to(dt) - (a == index.get("LANE_LEFT", -1)).to(dt)
             # highway-env moves the target lane (not the occupied one) by one, clipped to the road's lanes.
-            target_lane = (target_lane + shift).clamp(0, state.lanes - 1)
-        centre = (target_lane - state.lane).to(dt) * state.lane_width  # target lane centre, lateral [m]
+            target_lane = torch.minimum(torch.clamp(target_lane + shift, min=0.0), lanes - 1)
+        centre = (target_lane - lane) * lane_width  # target lane centre, lateral [m]
         for _ in range(frames_per_step):
             lateral_speed = -KP_LATERAL * (y - centre)
-            heading_cmd = torch.asin((lateral_speed / _not_zero(v)).clamp(-1, 1)).clamp(-math.pi / 4, math.pi / 4)
+            heading_cmd = _asin((lateral_speed / _not_zero(v)).clamp(-1, 1)).clamp(-math.pi / 4, math.pi / 4)
             rate = KP_HEADING * _wrap(heading_cmd - psi)
-            slip = torch.asin((half / _not_zero(v) * rate).clamp(-1, 1))
-            steering = torch.atan(2 * torch.tan(slip)).clamp(-MAX_STEERING_ANGLE, MAX_STEERING_ANGLE)
+            sin_beta, cos_beta = _slip(half / _not_zero(v) * rate)
             accel = KP_A * (target_v - v)
             accel = torch.where(v > MAX_SPEED, torch.minimum(accel, MAX_SPEED - v), accel)
-            beta = torch.atan(0.5 * torch.tan(steering))
-            x = x + v * torch.cos(psi + beta) * sim_dt
-            y = y + v * torch.sin(psi + beta) * sim_dt
-            psi = psi + v * torch.sin(beta) / half * sim_dt
+            cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
+            x = x + v * (cos_psi * cos_beta - sin_psi * sin_beta) * sim_dt  # v cos(psi + beta) dt
+            y = y + v * (sin_psi * cos_beta + cos_psi * sin_beta) * sim_dt
+            psi = psi + v * sin_beta / half * sim_dt
             v = v + accel * sim_dt
-        out[:, h] = torch.stack([x, y, v * torch.cos(psi), v * torch.sin(psi)], dim=-1)
-    # Lane frame -> ego frame: origin at the ego (lateral offset removed), rotated by the lane's heading.
-    out[..., 1] -= state.lateral
-    c, s = math.cos(state.lane_heading), math.sin(state.lane_heading)
-    rot = torch.tensor([[c, -s], [s, c]], device=dev, dtype=dt)
-    out[..., :2] = out[..., :2] @ rot.T
-    out[..., 2:] = out[..., 2:] @ rot.T
-    return out.to(torch.float32)
+        steps.append(torch.stack([x, y - lateral, v * torch.cos(psi), v * torch.sin(psi)], dim=-1))
+    out = torch.stack(steps, dim=1)  # (N, H, 4) lane frame, origin at the ego (lateral offset removed)
+    # Lane frame -> ego frame: rotated by the lane's heading.
+    c, s = torch.cos(lane_heading), torch.sin(lane_heading)
+    rot = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    return torch.cat([out[..., :2] @ rot.T, out[..., 2:] @ rot.T], dim=-1).to(torch.float32)
+
+
+_TAN_MAX_STEERING = math.tan(MAX_STEERING_ANGLE)
+
+
+def _slip(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin and cos of the bicycle model's slip angle beta for highway-env's steering command, without inverse
+    trigonometry: the controller asks for slip = asin(q), steers delta = atan(2 tan slip) clipped to
+    MAX_STEERING_ANGLE, and the model slips by beta = atan(tan(delta) / 2); so beta = slip unless the clip acts,
+    where tan(beta) = tan(MAX_STEERING_ANGLE) / 2. (onnxruntime has no float64 asin / atan / tan kernels.)"""
+    q = q.clamp(-1, 1)
+    cos_slip = (1 - q * q).sqrt()
+    clipped = 2 * q.abs() > _TAN_MAX_STEERING * cos_slip  # |2 tan(slip)| > tan(max steering)
+    tan_beta = _TAN_MAX_STEERING / 2
+    sin_c, cos_c = tan_beta / math.sqrt(1 + tan_beta ** 2), 1 / math.sqrt(1 + tan_beta ** 2)
+    return torch.where(clipped, torch.sign(q) * sin_c, q), torch.where(clipped, torch.full_like(q, cos_c), cos_slip)
+
+
+def _asin(x: torch.Tensor) -> torch.Tensor:
+    """asin of a float64 tensor, computed in float32 (onnxruntime has asin for float32 only; 6e-8 rad)."""
+    return torch.asin(x.to(torch.float32)).to(x.dtype)
 
 
 def _not_zero(v: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:

@@ -86,12 +86,13 @@ class EnsembleLayerNorm(nn.Module):
 
     def __init__(self, members: int, width: int):
         super().__init__()
+        self.width = width
         self.weight = nn.Parameter(torch.ones(members, 1, width))
         self.bias = nn.Parameter(torch.zeros(members, 1, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = F.layer_norm(x, shape[-1:]).reshape(shape[0], -1, shape[-1])
+        y = F.layer_norm(x, (self.width,)).reshape(shape[0], -1, self.width)  # a constant width traces to ONNX
         return (y * self.weight + self.bias).reshape(shape)
 
 

@@ -221,19 +221,24 @@ def representative_futures(futures: dict[str, Any], agent_mask: np.ndarray) -> d
 
 
 
-def ego_state(env: Any) -> Any:
-    """The ego's own set-points and lane from the simulator (what the ego knows about itself), for
-    `egomotion.rollout_ego`. Duck-typed on highway-env's MDPVehicle and straight lanes."""
-    from drive_mbrl.egomotion import EgoState
-
+def ego_values(env: Any) -> dict[str, Any]:
+    """The ego's own set-points and lane from the simulator (what the ego knows about itself), as the fields of
+    `egomotion.EgoState` (torch-free, for the onboard runner too). Duck-typed on highway-env's MDPVehicle and
+    straight lanes."""
     base = env.unwrapped
     ego = base.vehicle
     lane = base.road.network.get_lane(ego.lane_index)
     s, lateral = lane.local_coordinates(ego.position)
     lane_heading = float(lane.heading_at(s))
-    return EgoState(speed=float(ego.speed), heading=float(ego.heading) - lane_heading, lateral=float(lateral),
-                    lane_heading=lane_heading - float(ego.heading), lane=int(ego.lane_index[2]),
-                    target_lane=int(ego.target_lane_index[2]),
-                    lanes=len(base.road.network.all_side_lanes(ego.lane_index)),
-                    lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
-                    target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
+    return dict(speed=float(ego.speed), heading=float(ego.heading) - lane_heading, lateral=float(lateral),
+                lane_heading=lane_heading - float(ego.heading), lane=int(ego.lane_index[2]),
+                target_lane=int(ego.target_lane_index[2]), lanes=len(base.road.network.all_side_lanes(ego.lane_index)),
+                lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
+                target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
+
+
+def ego_state(env: Any) -> Any:
+    """`ego_values` as an `egomotion.EgoState`, for `egomotion.rollout_ego`."""
+    from drive_mbrl.egomotion import EgoState
+
+    return EgoState(**ego_values(env))

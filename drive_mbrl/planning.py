@@ -195,19 +195,44 @@ def mppi(objective: Objective, horizon: int, low: torch.Tensor, high: torch.Tens
 # Scoring plans through the forecaster
 
 
-def sample_positions(out: dict[str, torch.Tensor], samples: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw futures: per member, plan, agent and sample one mode (by its probability) and one standard-normal draw
-    shared over the horizon. Returns positions (E, N, A, M, H, 2) [m]."""
+Draws = tuple[torch.Tensor, torch.Tensor]
+"""The random draws that turn forecasts into sampled futures: uniform [0, 1) (E, N, A, M), picking each sample's
+mode, and standard normal (E, N, A, M, 2), its Gaussian draw of x and y (shared over the horizon)."""
+
+
+def sample_draws(generator: torch.Generator, members: int, plans: int, agents: int, samples: int) -> Draws:
+    """Fresh `Draws` for (E, N, A, M) = (members, plans, agents, samples) from `generator`."""
+    shape, dev = (members, plans, agents, samples), generator.device
+    return torch.rand(shape, generator=generator, device=dev), torch.randn(*shape, 2, generator=generator, device=dev)
+
+
+def sample_categorical(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from categorical distributions: probs (..., C) (normalised here) and uniform [0, 1)
+    (S, ...) give (S, ...) int64 indices in [0, C)."""
+    cdf = probs.cumsum(-1) / probs.sum(-1, keepdim=True)
+    return (uniform[..., None] >= cdf[..., :-1]).to(torch.int64).sum(-1)
+
+
+def _positions(values: torch.Tensor) -> torch.Tensor:
+    """The x, y columns of (..., T) predictions; the tensor itself when T = 2 (a copy in an ONNX graph otherwise)."""
+    return values if values.shape[-1] == 2 else values[..., :2]
+
+
+def sample_positions(out: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
+    """Futures, per member, plan, agent and sample: the mode picked by its probability (`draws[0]`) and the
+    mode's mean plus its std times the standard-normal draw `draws[1]` (shared over the horizon). Returns
+    positions (E, N, A, M, H, 2) [m]."""
     mean, log_std, logits = out["mean"], out["log_std"], out["logits"]
     E, N, A, K, H, T = mean.shape
-    probs = logits.exp().reshape(-1, K).nan_to_num(1.0 / K).clamp_min(0) + 1e-12
-    mode = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (E N A, M)
-    rows = (mode + K * torch.arange(E * N * A, device=mode.device)[:, None]).reshape(-1)  # rows of (E N A K)
-    # Copy whole (H, 4) rows of the chosen modes only; only they are ever exponentiated.
-    m = mean.reshape(E * N * A * K, H * T).index_select(0, rows)
-    s = log_std.reshape(E * N * A * K, H * T).index_select(0, rows).exp_()
-    z = torch.randn(E * N * A * samples, 1, T, generator=generator, device=mean.device, dtype=mean.dtype)
-    return torch.addcmul(m.view(-1, H, T), s.view(-1, H, T), z)[..., :2].reshape(E, N, A, samples, H, 2)
+    probs = logits.exp()
+    probs = torch.where(torch.isnan(probs), torch.full_like(probs, 1.0 / K), probs).clamp_min(0) + 1e-12
+    mode = sample_categorical(probs[None], draws[0].permute(3, 0, 1, 2)).permute(1, 2, 3, 0)  # (E, N, A, M)
+    M = mode.shape[-1]
+    rows = (mode + K * torch.arange(E * N * A, device=mode.device).reshape(E, N, A, 1)).reshape(-1)  # of (E N A K)
+    # Whole (H, 2) rows of the chosen modes only are copied, and only they are exponentiated.
+    m = _positions(mean).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2)
+    s = _positions(log_std).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2).exp()
+    return torch.addcmul(m, s, draws[1][:, :, :, :, None, :].to(mean.dtype))
 
 
 def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, settings: PlannerConfig,
@@ -228,12 +253,18 @@ def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
         prev.append(torch.cat([(start[1:, c] - start[0, c])[None, None, :, None, None].expand(E, N, A - 1, M, 1),
                                rel[c][..., :-1]], dim=-1))
         limit.append(reach[:, c][:, None, None] + (extra[c] if extra is not None else 0.0))  # (A-1, 1, 1) or more
-    hit = torch.zeros(E, N, A - 1, M, H, dtype=torch.bool, device=positions.device)
+    hit = None
     for k in range(1, settings.substeps + 1):
         w = k / settings.substeps
-        x, y = (torch.lerp(prev[c], rel[c], w) if k < settings.substeps else rel[c] for c in range(2))
-        hit |= (x.abs() < limit[0]) & (y.abs() < limit[1])
+        x, y = (prev[c] + w * (rel[c] - prev[c]) if k < settings.substeps else rel[c] for c in range(2))
+        now = (x.abs() < limit[0]) & (y.abs() < limit[1])
+        hit = now if hit is None else hit | now
     return hit
+
+
+def ever(hit: torch.Tensor) -> torch.Tensor:
+    """Whether `hit` (..., H) bool has been true at or before each step (a cumulative OR along the last axis)."""
+    return hit.to(torch.int32).cumsum(-1) > 0
 
 
 def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, agent_mask: torch.Tensor,
@@ -241,7 +272,7 @@ def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
     """Whether the ego collides with any present agent by the end of each horizon step, per sample (see
     `agent_hits`). Returns (E, N, M, H) bool, monotone in H."""
     hit = (agent_hits(positions, start, size, settings) & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
-    return hit.cummax(-1).values
+    return ever(hit)
 
 
 def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size: torch.Tensor,
@@ -254,14 +285,14 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
     P(h) = 1 - prod_a (1 - sum_k p_ak hit_ak(<= h)). out: decode outputs without the scene axis (mean, log_std
     (E, N, A, K, H, >=2), logits (E, N, A, K)). Returns (E, N, H).
     """
-    mean, std, logits = out["mean"][..., :2], out["log_std"][..., :2].exp(), out["logits"]
+    mean, std, logits = _positions(out["mean"]), _positions(out["log_std"]).exp(), out["logits"]
     E, N, A, K, H, _ = mean.shape
     ego_mode = logits[:, :, 0].argmax(-1)[:, :, None, None, None, None].expand(E, N, 1, 1, H, 2)
     ego, ego_std = mean[:, :, :1].gather(3, ego_mode), std[:, :, :1].gather(3, ego_mode)  # (E, N, 1, 1, H, 2)
     positions = torch.cat([ego.expand(E, N, 1, K, H, 2), mean[:, :, 1:]], dim=2)  # modes as "samples"
     spread = settings.mode_sigma * (std[:, :, 1:] ** 2 + ego_std ** 2).sqrt()  # (E, N, A-1, K, H, 2)
     hit = agent_hits(positions, start, size, settings, (spread[..., 0], spread[..., 1]))  # (E, N, A-1, K, H)
-    hit = hit.cummax(-1).values & agent_mask[1:, None, None]
+    hit = ever(hit) & agent_mask[1:, None, None]
     p_agent = (logits[:, :, 1:].exp()[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
     return 1 - (1 - p_agent).prod(2)
 
@@ -281,7 +312,7 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
     discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
     returns = (discount * alive * reward[:, :, None, :]).sum(-1)  # (E, N, M)
     hit = crashed.any(-1)
-    first_crash = torch.where(hit, crashed.to(torch.int64).argmax(-1), torch.full_like(hit, H, dtype=torch.int64))
+    first_crash = torch.where(hit, crashed.to(returns.dtype).argmax(-1), torch.full_like(hit, H, dtype=torch.int64))
     penalty = torch.where(hit, settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
                           torch.zeros_like(returns))
     costs = penalty - returns
@@ -295,7 +326,7 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
 
 
 def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_mask: torch.Tensor,
-                settings: PlannerConfig, generator: torch.Generator, plans: torch.Tensor | None = None,
+                settings: PlannerConfig, draws: torch.Generator | Draws, plans: torch.Tensor | None = None,
                 policy_dt: float = 1.0) -> dict[str, torch.Tensor]:
     """Costs of N plans of one scene from the forecaster's predictions under them.
 
@@ -305,7 +336,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
         -sum_h gamma^h r_h alive_h + collision_cost * gamma^{h_c} * crashed
     with r the member's predicted reward and alive_h "no collision before step h", minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
-    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). Returns (N,) tensors:
+    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
+    sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:
     cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
     (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
     (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
@@ -314,7 +346,9 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
     """
     E, N, A, K, H, _ = out["mean"].shape
-    positions = sample_positions(out, settings.samples, generator)
+    if isinstance(draws, torch.Generator):
+        draws = sample_draws(draws, E, N, A, settings.samples)
+    positions = sample_positions(out, draws)
     costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans,
                                            policy_dt)
     steps = min(settings.chance_steps or H, H)
@@ -325,7 +359,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     risk = risk_measure(costs, settings.risk, settings.alpha)
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
-    totals = [out[k].transpose(0, 1).reshape(N, -1).sum(-1) for k in ("mean", "log_std", "logits", "reward")]
+    totals = [out[k].sum([d for d in range(out[k].dim()) if d != 1]) for k in ("mean", "log_std", "logits", "reward")]
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
@@ -374,96 +408,200 @@ class Decision:
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """Optional hook applied to the forecaster's outputs before scoring (fault injection in tests)."""
+EgoPath = Callable[[torch.Tensor], torch.Tensor]
+"""plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`)."""
+FALLBACK_REASONS = ("", "model_output_not_finite", "spread_too_wide", "members_disagree",
+                    "no_plan_within_collision_limit")
+"""`plan_step`'s reason codes (index) and names; '' (0): the plan is used."""
+CEM_SMOOTHING = 0.2
+"""Share of the previous categorical distribution kept at each CEM refit."""
+
+
+@dataclass
+class StepNoise:
+    """Every random draw of one planning step, passed in so that `plan_step` is deterministic (and exports to
+    ONNX with the noise as an input). I iterations, P candidate rows per iteration (`search_shape`)."""
+
+    candidates: torch.Tensor
+    """(I, P, H) uniform [0, 1): categorical CEM's draw of each candidate plan (unused by exhaustive search)."""
+    modes: torch.Tensor
+    """(I, P, E, A, M) uniform [0, 1): the mode each sampled future follows; row p serves the p-th distinct plan."""
+    gauss: torch.Tensor
+    """(I, P, E, A, M, 2) standard normal: each sampled future's Gaussian draw of x and y."""
+
+
+def search_shape(num_actions: int, horizon: int, settings: PlannerConfig) -> tuple[int, int, bool]:
+    """(iterations I, candidate rows P per iteration, exhaustive): every sequence in one batch when
+    num_actions ** H fits the budget, else categorical CEM with the budget split over its iterations."""
+    if num_actions ** horizon <= settings.budget:
+        return 1, num_actions ** horizon, True
+    return settings.iterations, max(2, settings.budget // settings.iterations), False
+
+
+def draw_noise(generator: torch.Generator, iterations: int, population: int, horizon: int, members: int,
+               agents: int, samples: int) -> StepNoise:
+    """Fresh `StepNoise` from `generator` (on its device)."""
+    dev = generator.device
+    return StepNoise(torch.rand(iterations, population, horizon, generator=generator, device=dev),
+                     torch.rand(iterations, population, members, agents, samples, generator=generator, device=dev),
+                     torch.randn(iterations, population, members, agents, samples, 2, generator=generator,
+                                 device=dev))
+
+
+def _better(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor] | None, prefer: torch.Tensor
+            ) -> dict[str, torch.Tensor]:
+    """`new` where `prefer` (a 0-d bool) holds, else `old` (field by field); `new` when there is no `old`."""
+    return new if old is None else {k: torch.where(prefer, new[k], old[k]) for k in new}
+
+
+def _refit(probs: torch.Tensor, plans: torch.Tensor, costs: torch.Tensor, elites: int) -> torch.Tensor:
+    """Categorical CEM's update: the distribution (H, nA) moves towards the frequencies of the `elites` cheapest
+    finite plans (P, H); unchanged when no plan is finite."""
+    # Stable rank of each cost, by comparison (P^2 for a few hundred P; no sort, so ties break alike everywhere).
+    index = torch.arange(costs.shape[0], device=costs.device)
+    before = (costs[None, :] < costs[:, None]) | ((costs[None, :] == costs[:, None]) & (index[None] < index[:, None]))
+    rank = before.to(torch.int64).sum(1)
+    weight = ((rank < elites) & torch.isfinite(costs)).to(probs.dtype)  # (P,)
+    onehot = (plans[..., None] == torch.arange(probs.shape[1], device=plans.device)).to(probs.dtype)  # (P, H, nA)
+    counts = (onehot * weight[:, None, None]).sum(0)
+    n = weight.sum()
+    refit = CEM_SMOOTHING * probs + (1 - CEM_SMOOTHING) * counts / n.clamp_min(1.0)
+    return torch.where(n > 0, refit, probs)
+
+
+def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
+              noise: StepNoise, warm_start: torch.Tensor, ego_path: EgoPath | None = None,
+              fault: Fault | None = None, proposal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One planning step as a tensor function of the scene and the noise, with no data-dependent Python control
+    flow: what `plan_scene` runs and what export.py traces into ONNX.
+
+    Search (`search_shape`): every plan at once, or categorical CEM for I iterations of P candidates (the first
+    population holds warm_start (H,) and the constant plans; duplicates are scored once; the best plan seen in any
+    iteration wins, ties to the first). Each distinct plan is scored by `score_plans` with its row of `noise`.
+    proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior).
+    Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into FALLBACK_REASONS, in the order of
+    `plan_scene`), least_risk (H,) (the plan of least collision probability, ties to the higher expected return),
+    collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored),
+    action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf: none),
+    future_mean, future_log_std (E, A, K, H, 2) and future_logits (E, A, K) (the forecaster's outputs under the
+    plan, as scored), candidates (P, H) and scores (name -> (P,)) of every plan scored in any iteration.
+    """
+    c = model.config
+    nA, H = c.num_actions, c.horizon
+    iterations, population, exhaustive = search_shape(nA, H, settings)
+    tokens = model.encode(history[None], agent_mask[None])
+    last = history[:, -1]
+    probs = torch.full((H, nA), 1.0 / nA, device=history.device)
+    include = torch.cat([warm_start[None].to(history.device),
+                         torch.arange(nA, device=history.device)[:, None].expand(nA, H)])
+    if proposal is not None:
+        include = torch.cat([proposal.argmax().reshape(1, 1).expand(1, H).to(include), include])
+        probs = (1 - settings.policy_share) * probs + settings.policy_share * proposal.to(probs)[None]
+    elites = max(1, round(settings.elites * population))
+    best = least = summary = action_costs = None
+    candidates: list[torch.Tensor] = []
+    scored: list[dict[str, torch.Tensor]] = []
+    for it in range(iterations):
+        if exhaustive:
+            plans = enumerate_plans(nA, H, history.device)
+        else:
+            plans = sample_categorical(probs, noise.candidates[it])  # (P, H)
+            if it == 0:
+                plans = torch.cat([include, plans[: population - include.shape[0]]])
+            plans = unique_plans(plans, nA)  # (U, H) distinct, sorted
+        rows = plans.shape[0]
+        out = model.decode(tokens, history[None], agent_mask[None], plans[None], positions_only=True)
+        out = {k: v[:, 0] for k, v in out.items()}
+        if ego_path is not None:
+            out = _with_ego_path(out, ego_path(plans))
+        if fault is not None:
+            out = fault(out)
+        draws = (noise.modes[it, :rows].transpose(0, 1), noise.gauss[it, :rows].transpose(0, 1))
+        scores = score_plans(out, last, agent_mask, settings, draws, plans, c.policy_dt)
+        cost, cp, er = scores["cost"], scores["collision_prob"], scores["expected_return"]
+        first = plans[:, :1] == torch.arange(nA, device=plans.device)  # (U, nA)
+        costs_by_action = torch.where(first, cost[:, None], torch.full_like(first, math.inf, dtype=cost.dtype))
+        least_cost = costs_by_action.amin(0)
+        action_costs = least_cost if action_costs is None else torch.minimum(action_costs, least_cost)
+        candidates.append(plans)
+        scored.append(scores)
+        i = torch.argmin(cost)
+        new = {"plan": plans[i], **{k: scores[k][i] for k in ("cost", "collision_prob", "disagreement", "spread",
+                                                                "expected_return")},
+               **{"future_" + k: out[k][:, i] for k in ("mean", "log_std", "logits")}}
+        best = _better(new, best, new["cost"] < best["cost"] if best else None)
+        j = torch.argmax(torch.where(cp == cp.min(), er, torch.full_like(er, -math.inf)))
+        new = {"least_risk": plans[j], "cp": cp[j], "er": er[j]}
+        least = _better(new, least, (new["cp"] < least["cp"]) | ((new["cp"] == least["cp"]) & (new["er"] > least[
+            "er"])) if least else None)
+        new = {"finite": scores["finite"].any(), "spread": scores["spread"].min(),
+               "disagreement": scores["disagreement"].min(), "evaluated": torch.tensor(0) + rows}
+        summary = new if summary is None else {
+            "finite": summary["finite"] | new["finite"], "spread": torch.minimum(summary["spread"], new["spread"]),
+            "disagreement": torch.minimum(summary["disagreement"], new["disagreement"]),
+            "evaluated": summary["evaluated"] + new["evaluated"]}
+        if not exhaustive:
+            probs = _refit(probs, plans, cost, elites)
+    reason = fallback_reason(best, summary, model.uncertainty_quantiles[
+        :, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)])
+    return {**best, "reason": reason, "least_risk": least["least_risk"], "evaluated": summary["evaluated"],
+            "action_costs": action_costs, "candidates": torch.cat(candidates),
+            "scores": {k: torch.cat([s[k] for s in scored]) for k in scored[0]}}
+
+
+def _with_ego_path(out: dict[str, torch.Tensor], path: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forecaster's outputs with the ego's (slot 0) positions replaced by `path` (N, H, >=2) in every member and
+    mode, with the minimum spread."""
+    mean, log_std = out["mean"], out["log_std"]
+    T = mean.shape[-1]
+    is_ego = (torch.arange(mean.shape[2], device=mean.device) == 0)[:, None, None, None]  # (A, 1, 1, 1)
+    ego = path[None, :, None, None, :, :T].to(mean.dtype)  # (1, N, 1, 1, H, T)
+    return {**out, "mean": torch.where(is_ego, ego, mean),
+            "log_std": torch.where(is_ego, torch.full_like(log_std[:1, :1, :1], LOG_STD_MIN), log_std)}
+
+
+def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tensor],
+                    limits: torch.Tensor) -> torch.Tensor:
+    """Index into FALLBACK_REASONS: the model's own trouble first (whatever the plan: not finite, every plan too
+    spread, every plan's members disagreeing), then the chance constraint (no finite cost), then the chosen plan's
+    uncertainty. limits: (2,) the disagreement and spread limits [m]."""
+    dis_limit, spread_limit = limits[0], limits[1]
+    checks = [~summary["finite"], summary["spread"] > spread_limit, summary["disagreement"] > dis_limit,
+              ~torch.isfinite(best["cost"]), best["disagreement"] > dis_limit, best["spread"] > spread_limit]
+    codes = [1, 2, 3, 4, 3, 2]
+    reason = torch.zeros((), dtype=torch.int64, device=limits.device)
+    for check, code in reversed(list(zip(checks, codes, strict=True))):
+        reason = torch.where(check, torch.full_like(reason, code), reason)
+    return reason
 
 
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
-               fault: Fault | None = None,
-               ego_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               fault: Fault | None = None, ego_path: EgoPath | None = None,
                proposal: torch.Tensor | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
-    the chosen plan against the chance constraint and the calibrated uncertainty limits.
+    the chosen plan against the chance constraint and the calibrated uncertainty limits (`plan_step`, with its
+    noise drawn from `generator`).
 
     model: a `Forecaster`; history: (A, L, F) and agent_mask (A,) on the model's device; warm_start: (H,) the
-    previous decision's plan shifted by one step (evaluated first in CEM); ego_path: plans (P, H) -> (P, H, >=2)
-    the ego's own positions under each plan (`egomotion.rollout_ego`), replacing the forecaster's ego prediction
-    (every member and mode, with the minimum spread), or None to use the forecaster's; proposal: (num_actions,)
-    a reactive policy's action probabilities in this scene — CEM's first population then draws a
-    `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy action
-    over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is enumerated).
+    previous decision's plan shifted by one step (evaluated first in CEM; default the constant plan 0); ego_path:
+    plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`), replacing the
+    forecaster's ego prediction (every member and mode, with the minimum spread), or None to use the forecaster's;
+    proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
+    draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
+    action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
+    enumerated).
     """
     c = model.config
-    nA, H = c.num_actions, c.horizon
-    tokens = model.encode(history[None], agent_mask[None])
-    last = history[:, -1]
-    seen: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-
-    def objective(plans: torch.Tensor) -> torch.Tensor:
-        out = model.decode(tokens, history[None], agent_mask[None], plans[None], positions_only=True)
-        out = {k: v[:, 0] for k, v in out.items()}
-        if ego_path is not None:
-            out["mean"][:, :, 0] = ego_path(plans)[None, :, None, :, :2].to(out["mean"].dtype)
-            out["log_std"][:, :, 0] = LOG_STD_MIN
-        if fault is not None:
-            out = fault(out)
-        scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)
-        seen.append((plans, scores, out))
-        return scores["cost"]
-
-    if nA ** H <= settings.budget:
-        result = exhaustive_search(objective, nA, H, history.device)
-    else:
-        population = max(2, settings.budget // settings.iterations)
-        include = torch.arange(nA, device=history.device)[:, None].expand(nA, H)  # constant plans
-        if warm_start is not None:
-            include = torch.cat([warm_start[None].to(history.device), include])
-        prior = None
-        if proposal is not None:
-            greedy = torch.full((1, H), int(proposal.argmax()), device=history.device)
-            include = torch.cat([greedy, include])
-            uniform = torch.full((H, nA), 1.0 / nA, device=history.device)
-            prior = (1 - settings.policy_share) * uniform + settings.policy_share * proposal.to(uniform)[None]
-        result = categorical_cem(objective, nA, H, population, settings.iterations,
-                                 max(1, round(settings.elites * population)), generator, prior=prior,
-                                 include=include)
-    plans = torch.cat([p for p, _, _ in seen])
-    every = {k: torch.cat([s[k] for _, s, _ in seen]) for k in seen[0][1]}
-    stats = {k: v[(plans == result.plan).all(-1).nonzero()[0, 0]] for k, v in every.items()}
-    dis_limit, spread_limit = model.uncertainty_quantiles[:, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)]
-    # The model's own trouble first (whatever the plan), then the constraint, then the chosen plan's uncertainty.
-    if not bool(every["finite"].any()):
-        reason = "model_output_not_finite"
-    elif float(every["spread"].min()) > float(spread_limit):
-        reason = "spread_too_wide"
-    elif float(every["disagreement"].min()) > float(dis_limit):
-        reason = "members_disagree"
-    elif not math.isfinite(result.cost):
-        reason = "no_plan_within_collision_limit"
-    elif float(stats["disagreement"]) > float(dis_limit):
-        reason = "members_disagree"
-    elif float(stats["spread"]) > float(spread_limit):
-        reason = "spread_too_wide"
-    else:
-        reason = ""
-    least_risk = None
-    if reason == "no_plan_within_collision_limit":
-        order = torch.argsort(-every["expected_return"], stable=True)
-        least_risk = plans[order[torch.argmin(every["collision_prob"][order])]]
-    action_costs = torch.full((nA,), math.inf, device=plans.device).scatter_reduce(
-        0, plans[:, 0], every["cost"].to(torch.float32), reduce="amin")
-    return Decision(result.plan, reason, result.cost, float(stats["collision_prob"]), float(stats["disagreement"]),
-                    float(stats["spread"]), float(stats["expected_return"]), result.evaluated, least_risk,
-                    action_costs, plans, every, chosen_futures(seen, result.plan))
-
-
-def chosen_futures(seen: list[tuple[torch.Tensor, Any, dict[str, torch.Tensor]]],
-                   plan: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The decode outputs (mean, log_std (E, A, K, H, 2), logits (E, A, K)) of `plan` (H,) from the first scored
-    batch (plans (P, H), scores, outputs with a plan axis) that holds it: no extra forecaster call."""
-    for plans, _, out in seen:
-        rows = (plans == plan).all(-1).nonzero()
-        if len(rows):
-            row = int(rows[0, 0])
-            return {k: out[k][:, row].clone() for k in ("mean", "log_std", "logits")}  # not a view of the batch
-    raise ValueError("the chosen plan was never scored")
+    iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
+    noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
+    if warm_start is None:
+        warm_start = torch.zeros(c.horizon, dtype=torch.int64, device=history.device)
+    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal)
+    reason = FALLBACK_REASONS[int(step["reason"])]
+    least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
+    return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),
+                    float(step["disagreement"]), float(step["spread"]), float(step["expected_return"]),
+                    int(step["evaluated"]), least_risk, step["action_costs"], step["candidates"],
+                    step["scores"], {k: step["future_" + k] for k in ("mean", "log_std", "logits")})

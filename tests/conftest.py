@@ -1,4 +1,5 @@
-"""Shared fixtures: fixed seeds, the CLI as a subprocess, synthetic episodes for pure-function tests."""
+"""Shared fixtures: fixed seeds, the CLI as a subprocess, synthetic episodes for pure-function tests, a tiny trained
+forecaster checkpoint."""
 
 from __future__ import annotations
 
@@ -88,3 +89,36 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=3, batch_size=16, seed=0),
         root / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
     return root / "ck"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tiny_policy: Path, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (parity on 40 random and up to 40 recorded scenes), with a planner graph that
+    runs categorical CEM (budget 64 of 5^3 = 125 plans: 2 iterations of 32) checked on 8 recorded scenes, and the
+    tiny policy."""
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_checkpoint, out, samples=40, seed=0, planner=PlannerConfig(budget=64), planner_scenes=8,
+                  policy=tiny_policy)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_checkpoint: Path) -> Path:
+    """A small reactive policy (4 slots, 2 x 16 units, random weights with a sharp head, normalised on the tiny
+    dataset)."""
+    from drive_mbrl.data import load_dataset
+    from drive_mbrl.features import episode_policy_obs, history_stride
+    from drive_mbrl.policy import PolicyConfig, PolicyNet, save_policy
+
+    manifest, episodes = load_dataset(tiny_checkpoint.parent / "data")
+    torch.manual_seed(0)
+    net = PolicyNet(PolicyConfig(agents=4, hidden=16, layers=2, history_dt=1.0))
+    spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
+    net.set_normalisation(np.concatenate([episode_policy_obs(ep, spec) for ep in episodes]))
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)  # sharp logits: the greedy action changes from scene to scene
+    save_policy(tiny_checkpoint.parent / "policy", net, manifest["action_names"], {})
+    return tiny_checkpoint.parent / "policy"

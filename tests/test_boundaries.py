@@ -16,6 +16,7 @@ HEAVY = ("highway_env", "ray", "hydra", "matplotlib", "torch", "onnxruntime")
     ("drive_mbrl.tracking", ()),
     ("drive_mbrl.data", ()),
     ("drive_mbrl.cli", ()),
+    ("drive_mbrl.onboard", ()),
     ("drive_mbrl.features", ()),
     ("drive_mbrl.planning", ("torch",)),
     ("drive_mbrl.policy", ("torch",)),
