@@ -185,14 +185,40 @@ def run_pipeline(cfg: C.PipelineConfig, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"collect": collected, "evaluate": evaluations, "forecaster": fitted}
     if cfg.expert_episodes:
         result.update(pipeline_policy(cfg, run_dir, evaluations))
+    if cfg.export_samples:
+        result["export"] = pipeline_export(cfg, run_dir, evaluations)
     result["outputs"] = pipeline_replay_and_plots(cfg, run_dir, evaluations)
     print(f"dataset:    {run_dir / 'data'}\nforecaster: {run_dir / 'forecaster'}\n"
           f"report:     {run_dir / 'report.md'}\nmetrics:    {run_dir / 'metrics.json'}")
     if cfg.expert_episodes:
         print(f"policy:     {run_dir / 'policy'} (distilled; Dyna fine-tuned: {run_dir / 'rl' / 'policy'})")
+    if "export" in result:
+        result["outputs"]["bundle"] = result["export"]["bundle"]
+        print(format_table({k: v for k, v in evaluations.items() if v}))
     for name, path in result["outputs"].items():
         print(f"{name + ':':<11} {path}")
     return result
+
+
+def pipeline_export(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, Any]:
+    """The ONNX bundle of the forecaster, the planning step and the distilled policy (parity-checked on held-out
+    recorded scenes), then `onboard_episodes` held-out episodes driven from it by onnxruntime alone."""
+    from drive_mbrl.data import agent_options_json
+    from drive_mbrl.export import export_bundle
+    from drive_mbrl.onboard import read_contract
+
+    bundle = run_dir / "bundle"
+    policy = run_dir / "policy" if cfg.expert_episodes else ""
+    if not (bundle / "contract.json").is_file():
+        export_bundle(run_dir / "forecaster", bundle, [str(run_dir / "eval" / a) for a in cfg.eval_agents],
+                      cfg.export_samples, cfg.seed, cfg.planner if cfg.export_planner_scenes else None,
+                      cfg.export_planner_scenes, str(policy))
+    contract = read_contract(bundle)
+    if cfg.onboard_episodes:
+        options = agent_options_json({"bundle": str(bundle.resolve()), "graph": "auto", "seed": cfg.planner.seed})
+        evaluations["onnx"] = evaluate_agent(cfg.scenario, "onnx", cfg.onboard_episodes, cfg.seed + C.EVAL_SEED,
+                                             1, "", run_dir / "eval" / "onnx", options=options)
+    return {"bundle": str(bundle), "graphs": list(contract["graphs"])}
 
 
 def pipeline_replay_and_plots(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str, Any]) -> dict[str, str]:

@@ -366,6 +366,11 @@ class PipelineConfig:
                                                                          eval_episodes=10),
                                    metadata={"help": "policy distillation (dataset/checkpoint set by the pipeline)"})
     rl_iterations: int = opt(2, "Dyna PPO iterations fine-tuning the distilled policy (0 skips)", lo=0, hi=10**6)
+    export_samples: int = opt(200, "random and recorded inputs the ONNX export's parity check compares (0 skips the "
+                              "export and onboard stages)", lo=0, hi=10**6)
+    export_planner_scenes: int = opt(10, "recorded scenes the exported planning step is checked on (0: no planner "
+                                     "graph)", lo=0, hi=10**6)
+    onboard_episodes: int = opt(1, "held-out episodes driven from the ONNX bundle without torch", lo=0, hi=10**6)
 
 
 @dataclass

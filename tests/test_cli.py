@@ -160,16 +160,20 @@ def test_train_loop_smoke_then_resume(tmp_path: Path):
 
 def test_pipeline_main_job_smoke_on_a_tiny_budget(tmp_path: Path):
     """Smoke test of the README's main job, every stage on a tiny budget: collect, evaluate, fit + validate, plan,
-    planner labels, distill, Dyna PPO, plots and a replay; it ends by printing where everything is."""
+    planner labels, distill, Dyna PPO, ONNX export + an onboard episode, plots and a replay; it ends by printing
+    where everything is."""
     args = ["pipeline", "collect_episodes=2", "eval_episodes=2", "plan_episodes=1", "expert_episodes=2",
             "distill.episodes_per_round=1", "distill.eval_episodes=1", "distill.epochs=2", "rl_iterations=1",
             "fit.epochs=1", "fit.width=16", "fit.heads=2", "fit.members=2", "fit.blocks=1", "fit.decoder_width=16",
-            "planner.budget=32", "planner.threads=1", "hydra.run.dir=run"]
+            "planner.budget=32", "planner.threads=1", "export_samples=20", "export_planner_scenes=2",
+            "hydra.run.dir=run"]
     done = run_cli(*args, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["evaluate"]) == {"slower", "idm", "mpc", "policy", "policy_dyna"}
+    assert set(metrics["evaluate"]) == {"slower", "idm", "mpc", "policy", "policy_dyna", "onnx"}
+    assert set(metrics["export"]["graphs"]) == {"forecaster", "planner", "policy"}
+    assert metrics["outputs"]["bundle"] in done.stdout
     for name in ("plot", "replay"):
         assert Path(metrics["outputs"][name]).stat().st_size > 10_000
         assert metrics["outputs"][name] in done.stdout
