@@ -117,6 +117,8 @@ class ImaginationConfig:
     """Slots of the policy's observation (the forecaster's agents are used for the model)."""
     policy_history_dt: float = 1.0
     seed: int = 0
+    device: str = "cpu"
+    """Where the model and the envs' state live: cpu, cuda, or auto (CUDA when present)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float
@@ -181,11 +183,12 @@ class ImaginationEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, config: ImaginationConfig, num_envs: int, starts: tuple[np.ndarray, np.ndarray] | None = None):
-        from drive_mbrl.fit import load_forecaster
+        from drive_mbrl.fit import load_forecaster, resolve_device
         from drive_mbrl.forecaster import UNCERTAINTY_LEVELS
 
         self.config = config
-        self.model, meta = load_forecaster(config.checkpoint, "cpu")
+        self.dev = dev = resolve_device(config.device)
+        self.model, meta = load_forecaster(config.checkpoint, dev)
         mc = self.model.config
         self.frame_dt = float(meta["history_dt"])
         self.sub = history_stride(mc.policy_dt, self.frame_dt)
@@ -196,7 +199,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         if config.agents > self.A:
             raise ValueError(f"the policy observes {config.agents} slots, the forecaster only {self.A}")
         hist, lanes = starts if starts is not None else start_states(config.datasets, self.A, self.W, self.frame_dt)
-        self.starts_hist, self.starts_lane = torch.as_tensor(hist), torch.as_tensor(lanes)
+        self.starts_hist, self.starts_lane = torch.as_tensor(hist, device=dev), torch.as_tensor(lanes, device=dev)
         limit = self.model.uncertainty_quantiles[0, UNCERTAINTY_LEVELS.index(config.uncertainty_level)]
         self.dis_limit = float(limit)
         self.num_envs = num_envs
@@ -205,23 +208,23 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.idle = idle_action(config.datasets) if config.datasets else 1
-        self.gen = torch.Generator().manual_seed(config.seed)
+        self.gen = torch.Generator(device=dev).manual_seed(config.seed)
         B, A, W = num_envs, self.A, self.W
-        self.pos = torch.zeros(B, A, W, 2)
-        self.vel = torch.zeros(B, A, W, 2)
-        self.present = torch.zeros(B, A, W, dtype=torch.bool)
-        self.offset = torch.zeros(B, A, W)
-        self.size = torch.zeros(B, A, 2)
-        self.lane_dir = torch.zeros(B, A)
-        self.lane = torch.zeros(B, dtype=torch.long)
-        self.member = torch.zeros(B, dtype=torch.long)
-        self.t = torch.zeros(B, dtype=torch.long)
-        self.done = torch.zeros(B, dtype=torch.bool)
+        self.pos = torch.zeros(B, A, W, 2, device=dev)
+        self.vel = torch.zeros(B, A, W, 2, device=dev)
+        self.present = torch.zeros(B, A, W, dtype=torch.bool, device=dev)
+        self.offset = torch.zeros(B, A, W, device=dev)
+        self.size = torch.zeros(B, A, 2, device=dev)
+        self.lane_dir = torch.zeros(B, A, device=dev)
+        self.lane = torch.zeros(B, dtype=torch.long, device=dev)
+        self.member = torch.zeros(B, dtype=torch.long, device=dev)
+        self.t = torch.zeros(B, dtype=torch.long, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
 
     # -- state <-> features ------------------------------------------------------------------------------------
     def _load(self, envs: torch.Tensor) -> None:
         """Reset `envs` (indices) to random start states."""
-        pick = torch.randint(len(self.starts_lane), (len(envs),), generator=self.gen)
+        pick = torch.randint(len(self.starts_lane), (len(envs),), generator=self.gen, device=self.dev)
         h = self.starts_hist[pick]  # (n, A, W, F) ego frame at the start = this rollout's reference frame
         self.pos[envs], self.vel[envs] = h[..., X:Y + 1], h[..., VX:VY + 1]
         self.present[envs] = h[..., PRESENT] > 0.5
@@ -229,7 +232,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.size[envs] = h[:, :, -1, LEN:WID + 1]
         self.lane_dir[envs] = torch.atan2(h[:, :, -1, SIN_LANE], h[:, :, -1, COS_LANE])
         self.lane[envs] = self.starts_lane[pick]
-        self.member[envs] = torch.randint(self.model.config.members, (len(envs),), generator=self.gen)
+        self.member[envs] = torch.randint(self.model.config.members, (len(envs),), generator=self.gen,
+                                          device=self.dev)
         self.t[envs] = 0
         self.done[envs] = False
 
@@ -241,7 +245,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         """(B, A, len(frames), F) scene features of the stored frames in the ego's current frame."""
         heading = self._heading()
         origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]  # (B, 2), (B,)
-        idx = torch.as_tensor(frames)
+        idx = torch.as_tensor(frames, device=self.dev)
         pos = rotate(self.pos[:, :, idx] - origin[:, None, None], -yaw[:, None, None])
         vel = rotate(self.vel[:, :, idx], -yaw[:, None, None])
         rel = heading[:, :, idx] - yaw[:, None, None]
@@ -254,31 +258,31 @@ class ImaginationEnv(gym.vector.VectorEnv):
 
     def _observe(self) -> np.ndarray:
         hist = self._features([self.W - 1 - self.gap, self.W - 1])[:, : self.config.agents]
-        return policy_observation(hist.numpy(), self.lane.numpy())
+        return policy_observation(hist.cpu().numpy(), self.lane.cpu().numpy())
 
     # -- gymnasium API -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         if seed is not None:
             self.gen.manual_seed(int(seed))
-        self._load(torch.arange(self.num_envs))
+        self._load(torch.arange(self.num_envs, device=self.dev))
         return self._observe(), {}
 
     @torch.no_grad()
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-        actions = torch.as_tensor(np.asarray(actions), dtype=torch.long).reshape(self.num_envs)
+        actions = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.dev).reshape(self.num_envs)
         B, A, mc = self.num_envs, self.A, self.model.config
         restart = self.done.clone()
         hist = self._features(list(range(self.W - mc.history_len, self.W)))
         mask = self.present[:, :, -1].clone()
         mask[:, 0] = True
-        plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long)
+        plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long, device=self.dev)
         plans[:, 0, 0] = actions
         out = self.model.decode(self.model.encode(hist, mask), hist, mask, plans)
         from drive_mbrl.forecaster import plan_uncertainty
 
         disagreement = plan_uncertainty({k: v[:, :, 0] for k, v in out.items()}, mask)[0]  # (B,)
-        b = torch.arange(B)
+        b = torch.arange(B, device=self.dev)
         mean = out["mean"][self.member, b, 0, :, :, 0]  # (B, A, K, 4) one step ahead, current ego frame
         logits = out["logits"][self.member, b, 0]  # (B, A, K)
         mode = torch.multinomial(logits.exp().reshape(B * A, -1), 1, generator=self.gen).reshape(B, A)
@@ -286,14 +290,14 @@ class ImaginationEnv(gym.vector.VectorEnv):
         nxt = mean.gather(2, mode[:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]  # (B, A, 4)
         reward = out["reward"][self.member, b, 0, 0].clamp(0.0, 1.0)
         crash_p = torch.sigmoid(out["crash_logit"][self.member, b, 0, 0])
-        head_crash = torch.rand(B, generator=self.gen) < crash_p if self.config.crash_head else torch.zeros(
-            B, dtype=torch.bool)
+        head_crash = torch.rand(B, generator=self.gen, device=self.dev) < crash_p if self.config.crash_head \
+            else torch.zeros(B, dtype=torch.bool, device=self.dev)
         # Back to the reference frame, then interpolate the frames in between.
         heading = self._heading()
         origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]
         p1 = rotate(nxt[..., :2], yaw[:, None]) + origin[:, None]
         v1 = rotate(nxt[..., 2:], yaw[:, None])
-        s = torch.arange(1, self.sub + 1, dtype=torch.float32) / self.sub
+        s = torch.arange(1, self.sub + 1, dtype=torch.float32, device=self.dev) / self.sub
         pos, vel = hermite(self.pos[:, :, -1], self.vel[:, :, -1], p1, v1, s, mc.policy_dt)  # (B, A, sub, 2)
         normal = torch.stack([-torch.sin(self.lane_dir), torch.cos(self.lane_dir)], -1)  # (B, A, 2) to the right
         lateral = ((pos - self.pos[:, :, -1:]) * normal[:, :, None]).sum(-1)
@@ -319,8 +323,10 @@ class ImaginationEnv(gym.vector.VectorEnv):
             self._load(restart.nonzero()[:, 0])
             reward[restart], terminated[restart], truncated[restart] = 0.0, False, False
         self.done = terminated | truncated
-        infos = {"crashed": crash.numpy() & ~restart.numpy(), "unsure": unsure.numpy() & ~restart.numpy()}
-        return (self._observe(), reward.numpy().astype(np.float32), terminated.numpy(), truncated.numpy(), infos)
+        crash, unsure, restart = crash.cpu().numpy(), unsure.cpu().numpy(), restart.cpu().numpy()
+        infos = {"crashed": crash & ~restart, "unsure": unsure & ~restart}
+        return (self._observe(), reward.cpu().numpy().astype(np.float32), terminated.cpu().numpy(),
+                truncated.cpu().numpy(), infos)
 
     def _overlap(self, pos: torch.Tensor, vel: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B,) the ego's box overlaps a present agent's at any of the new frames (boxes aligned with the ego)."""
