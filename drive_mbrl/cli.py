@@ -439,7 +439,8 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                            imagined=imagined, max_real_steps=cfg.max_real_steps, seed=cfg.seed + 7_000_000)
     out = Path(cfg.out) if cfg.out else run_dir / "rl"
     norm, norm_steps = None, 0
-    if not cfg.init:  # a fresh network needs input statistics: from the start states, or from random real steps
+    resuming = (out / "history.json").is_file()  # the saved module holds its statistics already
+    if not cfg.init and not resuming:  # a fresh network needs input statistics: start states or random real steps
         from drive_mbrl.features import episode_policy_obs, history_stride
         from drive_mbrl.imagination import random_steps
         from drive_mbrl.policy import PolicyNet

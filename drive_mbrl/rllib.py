@@ -216,6 +216,7 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
             if saved is None:
                 raise ConfigError(f"{out} has a training history but no saved algorithm state: use a new out folder")
             algo.restore_from_path(str(saved.resolve()))
+        real_steps_before = history[0].get("real_steps_before", real_steps_before) if history else real_steps_before
         base = history[-1]["real_steps"] if history else real_steps_before
         for it in range(len(history), settings.iterations):
             if (history[-1]["real_steps"] if history else base) >= settings.max_real_steps:
@@ -224,7 +225,7 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
             runners = result.get("env_runners", {})
             sampled = int(runners.get("num_env_steps_sampled_lifetime", 0))
             real = base + real_steps_taken(algo)
-            row = {"iteration": it, "env_steps": sampled, "real_steps": real,
+            row = {"iteration": it, "env_steps": sampled, "real_steps": real, "real_steps_before": real_steps_before,
                    "imagined_steps": max(0, sampled - (real - real_steps_before)),
                    "episode_return_mean": float(runners.get("episode_return_mean", float("nan")))}
             _save_atomically(out / "algo", lambda tmp: algo.save_to_path(str(tmp.resolve())))
