@@ -330,7 +330,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
 
     import torch
 
-    from drive_mbrl.data import RunSpec, read_manifest
+    from drive_mbrl.data import RunSpec, atomic_folder, read_manifest
     from drive_mbrl.distill import BCSettings, merge_data, policy_data, train_policy
     from drive_mbrl.policy import PolicyConfig, load_policy, save_policy
     from drive_mbrl.scenarios import load_scenario
@@ -385,11 +385,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
         previous = folder
     out = Path(cfg.out) if cfg.out else run_dir / "policy"
     if out.resolve() != previous.resolve():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(previous, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        atomic_folder(out, lambda tmp: shutil.copytree(previous, tmp, dirs_exist_ok=True))
     print(f"policy: {out}")
     return {"rounds": rounds, "policy": str(out), "real_steps": rounds[-1]["real_steps"]}
 

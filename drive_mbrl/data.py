@@ -62,11 +62,15 @@ def episode_path(root: Path, index: int) -> Path:
     return root / EPISODES / f"ep_{index:06d}.npz"
 
 
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (mkstemp's default is 0600)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp's default is 0600)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -82,6 +86,29 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_folder(out: Path, build: Callable[[Path], Any]) -> Any:
+    """Run `build(tmp)` on a fresh temp folder beside `out`, then swap it into place: an older `out` is replaced only
+    once `build` has returned, and nothing is left behind when it raises. Returns what `build` returned."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's default is 0700
+        result = build(tmp)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

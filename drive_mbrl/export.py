@@ -21,8 +21,6 @@ which this project does not install.
 from __future__ import annotations
 
 import datetime
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +32,7 @@ from torch import nn
 
 from drive_mbrl import __version__
 from drive_mbrl.config import PlannerConfig
-from drive_mbrl.data import write_json
+from drive_mbrl.data import atomic_folder, write_json
 from drive_mbrl.errors import DriveMbrlError
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
@@ -238,33 +236,16 @@ def scene_contract(model: Forecaster, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_bundle(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run `build(tmp)` on a fresh temp folder beside `out` (it writes the files and returns the contract), then
-    move the folder to `out`, replacing an older bundle there. Nothing is left behind when `build` raises."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())
+    """Run `build(tmp)` on a fresh temp folder beside `out` (it writes the files and returns the contract), write
+    the contract, then swap the folder into place (`data.atomic_folder`): nothing is left behind when `build`
+    raises, and an older bundle is replaced only by a complete one."""
+
+    def build_with_contract(tmp: Path) -> dict[str, Any]:
         contract = build(tmp)
         write_json(tmp / CONTRACT, contract)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
         return contract
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_folder(Path(out), build_with_contract)
 
 
 def export_forecaster(model: Forecaster, folder: Path, scenes: Scenes, samples: int,

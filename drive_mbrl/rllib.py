@@ -16,7 +16,6 @@ Q-values consistent with the distilled policy's logits before it could improve o
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
+from drive_mbrl.data import atomic_folder
 from drive_mbrl.errors import ConfigError
 from drive_mbrl.policy import PolicyConfig, PolicyNet, load_policy, save_policy
 
@@ -212,7 +212,7 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
     algo = build_ppo(env_config, policy, init, settings, env_runners, norm)
     try:
         if history:
-            saved = next((d for d in (out / "algo", out / "algo.old") if d.is_dir()), None)
+            saved = next((d for d in (out / "algo", out / ".algo.old") if d.is_dir()), None)
             if saved is None:
                 raise ConfigError(f"{out} has a training history but no saved algorithm state: use a new out folder")
             algo.restore_from_path(str(saved.resolve()))
@@ -228,7 +228,7 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
             row = {"iteration": it, "env_steps": sampled, "real_steps": real, "real_steps_before": real_steps_before,
                    "imagined_steps": max(0, sampled - (real - real_steps_before)),
                    "episode_return_mean": float(runners.get("episode_return_mean", float("nan")))}
-            _save_atomically(out / "algo", lambda tmp: algo.save_to_path(str(tmp.resolve())))
+            atomic_folder(out / "algo", lambda tmp: algo.save_to_path(str(tmp.resolve())))
             net = algo.get_module().policy
             save_policy(out / "policy", net, action_names, {"ppo": asdict(settings), "iteration": it,
                                                              "real_steps": row["real_steps"]})
@@ -241,15 +241,3 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
     finally:
         algo.stop()
     return {"history": history, "policy": str(out / "policy")}
-
-
-def _save_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
