@@ -238,6 +238,13 @@ def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int) -> np.nd
     return np.concatenate([flat, lane], axis=-1).astype(np.float32)
 
 
+def live_policy_observation(recorder: Any, spec: SceneSpec) -> np.ndarray:
+    """(D,) the policy's observation at the newest frame of a running episode's track recording (`live_history`
+    with `spec.history_len` 2): what `agent=policy`, `agent=onnx` and RLlib's real env all feed the policy."""
+    history, _, _, arrays = live_history(recorder, spec)
+    return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))
+
+
 def policy_obs_dim(agents: int) -> int:
     return agents * len(POLICY_FEATURES) + 1
 

@@ -39,7 +39,7 @@ from drive_mbrl.features import (
     HIST_FEATURES,
     SceneSpec,
     history_stride,
-    live_history,
+    live_policy_observation,
     policy_obs_dim,
     policy_observation,
     scene_history,
@@ -75,8 +75,7 @@ class PolicyEnv(gym.Env):
         self._next_seed = int(config.get("seed_offset", 0))
 
     def _obs(self) -> np.ndarray:
-        history, _, _, arrays = live_history(self.recorder, self.spec)
-        return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))
+        return live_policy_observation(self.recorder, self.spec)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         from drive_mbrl.scenarios import reset_env

@@ -303,14 +303,14 @@ class OnnxAgent:
         self._recorder = recorder
 
     def act(self, obs: Any, env: Any) -> int:
-        from drive_mbrl.features import EGO_TRACK, live_history, policy_observation
+        from drive_mbrl.features import live_history, live_policy_observation
 
         if self._recorder is None:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
-        history, track, _, arrays = live_history(self._recorder, self._spec)
         if self.graph.name == "policy":
-            self.last_inputs = {"obs": policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))[None]}
+            self.last_inputs = {"obs": live_policy_observation(self._recorder, self._spec)[None]}
             return int(self.graph.run(**self.last_inputs)["action"][0])
+        history, track, _, _ = live_history(self._recorder, self._spec)
         return self._plan(history, track >= 0, env)
 
     def _plan(self, history: np.ndarray, mask: np.ndarray, env: Any) -> int:

@@ -27,7 +27,7 @@ from torch import nn
 
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import ConfigError, DataError
-from drive_mbrl.features import EGO_TRACK, SceneSpec, history_stride, live_history, policy_obs_dim, policy_observation
+from drive_mbrl.features import SceneSpec, history_stride, live_policy_observation, policy_obs_dim
 
 BEST, META = "best.pt", "meta.json"
 
@@ -137,8 +137,7 @@ class PolicyAgent:
 
     def observation(self) -> np.ndarray:
         """(D,) the current observation from the live recording."""
-        history, _, _, arrays = live_history(self._recorder, self.spec)
-        return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))
+        return live_policy_observation(self._recorder, self.spec)
 
     def act(self, obs: Any, env: Any) -> int:
         if self._recorder is None:
