@@ -188,7 +188,6 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     import numpy as np
     import torch
 
-    from drive_mbrl.features import episode_policy_obs, history_stride
     from drive_mbrl.fit import load_forecaster, load_scenes
     from drive_mbrl.imagination import (
         ImaginationConfig,
@@ -197,13 +196,13 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
         real_throughput,
     )
     from drive_mbrl.planning import plan_scene
-    from drive_mbrl.policy import load_policy
+    from drive_mbrl.policy import dataset_observations, load_policy
 
     torch.set_num_threads(1)
     net, _ = load_policy(policy)
     config = ImaginationConfig(checkpoint, tuple(dataset), agents=net.config.agents, seed=seed)
     probe = ImaginationEnv(config, 1)
-    starts = (probe.starts_hist.numpy(), probe.starts_lane.numpy())
+    starts = (probe.starts_hist.numpy(), probe.starts_lane.numpy(), probe.starts_target)
     imagined: dict[int, list[float]] = {n: [] for n in envs}
     real: list[float] = []
     for r in range(repeats):
@@ -214,9 +213,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median}
             for n, v in imagined.items()]
     # Latency on recorded scenes: the policy's observation and the planner's scene of the same decisions.
-    manifest, episodes = load_dataset(Path(dataset[0]))
-    spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
-    obs = np.concatenate([episode_policy_obs(ep, spec) for ep in episodes])[:decisions]
+    obs = dataset_observations(net.config, dataset[:1])[:decisions]
     model, meta = load_forecaster(checkpoint)
     scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
     policy_us, planner_ms = [], []

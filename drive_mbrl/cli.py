@@ -8,6 +8,7 @@ and exit status 2.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -69,7 +70,10 @@ def agent_options(cfg: C.CollectConfig) -> str:
         if not cfg.checkpoint:
             raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
                                 "`drive-mbrl fit`)")
-        return mpc_options(cfg.checkpoint, cfg.planner)
+        options = mpc_options(cfg.checkpoint, cfg.planner)
+        if cfg.agent == "dagger" and cfg.noise:
+            options = agent_options_json({**json.loads(options), "noise": cfg.noise})
+        return options
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
     if cfg.agent == "policy":
@@ -411,7 +415,8 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
     else:
         policy = PolicyConfig(agents=cfg.agents, num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
     imagined = cfg.imagined if cfg.mode == "dyna" else 0
-    env_config: dict[str, Any] = {"scenario": cfg.scenario, "agents": policy.agents, "history_dt": policy.history_dt}
+    env_config: dict[str, Any] = {"scenario": cfg.scenario, "agents": policy.agents, "history_dt": policy.history_dt,
+                                  "set_points": policy.set_points}
     if imagined:
         if not cfg.checkpoint or not cfg.dataset:
             raise C.ConfigError("mode=dyna needs checkpoint=<forecaster folder> and dataset=[recorded episodes] "
@@ -426,7 +431,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
                                      "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
-                                     "crash_head": cfg.crash_head,
+                                     "crash_head": cfg.crash_head, "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:
         raise C.ConfigError("no envs: set real >= 1 or (mode=dyna) imagined >= 1")
@@ -437,23 +442,15 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
     norm, norm_steps = None, 0
     resuming = (out / "history.json").is_file()  # the saved module holds its statistics already
     if not cfg.init and not resuming:  # a fresh network needs input statistics: start states or random real steps
-        from drive_mbrl.features import episode_policy_obs, history_stride
         from drive_mbrl.imagination import random_steps
-        from drive_mbrl.policy import PolicyNet
+        from drive_mbrl.policy import PolicyNet, dataset_observations
 
         if imagined:
-            from drive_mbrl.data import load_dataset
-
-            obs = []
-            for path in cfg.dataset:
-                manifest, episodes = load_dataset(Path(path))
-                spec = policy.scene_spec(history_stride(policy.history_dt, manifest["dt"]))
-                obs += [episode_policy_obs(ep, spec) for ep in episodes if ep.steps]
-            stats = np.concatenate(obs)
+            stats = dataset_observations(policy, cfg.dataset)
         else:
             norm_steps = cfg.norm_steps
             stats, _ = random_steps(cfg.scenario, norm_steps, cfg.seed + 8_000_000, policy.agents,
-                                    policy.history_dt)
+                                    policy.history_dt, policy.set_points)
         net = PolicyNet(policy)
         net.set_normalisation(stats)
         norm = [net.obs_mean.tolist(), net.obs_std.tolist()]

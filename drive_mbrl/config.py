@@ -105,6 +105,9 @@ class CollectConfig:
     ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
     record_hz: int = opt(0, "[Hz] track recording rate; 0 = every simulation frame", lo=0, hi=1000)
     max_steps: int = opt(0, "cap on policy steps per episode; 0 = the scenario's own end", lo=0, hi=10**6)
+    noise: float = opt(0.0, "agent=dagger: share of steps on which a uniformly random action is executed instead "
+                       "of the planner's (DART-style noise injection: labels for states just off the planner's path)",
+                       lo=0.0, hi=1.0)
     out: str = opt("", "dataset folder; empty = <run dir>/dataset. Rerun with the same folder to resume")
 
 

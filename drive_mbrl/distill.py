@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from drive_mbrl.errors import ConfigError, DataError
-from drive_mbrl.features import episode_policy_obs, history_stride
-from drive_mbrl.policy import PolicyConfig, PolicyNet
+from drive_mbrl.policy import PolicyConfig, PolicyNet, episode_observations
 
 EXPERT_ACTION = "expert_action"
 """Step-log key of the expert's label (-1: none)."""
@@ -98,7 +97,6 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
             raise DataError(f"dataset {path} has actions {manifest['action_names']}, the first one {names}")
         if len(names) != config.num_actions:
             raise DataError(f"dataset {path} has {len(names)} actions, the policy {config.num_actions}")
-        spec = config.scene_spec(history_stride(config.history_dt, manifest["dt"]))
         for ep in episodes:
             if ep.steps == 0:
                 continue
@@ -112,7 +110,7 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
                 raw = np.asarray(logged[EXPERT_COSTS], np.float64)
                 onehot = np.where(planned, soft_targets(raw, np.maximum(expert, 0), temperature), onehot)
                 rel = np.where(planned, relative_costs(raw), np.nan).astype(np.float32)
-            obs.append(episode_policy_obs(ep, spec)[keep])
+            obs.append(episode_observations(config, ep, manifest)[keep])
             label.append(expert[keep])
             target.append(onehot[keep])
             costs.append(rel[keep])
@@ -211,20 +209,24 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
 class DaggerAgent:
     """`agent=dagger`: the policy drives, the planner labels. Options: `policy` (policy folder; empty: the expert
     drives every step), `checkpoint` and `planner` (the expert MPC's), `beta` (share of steps on which the
-    expert's action is executed), `seed`. Logs the expert's action and its per-action costs at every step."""
+    expert's action is executed), `noise` (share of steps on which a uniformly random action is executed instead:
+    DART-style noise injection, so the expert's labels also cover states just off its own path), `seed`. Logs the
+    expert's action and its per-action costs at every step."""
 
     drives_itself = False
 
     def __init__(self, policy: str = "", checkpoint: str = "", planner: dict[str, Any] | None = None,
-                 beta: float = 0.0, seed: int = 0):
+                 beta: float = 0.0, noise: float = 0.0, seed: int = 0):
         from drive_mbrl.mpc import MPCAgent
         from drive_mbrl.policy import PolicyAgent
 
         if not 0.0 <= beta <= 1.0:
             raise ConfigError(f"dagger beta must be in [0, 1], got {beta}")
+        if not 0.0 <= noise <= 1.0:
+            raise ConfigError(f"dagger noise must be in [0, 1], got {noise}")
         self.learner = PolicyAgent(policy) if policy else None
         self.expert = MPCAgent(checkpoint, planner)
-        self.beta, self.seed = beta, seed
+        self.beta, self.noise, self.seed = beta, noise, seed
         self.last_fallback = ""
         self._expert_action, self._costs = -1, None
 
@@ -245,6 +247,8 @@ class DaggerAgent:
         self.last_fallback = self.expert.last_fallback
         costs = self.expert.last_decision.action_costs
         self._costs = costs.float().cpu().numpy() if costs is not None else np.full_like(self._costs, np.inf)
+        if self.noise and self._rng.random() < self.noise:
+            return int(self._rng.integers(len(self._costs)))
         if self.learner is None or self._rng.random() < self.beta:
             return self._expert_action
         return self.learner.act(obs, env)

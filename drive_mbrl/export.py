@@ -325,8 +325,9 @@ def policy_contract(net: Any) -> dict[str, list[dict[str, Any]]]:
     return {
         "inputs": [tensor_spec("obs", ["B", c.obs_dim], "float32", "per feature: policy.observation_units",
                                "features.policy_observation: every slot's policy.observation_features flattened "
-                               "slot-major (the ego first, then its nearest tracks), then the ego's lane number; raw "
-                               "values (normalisation is inside the graph)")],
+                               "slot-major (the ego first, then its nearest tracks), then policy.ego_features "
+                               "(the ego's lane number, its target speed when policy.set_points); raw values "
+                               "(normalisation is inside the graph)")],
         "outputs": [tensor_spec("logits", ["B", c.num_actions], "float32", "logit", "action logits"),
                     tensor_spec("action", ["B"], "int64", "action index", "the greedy action (argmax of logits)")],
     }
@@ -334,15 +335,9 @@ def policy_contract(net: Any) -> dict[str, list[dict[str, Any]]]:
 
 def policy_observations(net: Any, datasets: list[str], count: int) -> np.ndarray:
     """Up to `count` recorded policy observations (N, D) from the episodes of `datasets`, evenly spread."""
-    from drive_mbrl.data import load_dataset
-    from drive_mbrl.features import episode_policy_obs, history_stride
+    from drive_mbrl.policy import dataset_observations
 
-    rows = []
-    for path in datasets:
-        manifest, episodes = load_dataset(path)
-        spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
-        rows += [episode_policy_obs(ep, spec) for ep in episodes]
-    obs = np.concatenate(rows)
+    obs = dataset_observations(net.config, datasets)
     return obs[np.linspace(0, len(obs) - 1, min(count, len(obs))).round().astype(np.int64)]
 
 
@@ -351,7 +346,7 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
     """policy.onnx in `folder` from the policy checkpoint folder `policy`, checked against torch on `samples`
     random observations (around its normalisation statistics) and `samples` recorded ones. Returns its contract
     entry and parity figures."""
-    from drive_mbrl.features import POLICY_FEATURES
+    from drive_mbrl.features import POLICY_EGO_FEATURES, POLICY_FEATURES
     from drive_mbrl.policy import BEST as POLICY_BEST
     from drive_mbrl.policy import load_policy
 
@@ -371,8 +366,11 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
              "source": {"checkpoint": str(policy), "weights_sha256": sha256_file(policy / POLICY_BEST)},
-             "observation_features": list(POLICY_FEATURES), "observation_units": units + ["lane number"],
-             "agents": net.config.agents, "history_len": 2, "history_dt": net.config.history_dt, **contract}
+             "observation_features": list(POLICY_FEATURES),
+             "ego_features": list(POLICY_EGO_FEATURES[:2 if net.config.set_points else 1]),
+             "observation_units": units + ["lane number", "m/s"][:2 if net.config.set_points else 1],
+             "set_points": net.config.set_points, "agents": net.config.agents, "history_len": 2,
+             "history_dt": net.config.history_dt, **contract}
     return entry, figures
 
 

@@ -220,42 +220,105 @@ def live_history(recorder: Any, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray
 POLICY_FEATURES = (*HIST_FEATURES, "dvx", "dvy")
 """Per-slot features of the policy's observation: the scene features at the decision frame plus the change of
 velocity [m/s] since the previous history frame (0 where the slot was absent at either)."""
+POLICY_EGO_FEATURES = ("lane", "target_speed")
+"""After the slots: the ego's lane number (0 = leftmost) and, for policies with set-points, its target speed [m/s]
+(the set-point FASTER / SLOWER move; what the planner knows of the ego and its tracks do not show)."""
+DEFAULT_TARGET_SPEEDS = (20.0, 25.0, 30.0)
+"""[m/s] highway-env's MDPVehicle.DEFAULT_TARGET_SPEEDS: what FASTER / SLOWER choose from unless the scenario's
+action config sets `target_speeds`."""
 
 
-def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int) -> np.ndarray:
+def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int,
+                       target_speed: np.ndarray | float | None = None) -> np.ndarray:
     """The reactive policy's observation, from a two-frame scene history (ego frame, slot 0 the ego).
 
     history (..., A, 2, len(HIST_FEATURES)) float32, ego_lane (...) the ego's lane number within its road edge
-    (0 = leftmost, highway-env's lane_index[2]). Returns (..., A * len(POLICY_FEATURES) + 1) float32: every slot's
-    `POLICY_FEATURES` flattened slot-major, then the ego's lane number. Numpy only (the onboard runner uses it).
+    (0 = leftmost, highway-env's lane_index[2]), target_speed (...) [m/s] the ego's set-point or None. Returns
+    (..., policy_obs_dim(A, target_speed is not None)) float32: every slot's `POLICY_FEATURES` flattened
+    slot-major, then `POLICY_EGO_FEATURES` (the target speed only when given). Numpy only (the onboard runner uses
+    it).
     """
     last, prev = history[..., -1, :], history[..., -2, :]
     both = (last[..., -1] > 0.5) & (prev[..., -1] > 0.5)
     dv = np.where(both[..., None], last[..., VX:VY + 1] - prev[..., VX:VY + 1], 0.0)
     slots = np.concatenate([last, dv], axis=-1)
     flat = slots.reshape(*slots.shape[:-2], -1)
-    lane = np.asarray(ego_lane, dtype=np.float32)[..., None] + np.zeros(flat.shape[:-1] + (1,), np.float32)
-    return np.concatenate([flat, lane], axis=-1).astype(np.float32)
+    ego = [ego_lane] if target_speed is None else [ego_lane, target_speed]
+    column = np.zeros(flat.shape[:-1] + (1,), np.float32)
+    ego_cols = [np.asarray(v, dtype=np.float32)[..., None] + column for v in ego]
+    return np.concatenate([flat, *ego_cols], axis=-1).astype(np.float32)
 
 
-def live_policy_observation(recorder: Any, spec: SceneSpec) -> np.ndarray:
+def live_policy_observation(recorder: Any, spec: SceneSpec, target_speed: float | None = None) -> np.ndarray:
     """(D,) the policy's observation at the newest frame of a running episode's track recording (`live_history`
-    with `spec.history_len` 2): what `agent=policy`, `agent=onnx` and RLlib's real env all feed the policy."""
+    with `spec.history_len` 2) and the ego's live target speed [m/s] (None: a policy without set-points): what
+    `agent=policy`, `agent=onnx` and RLlib's real env all feed the policy."""
     history, _, _, arrays = live_history(recorder, spec)
-    return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]))
+    return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]), target_speed)
 
 
-def policy_obs_dim(agents: int) -> int:
-    return agents * len(POLICY_FEATURES) + 1
+def policy_obs_dim(agents: int, set_points: bool = True) -> int:
+    return agents * len(POLICY_FEATURES) + len(POLICY_EGO_FEATURES) - (0 if set_points else 1)
 
 
-def episode_policy_obs(episode: Episode, spec: SceneSpec) -> np.ndarray:
-    """(S, D) policy observations at each decision of a recorded episode (`spec.history_len` must be 2)."""
+def scenario_target_speeds(env_config: dict[str, Any]) -> tuple[float, ...]:
+    """[m/s] the discrete target speeds of a scenario's ego (its resolved env config: a manifest's
+    `env_config_resolved`)."""
+    speeds = (env_config.get("action") or {}).get("target_speeds")
+    return tuple(float(v) for v in speeds) if speeds is not None else DEFAULT_TARGET_SPEEDS
+
+
+def speed_index(speed: np.ndarray | float, target_speeds: tuple[float, ...]) -> np.ndarray:
+    """Index of the target speed nearest to `speed` [m/s] (highway-env's MDPVehicle.speed_to_index: uniform
+    spacing assumed)."""
+    n = len(target_speeds)
+    x = (np.asarray(speed, np.float64) - target_speeds[0]) / (target_speeds[-1] - target_speeds[0])
+    return np.clip(np.round(x * (n - 1)), 0, n - 1).astype(np.int64)
+
+
+def next_target_speed(target_speed: np.ndarray | float, speed: np.ndarray | float, action: np.ndarray | int,
+                      action_names: list[str] | tuple[str, ...], target_speeds: tuple[float, ...]) -> np.ndarray:
+    """The ego's set-point after a meta-action, as highway-env's MDPVehicle.act sets it: FASTER / SLOWER take the
+    target speed one above / below the one nearest to the current `speed` [m/s] (clipped to the list); every other
+    action keeps `target_speed`. Broadcasts over arrays of envs."""
+    grid = np.asarray(target_speeds, np.float64)
+    base = speed_index(speed, target_speeds)
+    action = np.asarray(action)
+    step = np.zeros(np.broadcast(base, action).shape, np.int64)
+    for name, delta in (("FASTER", 1), ("SLOWER", -1)):
+        if name in action_names:
+            step = np.where(action == action_names.index(name), delta, step)
+    moved = grid[np.clip(base + step, 0, len(grid) - 1)]
+    return np.where(step != 0, moved, np.asarray(target_speed, np.float64))
+
+
+def episode_target_speeds(episode: Episode, manifest: dict[str, Any]) -> np.ndarray:
+    """(S,) float32 [m/s] the ego's target speed at each decision of a recorded episode, before its action:
+    replayed from the recorded speeds and actions (the ego starts at the target speed nearest to its speed, as
+    MDPVehicle quantises its initial speed). `manifest` is the dataset's (action names, env config)."""
+    grid = scenario_target_speeds(manifest.get("env_config_resolved", {}))
+    names = list(manifest["action_names"])
+    speed = np.hypot(episode.state[:, EGO_TRACK, VX], episode.state[:, EGO_TRACK, VY]).astype(np.float64)
+    out = np.zeros(episode.steps, np.float32)
+    current = float(grid[int(speed_index(speed[0], grid))])
+    for s, frame in enumerate(episode.decision_frame):
+        out[s] = current
+        current = float(next_target_speed(current, speed[frame], episode.action[s], names, grid))
+    return out
+
+
+def episode_policy_obs(episode: Episode, spec: SceneSpec, manifest: dict[str, Any] | None = None) -> np.ndarray:
+    """(S, D) policy observations at each decision of a recorded episode (`spec.history_len` must be 2). With the
+    dataset's `manifest`, the ego's target speed (`episode_target_speeds`) is appended (policies with set-points)."""
     if spec.history_len != 2:
         raise ConfigError(f"the policy observes two history frames, the spec has {spec.history_len}")
+    target = episode_target_speeds(episode, manifest) if manifest is not None else None
     rows = []
-    for frame in episode.decision_frame:
+    for s, frame in enumerate(episode.decision_frame):
         hist, _, _ = scene_history(episode.state, episode.present, episode.lane_offset, episode.lane_heading,
                                    int(frame), spec)
-        rows.append(policy_observation(hist, int(episode.lane_id[frame, EGO_TRACK])))
-    return np.stack(rows) if rows else np.zeros((0, policy_obs_dim(spec.agents)), np.float32)
+        rows.append(policy_observation(hist, int(episode.lane_id[frame, EGO_TRACK]),
+                                       None if target is None else target[s]))
+    if rows:
+        return np.stack(rows)
+    return np.zeros((0, policy_obs_dim(spec.agents, manifest is not None)), np.float32)

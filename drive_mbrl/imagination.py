@@ -38,23 +38,27 @@ from drive_mbrl.features import (
     EGO_TRACK,
     HIST_FEATURES,
     SceneSpec,
+    episode_target_speeds,
     history_stride,
     live_policy_observation,
+    next_target_speed,
     policy_obs_dim,
     policy_observation,
+    scenario_target_speeds,
     scene_history,
 )
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
 
-def observation_space(agents: int) -> gym.spaces.Box:
-    return gym.spaces.Box(-np.inf, np.inf, (policy_obs_dim(agents),), np.float32)
+def observation_space(agents: int, set_points: bool = True) -> gym.spaces.Box:
+    return gym.spaces.Box(-np.inf, np.inf, (policy_obs_dim(agents, set_points),), np.float32)
 
 
 class PolicyEnv(gym.Env):
     """A scenario's real env with the policy's observation. env_config: scenario (name or path), agents (V + 1),
-    history_dt [s] (the policy's frame gap), seed_offset (reset seeds are seed_offset + a counter unless given)."""
+    history_dt [s] (the policy's frame gap), set_points (the ego's target speed observed; default true),
+    seed_offset (reset seeds are seed_offset + a counter unless given)."""
 
     def __init__(self, config: dict[str, Any] | None = None):
         from drive_mbrl.rollout import recording_stride
@@ -70,12 +74,14 @@ class PolicyEnv(gym.Env):
         agents = int(config.get("agents", 8))
         self.spec = SceneSpec(agents=agents, history_len=2, history_stride=history_stride(
             float(config.get("history_dt", 1.0)), self.recorder.frame_dt), horizon=1)
-        self.observation_space = observation_space(agents)
+        self.set_points = bool(config.get("set_points", True))
+        self.observation_space = observation_space(agents, self.set_points)
         self.action_space = self.env.action_space
         self._next_seed = int(config.get("seed_offset", 0))
 
     def _obs(self) -> np.ndarray:
-        return live_policy_observation(self.recorder, self.spec)
+        target = float(self.env.unwrapped.vehicle.target_speed) if self.set_points else None
+        return live_policy_observation(self.recorder, self.spec, target)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         from drive_mbrl.scenarios import reset_env
@@ -115,46 +121,52 @@ class ImaginationConfig:
     agents: int = 8
     """Slots of the policy's observation (the forecaster's agents are used for the model)."""
     policy_history_dt: float = 1.0
+    set_points: bool = True
+    """The observation ends with the ego's target speed, replayed from the actions as highway-env sets it."""
     seed: int = 0
     device: str = "cpu"
     """Where the model and the envs' state live: cpu, cuda, or auto (CUDA when present)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every decision of the datasets as a start state: history (N, A, W, F) in the ego frame at the decision
-    with frames `frame_dt` [s] apart, and the ego's lane number (N,)."""
+    with frames `frame_dt` [s] apart, the ego's lane number (N,) and its target speed (N,) [m/s]."""
     from pathlib import Path
 
     from drive_mbrl.data import load_dataset
 
-    hist, lanes = [], []
+    hist, lanes, targets = [], [], []
     for path in paths:
         manifest, episodes = load_dataset(Path(path))
         spec = SceneSpec(agents=agents, history_len=window, history_stride=history_stride(frame_dt, manifest["dt"]),
                          horizon=1)
         for ep in episodes:
+            target = episode_target_speeds(ep, manifest)
             for s, frame in enumerate(ep.decision_frame):
                 if ep.crashed[:s].any():  # the state just before a crash is a start too
                     break
                 h, _, _ = scene_history(ep.state, ep.present, ep.lane_offset, ep.lane_heading, int(frame), spec)
                 hist.append(h)
                 lanes.append(int(ep.lane_id[frame, EGO_TRACK]))
+                targets.append(target[s])
     if not hist:
         raise ValueError(f"no start states in {list(paths)}")
-    return np.stack(hist), np.asarray(lanes, np.int64)
+    return np.stack(hist), np.asarray(lanes, np.int64), np.asarray(targets, np.float64)
 
 
-def idle_action(datasets: tuple[str, ...] | list[str]) -> int:
-    """Index of IDLE in the action names of the first dataset's manifest (the imagined plan after its first step)."""
+def ego_controls(datasets: tuple[str, ...] | list[str]) -> tuple[list[str], tuple[float, ...]]:
+    """Action names and the ego's target speeds [m/s] of the first dataset's scenario (from its manifest); IDLE
+    must be among the actions (the imagined plan after its first step)."""
     from pathlib import Path
 
     from drive_mbrl.data import read_manifest
 
-    names = read_manifest(Path(datasets[0]))["action_names"]
+    manifest = read_manifest(Path(datasets[0]))
+    names = list(manifest["action_names"])
     if "IDLE" not in names:
         raise ValueError(f"dataset {datasets[0]} has no IDLE action ({names})")
-    return names.index("IDLE")
+    return names, scenario_target_speeds(manifest.get("env_config_resolved", {}))
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -181,7 +193,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
-    def __init__(self, config: ImaginationConfig, num_envs: int, starts: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(self, config: ImaginationConfig, num_envs: int,
+                 starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
         from drive_mbrl.fit import load_forecaster, resolve_device
         from drive_mbrl.forecaster import UNCERTAINTY_LEVELS
 
@@ -197,16 +210,20 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.A = mc.agents
         if config.agents > self.A:
             raise ValueError(f"the policy observes {config.agents} slots, the forecaster only {self.A}")
-        hist, lanes = starts if starts is not None else start_states(config.datasets, self.A, self.W, self.frame_dt)
+        hist, lanes, target = starts if starts is not None else start_states(config.datasets, self.A, self.W,
+                                                                             self.frame_dt)
         self.starts_hist, self.starts_lane = torch.as_tensor(hist, device=dev), torch.as_tensor(lanes, device=dev)
+        self.starts_target = np.asarray(target, np.float64)
+        """(N,) [m/s] the ego's target speed at each start (kept on the CPU: numpy bookkeeping)."""
         limit = self.model.uncertainty_quantiles[0, UNCERTAINTY_LEVELS.index(config.uncertainty_level)]
         self.dis_limit = float(limit)
         self.num_envs = num_envs
-        self.single_observation_space = observation_space(config.agents)
+        self.single_observation_space = observation_space(config.agents, config.set_points)
         self.single_action_space = gym.spaces.Discrete(mc.num_actions)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
-        self.idle = idle_action(config.datasets) if config.datasets else 1
+        self.names, self.target_speeds = ego_controls(config.datasets)
+        self.idle = self.names.index("IDLE")
         self.gen = torch.Generator(device=dev).manual_seed(config.seed)
         B, A, W = num_envs, self.A, self.W
         self.pos = torch.zeros(B, A, W, 2, device=dev)
@@ -216,6 +233,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.size = torch.zeros(B, A, 2, device=dev)
         self.lane_dir = torch.zeros(B, A, device=dev)
         self.lane = torch.zeros(B, dtype=torch.long, device=dev)
+        self.target = np.zeros(B, np.float64)
         self.member = torch.zeros(B, dtype=torch.long, device=dev)
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -231,6 +249,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.size[envs] = h[:, :, -1, LEN:WID + 1]
         self.lane_dir[envs] = torch.atan2(h[:, :, -1, SIN_LANE], h[:, :, -1, COS_LANE])
         self.lane[envs] = self.starts_lane[pick]
+        self.target[envs.cpu().numpy()] = self.starts_target[pick.cpu().numpy()]
         self.member[envs] = torch.randint(self.model.config.members, (len(envs),), generator=self.gen,
                                           device=self.dev)
         self.t[envs] = 0
@@ -257,7 +276,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
 
     def _observe(self) -> np.ndarray:
         hist = self._features([self.W - 1 - self.gap, self.W - 1])[:, : self.config.agents]
-        return policy_observation(hist.cpu().numpy(), self.lane.cpu().numpy())
+        return policy_observation(hist.cpu().numpy(), self.lane.cpu().numpy(),
+                                  self.target if self.config.set_points else None)
 
     # -- gymnasium API -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -272,6 +292,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         actions = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.dev).reshape(self.num_envs)
         B, A, mc = self.num_envs, self.A, self.model.config
         restart = self.done.clone()
+        speed = self.vel[:, 0, -1].norm(dim=-1).cpu().numpy()  # the ego's set-point moves at the decision
+        self.target = next_target_speed(self.target, speed, actions.cpu().numpy(), self.names, self.target_speeds)
         hist = self._features(list(range(self.W - mc.history_len, self.W)))
         mask = self.present[:, :, -1].clone()
         mask[:, 0] = True
@@ -342,7 +364,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
 class SingleImaginationEnv(gym.Env):
     """One imagined rollout at a time as a plain `gymnasium.Env` (gymnasium's env checker, single-env users)."""
 
-    def __init__(self, config: ImaginationConfig, starts: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(self, config: ImaginationConfig, starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
         self.vec = ImaginationEnv(config, 1, starts)
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
@@ -369,13 +391,14 @@ def imagination_throughput(env: ImaginationEnv, steps: int, seed: int = 0) -> fl
     return steps * env.num_envs / (time.perf_counter() - start)
 
 
-def random_steps(scenario: str, steps: int, seed: int = 0, agents: int = 8,
-                 history_dt: float = 1.0) -> tuple[np.ndarray, float]:
+def random_steps(scenario: str, steps: int, seed: int = 0, agents: int = 8, history_dt: float = 1.0,
+                 set_points: bool = True) -> tuple[np.ndarray, float]:
     """`steps` random-action steps of `PolicyEnv` (reset seeds from `seed`): their observations (steps, D) and the
     wall time [s] of the loop (env, perception and observation; resets included)."""
     import time
 
-    env = PolicyEnv({"scenario": scenario, "seed_offset": seed, "agents": agents, "history_dt": history_dt})
+    env = PolicyEnv({"scenario": scenario, "seed_offset": seed, "agents": agents, "history_dt": history_dt,
+                     "set_points": set_points})
     rng = np.random.default_rng(seed)
     obs = [env.reset()[0]]
     start = time.perf_counter()

@@ -308,7 +308,8 @@ class OnnxAgent:
         if self._recorder is None:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         if self.graph.name == "policy":
-            self.last_inputs = {"obs": live_policy_observation(self._recorder, self._spec)[None]}
+            target = float(env.unwrapped.vehicle.target_speed) if self.spec.get("set_points") else None
+            self.last_inputs = {"obs": live_policy_observation(self._recorder, self._spec, target)[None]}
             return int(self.graph.run(**self.last_inputs)["action"][0])
         history, track, _, _ = live_history(self._recorder, self._spec)
         return self._plan(history, track >= 0, env)

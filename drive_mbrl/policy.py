@@ -1,10 +1,10 @@
 """The reactive policy: one network, defined once, used everywhere.
 
 `PolicyNet` maps the project's own observation (`features.policy_observation`: the ego and its V nearest tracks
-in the ego frame, two history frames, the ego's lane number) to logits over the scenario's meta-actions. The same
-module is trained by plain supervised code (`distill.py`: behaviour cloning of the planner, DAgger), wrapped in an
-RLlib RLModule for RL fine-tuning (`rllib.py`), and exported to ONNX (`export.py`). Input normalisation lives
-inside the module as buffers, so every user feeds raw features.
+in the ego frame, two history frames, the ego's lane number and target speed) to logits over the scenario's
+meta-actions. The same module is trained by plain supervised code (`distill.py`: behaviour cloning of the
+planner, DAgger), wrapped in an RLlib RLModule for RL fine-tuning (`rllib.py`), and exported to ONNX
+(`export.py`). Input normalisation lives inside the module as buffers, so every user feeds raw features.
 
 Checkpoint folder (files written atomically):
 
@@ -27,7 +27,13 @@ from torch import nn
 
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import ConfigError, DataError
-from drive_mbrl.features import SceneSpec, history_stride, live_policy_observation, policy_obs_dim
+from drive_mbrl.features import (
+    SceneSpec,
+    episode_policy_obs,
+    history_stride,
+    live_policy_observation,
+    policy_obs_dim,
+)
 
 BEST, META = "best.pt", "meta.json"
 
@@ -41,10 +47,12 @@ class PolicyConfig:
     layers: int = 2
     history_dt: float = 1.0
     """[s] between the two observed frames (must be a multiple of the recording's frame time)."""
+    set_points: bool = True
+    """The ego's target speed is the observation's last feature (policies saved before it existed: False)."""
 
     @property
     def obs_dim(self) -> int:
-        return policy_obs_dim(self.agents)
+        return policy_obs_dim(self.agents, self.set_points)
 
     def scene_spec(self, stride: int) -> SceneSpec:
         return SceneSpec(agents=self.agents, history_len=2, history_stride=stride, horizon=1)
@@ -105,12 +113,36 @@ def load_policy(folder: Path | str, device: str | torch.device = "cpu") -> tuple
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"policy {folder} has schema version {meta.get('schema_version')!r}, this drive_mbrl "
                         f"reads {SCHEMA_VERSION}: retrain it")
-    net = PolicyNet(PolicyConfig(**meta["policy"]))
+    net = PolicyNet(PolicyConfig(**{"set_points": False, **meta["policy"]}))
     try:
         net.load_state_dict(torch.load(folder / BEST, map_location="cpu", weights_only=True)["model"])
     except RuntimeError as exc:
         raise DataError(f"policy {folder} does not match the network its meta.json describes") from exc
     return net.to(device).eval(), meta
+
+
+def episode_observations(config: PolicyConfig, episode: Any, manifest: dict[str, Any]) -> np.ndarray:
+    """(S, D) the observations a policy of `config` had at each decision of a recorded episode (`manifest`: its
+    dataset's, for the frame time, action names and target speeds)."""
+    spec = config.scene_spec(history_stride(config.history_dt, manifest["dt"]))
+    return episode_policy_obs(episode, spec, manifest if config.set_points else None)
+
+
+def dataset_observations(config: PolicyConfig, paths: list[str] | tuple[str, ...]) -> np.ndarray:
+    """(N, D) `episode_observations` of every decision of the datasets at `paths`, in order."""
+    from drive_mbrl.data import load_dataset
+
+    rows = [np.zeros((0, config.obs_dim), np.float32)]
+    for path in paths:
+        manifest, episodes = load_dataset(Path(path))
+        rows += [episode_observations(config, ep, manifest) for ep in episodes if ep.steps]
+    return np.concatenate(rows)
+
+
+def ego_target_speed(env: Any, config: PolicyConfig) -> float | None:
+    """The live ego's target speed [m/s] for a policy with set-points (None without): what the ego knows of its
+    own controller, as `mpc.ego_values` reads it."""
+    return float(env.unwrapped.vehicle.target_speed) if config.set_points else None
 
 
 class PolicyAgent:
@@ -125,8 +157,10 @@ class PolicyAgent:
             torch.set_num_threads(threads)
         self.net, self.meta = load_policy(checkpoint)
         self._recorder: Any = None
+        self._env: Any = None
 
     def reset(self, env: Any, seed: int) -> None:
+        self._env = env
         if env.action_space.n != self.net.config.num_actions:
             raise ConfigError(f"the policy was trained for {self.net.config.num_actions} actions, this scenario "
                               f"has {env.action_space.n}: use a policy trained on this scenario")
@@ -136,8 +170,8 @@ class PolicyAgent:
         self._recorder = recorder
 
     def observation(self) -> np.ndarray:
-        """(D,) the current observation from the live recording."""
-        return live_policy_observation(self._recorder, self.spec)
+        """(D,) the current observation from the live recording (and the ego's set-point from the env)."""
+        return live_policy_observation(self._recorder, self.spec, ego_target_speed(self._env, self.net.config))
 
     def act(self, obs: Any, env: Any) -> int:
         if self._recorder is None:

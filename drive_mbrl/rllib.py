@@ -72,13 +72,14 @@ class MixedVectorEnv(gym.vector.VectorEnv):
         worker = int(config.get("worker_index", 0))
         seed = int(config.get("seed", 0)) + 1_000 * worker
         self.real = [PolicyEnv({"scenario": config["scenario"], "agents": config["agents"],
-                                "history_dt": config["history_dt"], "seed_offset": seed + 100_000 * i})
+                                "history_dt": config["history_dt"], "set_points": config.get("set_points", True),
+                                "seed_offset": seed + 100_000 * i})
                      for i in range(self.n_real)]
         self.imagined = None
         if self.n_imagined:
             self.imagined = ImaginationEnv(ImaginationConfig(**config["imagination"], seed=seed), self.n_imagined)
         self.num_envs = self.n_real + self.n_imagined
-        self.single_observation_space = observation_space(config["agents"])
+        self.single_observation_space = observation_space(config["agents"], config.get("set_points", True))
         self.single_action_space = self.real[0].action_space if self.real else self.imagined.single_action_space
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)

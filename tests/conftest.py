@@ -109,15 +109,13 @@ def tiny_bundle(tiny_checkpoint: Path, tiny_policy: Path, tmp_path_factory) -> P
 def tiny_policy(tiny_checkpoint: Path) -> Path:
     """A small reactive policy (4 slots, 2 x 16 units, random weights with a sharp head, normalised on the tiny
     dataset)."""
-    from drive_mbrl.data import load_dataset
-    from drive_mbrl.features import episode_policy_obs, history_stride
-    from drive_mbrl.policy import PolicyConfig, PolicyNet, save_policy
+    from drive_mbrl.data import read_manifest
+    from drive_mbrl.policy import PolicyConfig, PolicyNet, dataset_observations, save_policy
 
-    manifest, episodes = load_dataset(tiny_checkpoint.parent / "data")
+    manifest = read_manifest(tiny_checkpoint.parent / "data")
     torch.manual_seed(0)
     net = PolicyNet(PolicyConfig(agents=4, hidden=16, layers=2, history_dt=1.0))
-    spec = net.config.scene_spec(history_stride(net.config.history_dt, manifest["dt"]))
-    net.set_normalisation(np.concatenate([episode_policy_obs(ep, spec) for ep in episodes]))
+    net.set_normalisation(dataset_observations(net.config, [str(tiny_checkpoint.parent / "data")]))
     with torch.no_grad():
         net.head.weight.mul_(30.0)  # sharp logits: the greedy action changes from scene to scene
     save_policy(tiny_checkpoint.parent / "policy", net, manifest["action_names"], {})

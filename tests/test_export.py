@@ -136,7 +136,8 @@ def test_the_policy_graph_gives_the_torch_policys_logits_and_greedy_action(tiny_
 
     net, _ = load_policy(tiny_policy)
     graph = load_bundle(tiny_bundle, only=("policy",)).graph("policy")
-    assert graph.spec["inputs"][0]["shape"] == ["B", 4 * 14 + 1] and graph.spec["history_dt"] == 1.0
+    assert graph.spec["inputs"][0]["shape"] == ["B", 4 * 14 + 2] and graph.spec["history_dt"] == 1.0
+    assert graph.spec["set_points"] and graph.spec["ego_features"] == ["lane", "target_speed"]
     obs = (net.obs_mean + net.obs_std * torch.randn(50, net.config.obs_dim, generator=torch.Generator().manual_seed(2)))
     got = graph.run(obs=obs.numpy())
     with torch.no_grad():

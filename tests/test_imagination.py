@@ -42,10 +42,11 @@ def test_imagined_start_observation_equals_the_recorded_one(tiny_checkpoint: Pat
     manifest, episodes = load_dataset(recorded)
     episode = episodes[0]
     spec = SceneSpec(agents=4, history_len=2, history_stride=history_stride(1.0, manifest["dt"]), horizon=1)
-    expected = episode_policy_obs(episode, spec)
-    hist, lanes = start_states([str(recorded)], env.A, env.W, env.frame_dt)
+    expected = episode_policy_obs(episode, spec, manifest)
+    hist, lanes, target = start_states([str(recorded)], env.A, env.W, env.frame_dt)
     for s in (1, 3):  # decisions of the first episode (start states are in episode order)
         env.starts_hist, env.starts_lane = torch.as_tensor(hist[s:s + 1]), torch.as_tensor(lanes[s:s + 1])
+        env.starts_target = target[s:s + 1]
         obs, _ = env.reset(seed=0)
         np.testing.assert_allclose(obs[0], expected[s], atol=2e-4)
 
@@ -100,17 +101,20 @@ def test_policy_env_observation_matches_the_episode_loop():
     env = PolicyEnv({"scenario": "highway", "agents": 4, "history_dt": 1.0})
     try:
         obs, info = env.reset(seed=11)
-        seen = [obs]
+        seen, targets = [obs], [env.env.unwrapped.vehicle.target_speed]
         for action in (1, 3, 1):
             obs, *_ = env.step(action)
             seen.append(obs)
+            targets.append(env.env.unwrapped.vehicle.target_speed)
         arrays = env.recorder.arrays()
     finally:
         env.close()
     from drive_mbrl.features import policy_observation, scene_history
 
     frames = [i * 5 for i in range(4)]  # highway: 5 recorded frames per policy step
-    for obs, frame in zip(seen, frames, strict=True):
+    for obs, frame, target in zip(seen, frames, targets, strict=True):
         hist, _, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
                                    arrays["lane_heading"], frame, env.spec)
-        np.testing.assert_allclose(obs, policy_observation(hist, int(arrays["lane_id"][frame, 0])), atol=1e-6)
+        expected = policy_observation(hist, int(arrays["lane_id"][frame, 0]), target)
+        np.testing.assert_allclose(obs, expected, atol=1e-6)
+    assert targets[2] == 30.0  # FASTER at 25 m/s

@@ -19,8 +19,8 @@ from drive_mbrl.distill import (
     train_policy,
 )
 from drive_mbrl.errors import DataError
-from drive_mbrl.features import HIST_FEATURES, POLICY_FEATURES, episode_policy_obs, history_stride, policy_observation
-from drive_mbrl.policy import PolicyAgent, PolicyConfig, PolicyNet, load_policy, save_policy
+from drive_mbrl.features import HIST_FEATURES, POLICY_FEATURES, policy_observation
+from drive_mbrl.policy import PolicyAgent, PolicyConfig, PolicyNet, episode_observations, load_policy, save_policy
 from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 from drive_mbrl.scenarios import load_scenario
 
@@ -47,6 +47,50 @@ def test_policy_observation_by_hand():
     assert obs[:4].tolist() == [0, 0, 22, 1] and obs[F:F + 2].tolist() == [2, 1]  # dv of the ego
     assert obs[P:P + 4].tolist() == [10, 4, 25, 0] and obs[P + F:P + F + 2].tolist() == [0, 0]  # absent before
     assert obs[-1] == 2
+    with_set_point = policy_observation(history, ego_lane=2, target_speed=25.0)
+    assert with_set_point.shape == (2 * P + 2,) and with_set_point[-2:].tolist() == [2, 25]
+    np.testing.assert_array_equal(with_set_point[:-1], obs)
+
+
+class RandomSetPointAgent:
+    """Random meta-actions, mostly FASTER / SLOWER; records the simulator's target speed before each action."""
+
+    drives_itself = False
+
+    def __init__(self, names: list[str]):
+        self.names, self.seen = names, []
+
+    def reset(self, env, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs, env) -> int:
+        self.seen.append(float(env.unwrapped.vehicle.target_speed))
+        speed = [i for i, n in enumerate(self.names) if n in ("FASTER", "SLOWER")]
+        return int(self.rng.choice(speed) if self.rng.random() < 0.7 else self.rng.integers(len(self.names)))
+
+
+@pytest.mark.parametrize("scenario", ["highway", "intersection"])
+def test_replayed_target_speed_equals_the_simulators(scenario: str):
+    """`episode_target_speeds` replays MDPVehicle's set-point rule from recorded speeds and actions: it must give
+    the simulator's own target speed at every decision (highway: 20/25/30 m/s; intersection: 0/4.5/9 m/s and no
+    lane changes)."""
+    from drive_mbrl.data import build_manifest
+    from drive_mbrl.features import episode_target_speeds
+
+    spec = load_scenario(scenario)
+    manifest = build_manifest(spec, "random", 3, 0, 12)
+    runner = EpisodeRunner()
+    try:
+        checked = 0
+        for seed in (3, 4):
+            agent = RandomSetPointAgent(manifest["action_names"])
+            episode = runner.run(EpisodeJob(spec, "custom", 0, seed, max_steps=12), agent)
+            replayed = episode_target_speeds(episode, manifest)
+            np.testing.assert_allclose(replayed, agent.seen, atol=1e-6)
+            checked += len(set(agent.seen))
+    finally:
+        runner.close()
+    assert checked >= 4  # the set-point did move
 
 
 def test_live_observation_equals_the_one_recomputed_from_the_recorded_episode(random_policy: Path):
@@ -59,10 +103,14 @@ def test_live_observation_equals_the_one_recomputed_from_the_recorded_episode(ra
         episode = runner.run(EpisodeJob(load_scenario("highway"), "policy", 0, 7, max_steps=6), agent)
     finally:
         runner.close()
-    recorded = episode_policy_obs(episode, agent.spec)
+    from drive_mbrl.data import build_manifest
+
+    recorded = episode_observations(agent.net.config, episode, build_manifest(load_scenario("highway"), "policy", 7,
+                                                                              0, 6))
     assert recorded.shape == (episode.steps, agent.net.config.obs_dim)
     np.testing.assert_allclose(np.stack(seen), recorded, atol=1e-5)
-    assert np.abs(recorded[1:, -1]).max() >= 0  # lane number present
+    assert set(recorded[:, -1]) <= {20.0, 25.0, 30.0}  # the target speed, last
+    assert set(recorded[:, -2]) <= {0, 1, 2}  # lane number before it
     assert (recorded[1:, 2] > 10).all()  # the ego's own speed [m/s] at slot 0
 
 
@@ -148,14 +196,14 @@ def test_dagger_agent_logs_the_planners_labels_and_the_policy_drives(random_poli
     assert names == NAMES and len(data) == 4
     from drive_mbrl.data import load_dataset
 
-    _, (episode,) = load_dataset(tmp_path / "d")
+    manifest, (episode,) = load_dataset(tmp_path / "d")
     log = episode.step_log
     assert log[EXPERT_ACTION].shape == (4,) and log[EXPERT_COSTS].shape == (4, 5)
     assert (data.label == log[EXPERT_ACTION]).all()
     assert np.allclose(data.target.sum(1), 1.0)
     # beta=0: every executed action is the policy's own greedy choice on the recorded observation.
     net, _ = load_policy(random_policy)
-    obs = episode_policy_obs(episode, net.config.scene_spec(history_stride(net.config.history_dt, 0.2)))
+    obs = episode_observations(net.config, episode, manifest)
     with torch.no_grad():
         assert net(torch.as_tensor(obs)).argmax(-1).tolist() == episode.action.tolist()
     # Where the planner's costs are finite, the soft target ranks actions as the costs do.
@@ -169,6 +217,25 @@ def test_dagger_beta_must_be_a_share(random_policy: Path, tiny_checkpoint: Path)
 
     with pytest.raises(ConfigError, match="beta"):
         DaggerAgent(str(random_policy), str(tiny_checkpoint), beta=1.5)
+
+
+def test_dagger_noise_executes_random_actions_and_keeps_the_planners_labels(tiny_checkpoint: Path):
+    """noise=0: the planner's action is executed at every step; noise=1: a uniformly random one is, while the
+    logged label stays the planner's."""
+    from drive_mbrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="noise"):
+        DaggerAgent("", str(tiny_checkpoint), noise=-0.1)
+    runner = EpisodeRunner()
+    try:
+        executed = {}
+        for noise in (0.0, 1.0):
+            agent = DaggerAgent("", str(tiny_checkpoint), planner={"budget": 16, "threads": 1}, noise=noise, seed=1)
+            episode = runner.run(EpisodeJob(load_scenario("highway"), "dagger", 0, 5, max_steps=8), agent)
+            executed[noise] = episode.action == episode.step_log[EXPERT_ACTION]
+    finally:
+        runner.close()
+    assert executed[0.0].all() and not executed[1.0].all()
 
 
 def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: Path, tmp_path: Path):

@@ -54,11 +54,12 @@ def test_mixed_env_steps_real_and_imagined_envs_together(tiny_checkpoint: Path):
                                                              "agents": 4, "horizon": 3}})
     try:
         obs, _ = env.reset(seed=0)
-        assert obs.shape == (3, 4 * 14 + 1)
+        assert obs.shape == (3, 4 * 14 + 2)
         for _ in range(4):
             obs, reward, term, trunc, _ = env.step(np.array([1, 1, 1]))
-            assert obs.shape == (3, 57) and reward.shape == term.shape == trunc.shape == (3,)
+            assert obs.shape == (3, 58) and reward.shape == term.shape == trunc.shape == (3,)
             assert np.isfinite(obs).all()
+            assert set(obs[:, -1].tolist()) <= {20.0, 25.0, 30.0}  # every env's observation ends in a set-point
     finally:
         env.close()
 
