@@ -278,6 +278,19 @@ def agent_options_json(options: dict[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=str) if options else ""
 
 
+def gpu_share(jobs: list[EpisodeJob], gpus: float, actors: int) -> float:
+    """GPUs each episode actor asks Ray for: an equal share of the cluster's `gpus` when an agent's planner may use
+    CUDA (`planner.device` other than cpu), else 0. Ray hides the GPUs from actors that ask for none
+    (CUDA_VISIBLE_DEVICES=''), so a CUDA planner in an actor without a share would silently run on the CPU."""
+    def wants(options: str) -> bool:
+        planner = (json.loads(options) if options else {}).get("planner") or {}
+        return bool(planner) and str(planner.get("device", "auto")) != "cpu"
+
+    if gpus <= 0 or actors <= 0 or not any(wants(job.agent_options) for job in jobs):
+        return 0.0
+    return min(1.0, gpus / actors)
+
+
 def run_episodes(jobs: list[EpisodeJob], workers: int = 1, ray_address: str = "") -> Iterator[Episode]:
     """Run `jobs` and yield episodes as they finish (in order for one worker, unordered on Ray)."""
     if not jobs:
@@ -294,8 +307,10 @@ def run_episodes(jobs: list[EpisodeJob], workers: int = 1, ray_address: str = ""
 
     ray, started = start_ray(ray_address, workers)
     try:
-        actor_cls = ray.remote(num_cpus=1)(EpisodeRunner)
-        actors = [actor_cls.remote() for _ in range(min(workers, len(jobs)))]
+        count = min(workers, len(jobs))
+        share = gpu_share(jobs, float(ray.cluster_resources().get("GPU", 0.0)), count)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=share)(EpisodeRunner)
+        actors = [actor_cls.remote() for _ in range(count)]
         pending: dict[Any, Any] = {}
         queue = list(reversed(jobs))
         for actor in actors:  # two jobs in flight per actor hides the round trip

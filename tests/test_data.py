@@ -136,3 +136,21 @@ def test_step_log_with_a_wrong_step_count_is_rejected(tmp_path: Path):
     episode.step_log = {"risk": np.zeros(5, np.float32)}  # 2 steps, 5 rows
     with pytest.raises(DataError, match="step log entries risk"):
         load_episode(save_episode(tmp_path, episode))
+
+
+def test_episode_actors_share_the_gpus_only_when_a_planner_may_use_cuda():
+    """Ray hides GPUs from actors that ask for none: planner agents not pinned to the CPU get an equal share."""
+    from drive_mbrl.data import gpu_share
+    from drive_mbrl.rollout import EpisodeJob
+
+    scenario = load_scenario("highway")
+
+    def job(options: str) -> EpisodeJob:
+        return EpisodeJob(scenario, "mpc", 0, 0, agent_options=options)
+
+    auto, cpu = job('{"planner": {"device": "auto"}}'), job('{"planner": {"device": "cpu"}}')
+    assert gpu_share([auto], gpus=1.0, actors=16) == 1 / 16
+    assert gpu_share([auto], gpus=2.0, actors=1) == 1.0  # at most one GPU per actor
+    assert gpu_share([cpu], gpus=1.0, actors=4) == 0.0
+    assert gpu_share([job("")], gpus=1.0, actors=4) == 0.0  # rule agents
+    assert gpu_share([auto], gpus=0.0, actors=4) == 0.0  # no GPU in the cluster
