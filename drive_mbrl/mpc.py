@@ -87,6 +87,8 @@ class MPCAgent:
         if env.action_space.n != self.model.config.num_actions:
             raise ConfigError(f"the forecaster was trained for {self.model.config.num_actions} actions, this "
                               f"scenario has {env.action_space.n}: use a checkpoint trained on this scenario")
+        if self.policy is not None:
+            self.policy.reset(env, seed)
         from drive_mbrl.scenarios import action_names, env_timing
 
         self._fallback_action = int(names["SLOWER"])

@@ -264,3 +264,27 @@ def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: 
     again = run_cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rounds
+
+
+def test_planner_with_policy_proposals_feeds_the_policy_the_live_set_point(tiny_checkpoint: Path, tiny_policy: Path):
+    """planner.policy: the planner's policy is reset with the env, so its observation ends in the ego's live
+    target speed at every decision (a real episode with proposals and the policy fallback)."""
+    from drive_mbrl.mpc import MPCAgent
+
+    agent = MPCAgent(str(tiny_checkpoint), {"budget": 16, "threads": 1, "policy": str(tiny_policy),
+                                            "fallback": "policy"})
+    seen: list[tuple[float, float]] = []
+    observe, act = agent.policy.observation, agent.act
+
+    def watched_act(obs, env):
+        seen.append((float(observe()[-1]), float(env.unwrapped.vehicle.target_speed)))
+        return act(obs, env)
+
+    agent.act = watched_act  # type: ignore[method-assign]
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "mpc", 0, 3, max_steps=4), agent)
+    finally:
+        runner.close()
+    assert episode.steps == len(seen) == 4
+    assert all(got == want for got, want in seen)
