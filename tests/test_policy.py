@@ -288,3 +288,23 @@ def test_planner_with_policy_proposals_feeds_the_policy_the_live_set_point(tiny_
         runner.close()
     assert episode.steps == len(seen) == 4
     assert all(got == want for got, want in seen)
+
+
+def test_a_policy_saved_before_set_points_still_loads_and_drives(tmp_path: Path):
+    """meta.json without `set_points` (policies saved before the target speed joined the observation): the
+    network is built without it and the agent feeds it the older, shorter observation."""
+    import json
+
+    net = PolicyNet(PolicyConfig(agents=4, hidden=16, set_points=False))
+    save_policy(tmp_path / "old", net, NAMES, {})
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    del meta["policy"]["set_points"]
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    agent = PolicyAgent(str(tmp_path / "old"))
+    assert not agent.net.config.set_points and agent.net.config.obs_dim == 4 * len(POLICY_FEATURES) + 1
+    runner = EpisodeRunner()
+    try:
+        episode = runner.run(EpisodeJob(load_scenario("highway"), "policy", 0, 2, max_steps=2), agent)
+    finally:
+        runner.close()
+    assert episode.steps == 2 and agent.observation().shape == (4 * len(POLICY_FEATURES) + 1,)
