@@ -616,17 +616,24 @@ def run_bench_forecaster(cfg: C.BenchForecasterConfig, run_dir: Path) -> dict[st
 
 
 def run_export(cfg: C.ExportConfig, run_dir: Path) -> dict[str, Any]:
+    import torch
+
     from drive_mbrl.export import export_bundle
 
     if not cfg.checkpoint:
         raise C.ConfigError("export needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
     out = Path(cfg.out) if cfg.out else Path("export/bundles") / Path(cfg.checkpoint).resolve().name
+    if cfg.planner.threads:
+        torch.set_num_threads(cfg.planner.threads)
     result = export_bundle(cfg.checkpoint, out, cfg.dataset, cfg.samples, cfg.seed,
                            cfg.planner if cfg.planner_scenes else None, cfg.planner_scenes, cfg.policy)
     if "planner" in result["parity"]:
         p = result["parity"]["planner"]
-        print(f"planner parity, {p['scenes']} recorded scenes: same action with the same noise "
-              f"{p['same_action_same_noise']:.1%}, with independent noise {p['same_action_independent_noise']:.1%}")
+        c, n = p["counts"], p["scenes"]
+        print(f"planner parity, {n} recorded scenes: same action with the same noise {c['same_noise']}/{n} and "
+              f"{c['same_noise_b']}/{n} (two draws); with independent noise ONNX vs torch {c['independent']}/{n}, "
+              f"torch vs torch {c['torch_self']}/{n} (the planner's own randomness; scenes where the export changed "
+              f"the agreement: {p['export_changed_agreement']})")
     for graph, figures in result["parity"].items():
         for kind, row in figures.items() if graph != "planner" else ():
             print(f"{graph} parity, {row['inputs']} {kind} inputs: max |onnx - torch| " + ", ".join(

@@ -388,7 +388,9 @@ class ExportConfig:
     samples: int = opt(1000, "random inputs, and recorded scenes, the parity check compares", lo=1, hi=10**6)
     seed: int = opt(0, "seed of the random parity inputs", lo=0, hi=2**31 - 1)
     planner: PlannerConfig = field(default_factory=PlannerConfig,
-                                   metadata={"help": "settings of the exported planning step (constants of its graph)"})
+                                   metadata={"help": "settings of the exported planning step (constants of its "
+                                                    "graph); planner.threads also sets torch's CPU threads of "
+                                                    "the export and its parity checks"})
     planner_scenes: int = opt(100, "recorded scenes the planner graph is checked on (0: export no planner graph)",
                               lo=0, hi=10**6)
     policy: str = opt("", "reactive policy folder (from `drive-mbrl distill` or `drive-mbrl rl`) to export too")

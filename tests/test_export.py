@@ -128,6 +128,8 @@ def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(
         assert got["cost"] == pytest.approx(float(step["cost"]), abs=1e-4)
     parity_figures = json.loads((tiny_bundle / "parity.json").read_text())["planner"]
     assert parity_figures["scenes"] == 8 and parity_figures["same_action_same_noise"] == 1.0
+    assert parity_figures["counts"]["same_noise_b"] == 8 and parity_figures["export_changed_agreement"] == 0
+    assert parity_figures["same_action_independent_noise"] == parity_figures["torch_self_agreement_independent_noise"]
 
 
 def test_the_policy_graph_gives_the_torch_policys_logits_and_greedy_action(tiny_bundle: Path, tiny_policy: Path):
@@ -162,3 +164,18 @@ def test_bench_export_and_evaluate_agent_onnx_commands(tiny_bundle: Path, tmp_pa
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["steps"] in (1, 2)
     missing = run_cli("evaluate", "agent=onnx", f"bundle={tmp_path / 'none'}", "episodes=1", cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_action_agreement_counts_each_comparison_and_the_scenes_where_the_export_changed_agreement():
+    from drive_mbrl.export_planner import action_agreement
+
+    torch_a = np.array([0, 1, 2, 3, 4, 1])
+    onnx_a = np.array([0, 1, 2, 3, 4, 1])  # parity on every scene
+    torch_b = np.array([0, 1, 4, 3, 0, 2])  # torch agrees with itself on scenes 0, 1, 3: 3 of 6
+    onnx_b = np.array([0, 1, 4, 0, 0, 1])  # differs from torch_b on 3 (loses an agreement) and 5 (gains one)
+    got = action_agreement(torch_a, onnx_a, torch_b, onnx_b)
+    assert got["scenes"] == 6 and got["same_noise"] == 6 and got["same_noise_b"] == 4
+    assert got["torch_self"] == 3 and got["independent"] == 3 and got["export_changed"] == 2
+    assert got["torch_self_rate"] == 0.5 and got["same_noise_b_rate"] == pytest.approx(4 / 6)
+    exact = action_agreement(torch_a, onnx_a, torch_b, torch_b)  # an exact export: ONNX vs torch = torch vs torch
+    assert exact["independent"] == exact["torch_self"] and exact["export_changed"] == 0
