@@ -350,7 +350,7 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
     """policy.onnx in `folder` from the policy checkpoint folder `policy`, checked against torch on `samples`
     random observations (around its normalisation statistics) and `samples` recorded ones. Returns its contract
     entry and parity figures."""
-    from drive_mbrl.features import POLICY_EGO_FEATURES, POLICY_FEATURES
+    from drive_mbrl.features import POLICY_FEATURES, policy_ego_features
     from drive_mbrl.policy import BEST as POLICY_BEST
     from drive_mbrl.policy import load_policy
 
@@ -371,8 +371,8 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
              "source": {"checkpoint": str(policy), "weights_sha256": sha256_file(policy / POLICY_BEST)},
              "observation_features": list(POLICY_FEATURES),
-             "ego_features": list(POLICY_EGO_FEATURES[:2 if net.config.set_points else 1]),
-             "observation_units": units + ["lane number", "m/s"][:2 if net.config.set_points else 1],
+             "ego_features": list(policy_ego_features(net.config.set_points)),
+             "observation_units": units + ["lane number", "m/s"][:len(policy_ego_features(net.config.set_points))],
              "set_points": net.config.set_points, "agents": net.config.agents, "history_len": 2,
              "history_dt": net.config.history_dt, **contract}
     return entry, figures

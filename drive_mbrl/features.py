@@ -257,8 +257,19 @@ def live_policy_observation(recorder: Any, spec: SceneSpec, target_speed: float 
     return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]), target_speed)
 
 
+def policy_ego_features(set_points: bool) -> tuple[str, ...]:
+    """The `POLICY_EGO_FEATURES` a policy observes (the target speed only with set-points)."""
+    return POLICY_EGO_FEATURES if set_points else POLICY_EGO_FEATURES[:1]
+
+
 def policy_obs_dim(agents: int, set_points: bool = True) -> int:
-    return agents * len(POLICY_FEATURES) + len(POLICY_EGO_FEATURES) - (0 if set_points else 1)
+    return agents * len(POLICY_FEATURES) + len(policy_ego_features(set_points))
+
+
+def live_target_speed(env: Any, set_points: bool) -> float | None:
+    """The live ego's target speed [m/s] (highway-env's MDPVehicle), or None for a policy without set-points: the
+    one read of the set-point for every live observer (agent=policy, agent=onnx, RLlib's real env)."""
+    return float(env.unwrapped.vehicle.target_speed) if set_points else None
 
 
 def scenario_target_speeds(env_config: dict[str, Any]) -> tuple[float, ...]:

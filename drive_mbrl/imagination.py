@@ -41,6 +41,7 @@ from drive_mbrl.features import (
     episode_target_speeds,
     history_stride,
     live_policy_observation,
+    live_target_speed,
     next_target_speed,
     policy_obs_dim,
     policy_observation,
@@ -80,8 +81,7 @@ class PolicyEnv(gym.Env):
         self._next_seed = int(config.get("seed_offset", 0))
 
     def _obs(self) -> np.ndarray:
-        target = float(self.env.unwrapped.vehicle.target_speed) if self.set_points else None
-        return live_policy_observation(self.recorder, self.spec, target)
+        return live_policy_observation(self.recorder, self.spec, live_target_speed(self.env, self.set_points))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         from drive_mbrl.scenarios import reset_env

@@ -303,12 +303,12 @@ class OnnxAgent:
         self._recorder = recorder
 
     def act(self, obs: Any, env: Any) -> int:
-        from drive_mbrl.features import live_history, live_policy_observation
+        from drive_mbrl.features import live_history, live_policy_observation, live_target_speed
 
         if self._recorder is None:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         if self.graph.name == "policy":
-            target = float(env.unwrapped.vehicle.target_speed) if self.spec.get("set_points") else None
+            target = live_target_speed(env, bool(self.spec.get("set_points")))
             self.last_inputs = {"obs": live_policy_observation(self._recorder, self._spec, target)[None]}
             return int(self.graph.run(**self.last_inputs)["action"][0])
         history, track, _, _ = live_history(self._recorder, self._spec)

@@ -32,6 +32,7 @@ from drive_mbrl.features import (
     episode_policy_obs,
     history_stride,
     live_policy_observation,
+    live_target_speed,
     policy_obs_dim,
 )
 
@@ -139,12 +140,6 @@ def dataset_observations(config: PolicyConfig, paths: list[str] | tuple[str, ...
     return np.concatenate(rows)
 
 
-def ego_target_speed(env: Any, config: PolicyConfig) -> float | None:
-    """The live ego's target speed [m/s] for a policy with set-points (None without): what the ego knows of its
-    own controller, as `mpc.ego_values` reads it."""
-    return float(env.unwrapped.vehicle.target_speed) if config.set_points else None
-
-
 class PolicyAgent:
     """`agent=policy`: greedy actions of a policy checkpoint, observing the live track recording."""
 
@@ -171,7 +166,8 @@ class PolicyAgent:
 
     def observation(self) -> np.ndarray:
         """(D,) the current observation from the live recording (and the ego's set-point from the env)."""
-        return live_policy_observation(self._recorder, self.spec, ego_target_speed(self._env, self.net.config))
+        return live_policy_observation(self._recorder, self.spec,
+                                       live_target_speed(self._env, self.net.config.set_points))
 
     def act(self, obs: Any, env: Any) -> int:
         if self._recorder is None:
