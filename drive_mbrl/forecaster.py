@@ -4,7 +4,7 @@ For a scene (features.py) it predicts, for every agent slot and each of the next
 diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned on the ego's candidate actions:
 
     encode (once per scene, plan-independent):
-      token_a = MLP([history of agent a, is_ego])                                per agent a          (E, B, A, D)
+      token_a = MLP([history of agent a, lane neighbours of a, is_ego])          per agent a          (E, B, A, D)
       token   = attention blocks across the agent tokens (masked)                interactions         (E, B, A, D)
     decode (once per scene x candidate plan):
       plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
@@ -61,6 +61,10 @@ class ForecasterConfig:
     """Width of the late-fusion decoder (64 trained far worse: validation NLL +1.2 vs -0.5 after 7 epochs)."""
     policy_dt: float = 1.0
     """[s] between horizon steps (constant-velocity residual uses it)."""
+    neighbours: bool = False
+    """Give each agent token its lane neighbours (`lane_neighbours`: gap and closing speed of the nearest agent ahead
+    and behind in its own lane and the two next to it) — the quantities IDM and MOBIL act on. False in checkpoints
+    saved before it existed; `drive-mbrl fit` turns it on."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +136,47 @@ class AgentAttention(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+LANE_WIDTH = 4.0
+"""[m] lane width that `lane_neighbours` assumes (highway-env's StraightLane.DEFAULT_WIDTH)."""
+GAP_SCALE, SPEED_SCALE, NO_GAP = 50.0, 10.0, 1.2
+"""Scales of `lane_neighbours`' features ([m], [m/s]) and the scaled gap that stands for "nobody there"."""
+NEIGHBOUR_FEATURES = 18
+"""3 lanes (left, own, right) x (ahead, behind) x (gap, closing speed, present)."""
+
+
+def lane_neighbours(last: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
+    """For each agent, the nearest other agent ahead and behind in its own lane and in the lanes either side.
+
+    last: (B, A, F) the decision frame of the history (ego frame, HIST_FEATURES order, not normalised); agent_mask:
+    (B, A). Lanes are told apart by the lateral offset between agents (|dy - k LANE_WIDTH| < LANE_WIDTH / 2 for
+    k = -1, 0, +1) and ahead / behind by the sign of dx. Returns (B, A, 18): per (lane k, ahead / behind) the
+    bumper-to-bumper gap / GAP_SCALE (clipped to [-0.5, NO_GAP]; NO_GAP where nobody is there), the closing speed
+    (vx_self - vx_other for one ahead, the reverse behind) / SPEED_SCALE, and 1 where someone is there. Straight
+    lanes are assumed; on curved roads the features are only approximate.
+    """
+    x, y, vx, length = last[..., 0], last[..., 1], last[..., 2], last[..., 6]
+    dx = x[:, None, :] - x[:, :, None]  # (B, i, j): j relative to i
+    dy = y[:, None, :] - y[:, :, None]
+    dv = vx[:, None, :] - vx[:, :, None]
+    bumper = (length[:, None, :] + length[:, :, None]) / 2
+    slot = torch.arange(last.shape[1], device=last.device)
+    pair = agent_mask[:, None, :] & agent_mask[:, :, None] & (slot[:, None] != slot[None, :])  # (no bool EyeLike in ORT)
+    big = torch.full_like(dx, 1e6)
+    feats = []
+    for k in (-1.0, 0.0, 1.0):
+        in_lane = pair & ((dy - k * LANE_WIDTH).abs() < LANE_WIDTH / 2)
+        for sign in (1.0, -1.0):
+            side = in_lane & ((dx >= 0) if sign > 0 else (dx < 0))
+            dist = torch.where(side, dx * sign, big)
+            nearest = dist.argmin(-1, keepdim=True)  # (B, A, 1)
+            there = side.gather(-1, nearest)[..., 0]
+            gap = (dist.gather(-1, nearest)[..., 0] - bumper.gather(-1, nearest)[..., 0]) / GAP_SCALE
+            closing = -sign * dv.gather(-1, nearest)[..., 0] / SPEED_SCALE
+            feats += [torch.where(there, gap.clamp(-0.5, NO_GAP), torch.full_like(gap, NO_GAP)),
+                      torch.where(there, closing, torch.zeros_like(closing)), there.to(last.dtype)]
+    return torch.stack(feats, dim=-1) * agent_mask[..., None]
+
+
 class Forecaster(nn.Module):
     """See the module docstring. All tensors batch-first after the leading member axis E."""
 
@@ -141,8 +186,10 @@ class Forecaster(nn.Module):
         if c.plan_fusion not in ("early", "late"):
             raise ValueError(f"plan_fusion must be early or late, got {c.plan_fusion!r}")
         early = c.plan_fusion == "early"
-        # Early fusion: token inputs [history (L F), plan one-hot (H num_actions), is_ego]; late: [history, is_ego].
-        feats = c.history_len * len(HIST_FEATURES) + (c.horizon * c.num_actions if early else 0) + 1
+        # Early fusion: token inputs [history (L F), neighbours, plan one-hot (H num_actions), is_ego]; late: the
+        # same without the plan.
+        self.scene_inputs = c.history_len * len(HIST_FEATURES) + (NEIGHBOUR_FEATURES if c.neighbours else 0)
+        feats = self.scene_inputs + (c.horizon * c.num_actions if early else 0) + 1
         self.register_buffer("hist_mean", torch.zeros(len(HIST_FEATURES)))
         self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
@@ -182,11 +229,13 @@ class Forecaster(nn.Module):
         B, A, L, Fh = history.shape
         assert (A, L, Fh) == (c.agents, c.history_len, len(HIST_FEATURES)), f"history shape {tuple(history.shape)}"
         x = ((history - self.hist_mean) / self.hist_std).reshape(B, A, L * Fh)
+        if c.neighbours:
+            x = torch.cat([x, lane_neighbours(history[:, :, -1], agent_mask)], dim=-1)
         is_ego = torch.zeros(B, A, 1, device=history.device, dtype=history.dtype)
         is_ego[:, 0] = 1.0
         if c.plan_fusion == "early":
             first = self.encoder.layers[0]
-            w_hist, w_ego = first.weight[:, : L * Fh], first.weight[:, -1:]
+            w_hist, w_ego = first.weight[:, : self.scene_inputs], first.weight[:, -1:]
             flat = torch.cat([x, is_ego], dim=-1).reshape(1, B * A, -1).expand(c.members, -1, -1)
             pre = torch.baddbmm(first.bias, flat, torch.cat([w_hist, w_ego], dim=1))
             return pre.reshape(c.members, B, A, -1)
@@ -223,7 +272,7 @@ class Forecaster(nn.Module):
         act = act.reshape(B, N, H * c.num_actions).unsqueeze(0).expand(E, -1, -1, -1)  # (E, B, N, H nA)
         if c.plan_fusion == "early":
             first, second = self.encoder.layers
-            w_plan = first.weight[:, c.history_len * len(HIST_FEATURES): -1]  # (E, H nA, D)
+            w_plan = first.weight[:, self.scene_inputs: -1]  # (E, H nA, D)
             plan = torch.bmm(act.reshape(E, B * N, -1), w_plan).reshape(E, B, N, 1, -1)
             h = second(F.silu(tokens[:, :, None] + plan))  # (E, B, N, A, D)
             mask = agent_mask.repeat_interleave(N, dim=0)  # (B N, A)

@@ -10,13 +10,13 @@ import torch
 
 from drive_mbrl.features import HIST_FEATURES, Scenes, SceneSpec, episode_scenes, physics_baselines, to_ego_frame
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
-from drive_mbrl.forecaster import EnsembleLinear, Forecaster, ForecasterConfig, rollout
+from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
 from drive_mbrl.losses import mixture_log_prob
 from drive_mbrl.validation import auroc, fit_std_scale, hdr_levels, validate
 from tests.conftest import make_episode, straight_state
 
 TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
-                        blocks=1, policy_dt=1.0)
+                        blocks=1, policy_dt=1.0, neighbours=True)
 CPU = torch.device("cpu")
 
 
@@ -214,10 +214,10 @@ def test_learning_rate_schedule_by_hand():
     assert lr_factor(int(5 + 95 / 2), 100) == pytest.approx(0.05 + 0.95 * 0.5, abs=0.02)
 
 
-@pytest.mark.parametrize("fusion", ["early", "late"])
-def test_rollout_of_many_plans_matches_one_call_per_plan(fusion: str):
+@pytest.mark.parametrize(("fusion", "neighbours"), [("early", True), ("late", True), ("early", False)])
+def test_rollout_of_many_plans_matches_one_call_per_plan(fusion: str, neighbours: bool):
     torch.manual_seed(0)
-    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion})).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion, "neighbours": neighbours})).eval()
     scenes = cv_scenes(2)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.randint(0, 5, (2, 6, TINY.horizon))
@@ -230,6 +230,26 @@ def test_rollout_of_many_plans_matches_one_call_per_plan(fusion: str):
                 torch.testing.assert_close(out[key][:, s, n], ref[key][:, 0], rtol=1e-5, atol=1e-5)
     single = rollout(model, history[1], mask[1], plans[1])
     torch.testing.assert_close(single["reward"], out["reward"][:, 1])
+
+
+def test_lane_neighbours_by_hand():
+    """Ego at the origin at 25 m/s; a car 20 m ahead in its lane at 20 m/s, one 10 m behind one lane to the right
+    (+4 m) at 30 m/s, one 30 m ahead two lanes to the left (out of reach), and an empty slot."""
+    last = torch.zeros(1, 5, len(HIST_FEATURES))
+    last[0, :, 6] = 5.0  # length [m]
+    for slot, (x, y, vx) in enumerate([(0, 0, 25), (20, 0.3, 20), (-10, 4, 30), (30, -8, 25), (50, 0, 10)]):
+        last[0, slot, :3] = torch.tensor([x, y, vx], dtype=torch.float32)
+    mask = torch.tensor([[True, True, True, True, False]])
+    f = lane_neighbours(last, mask)[0].reshape(5, 3, 2, 3)  # (agent, lane left/own/right, ahead/behind, feature)
+    ego = f[0]
+    assert ego[1, 0].tolist() == pytest.approx([15 / 50, 5 / 10, 1.0])  # own lane ahead: gap 20 - 5, closing 25 - 20
+    assert ego[2, 1].tolist() == pytest.approx([5 / 50, 5 / 10, 1.0])  # right lane behind: gap 10 - 5, closing 30 - 25
+    assert ego[0].flatten().tolist() == pytest.approx([NO_GAP, 0.0, 0.0] * 2)  # two lanes left: not a neighbour
+    assert ego[1, 1].tolist() == pytest.approx([NO_GAP, 0.0, 0.0])  # the empty slot 50 m ahead is ignored
+    leader = f[1]
+    assert leader[1, 1].tolist() == pytest.approx([15 / 50, 5 / 10, 1.0])  # the ego behind it, closing at 5 m/s
+    assert leader[2, 1].tolist() == pytest.approx([25 / 50, 10 / 10, 1.0])  # y 4 - 0.3 is still the lane right
+    assert (f[4] == 0).all()  # an empty slot has no features
 
 
 @pytest.mark.parametrize("fusion", ["early", "late"])
