@@ -175,7 +175,7 @@ class FitConfig:
                            "(a per-plan decoder after the attention: cheaper per plan)", choices=("early", "late"))
     decoder_width: int = opt(128, "width of the late-fusion per-plan decoder", lo=8,
                              hi=4096)
-    neighbours: bool = opt(True, "give each agent its lane neighbours (gap and closing speed ahead / behind in its "
+    neighbours: bool = opt(False, "give each agent its lane neighbours (gap and closing speed ahead / behind in its "
                            "own lane and the two beside it) as input features")
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)

@@ -63,8 +63,8 @@ class ForecasterConfig:
     """[s] between horizon steps (constant-velocity residual uses it)."""
     neighbours: bool = False
     """Give each agent token its lane neighbours (`lane_neighbours`: gap and closing speed of the nearest agent ahead
-    and behind in its own lane and the two next to it) — the quantities IDM and MOBIL act on. False in checkpoints
-    saved before it existed; `drive-mbrl fit` turns it on."""
+    and behind in its own lane and the two next to it) — the quantities IDM and MOBIL act on. Off by default: on
+    highway it made the model worse, not better (5 s mean L2 1.30 m vs 1.14 m on the same 28 k steps of data)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
