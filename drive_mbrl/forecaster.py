@@ -160,7 +160,7 @@ def lane_neighbours(last: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tenso
     dv = vx[:, None, :] - vx[:, :, None]
     bumper = (length[:, None, :] + length[:, :, None]) / 2
     slot = torch.arange(last.shape[1], device=last.device)
-    pair = agent_mask[:, None, :] & agent_mask[:, :, None] & (slot[:, None] != slot[None, :])  # (no bool EyeLike in ORT)
+    pair = agent_mask[:, None, :] & agent_mask[:, :, None] & (slot[:, None] != slot[None, :])  # not eye: ORT
     big = torch.full_like(dx, 1e6)
     feats = []
     for k in (-1.0, 0.0, 1.0):

@@ -297,6 +297,20 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
     return 1 - (1 - p_agent).prod(2)
 
 
+def lookahead(positions: torch.Tensor, steps: int) -> torch.Tensor:
+    """Sampled futures (E, N, A, M, H, 2) [m] extended by `steps` horizon steps beyond the horizon: every
+    agent (the ego too) keeps the forward speed of its last predicted step and its lateral position (the
+    lane-keeping baseline). Returns (E, N, A, M, H + steps, 2); the input itself when steps = 0 or H < 2."""
+    H = positions.shape[-2]
+    if steps <= 0 or H < 2:
+        return positions
+    last = positions[..., -1:, :]  # (E, N, A, M, 1, 2)
+    speed = last[..., :1] - positions[..., -2:-1, :1]  # (E, N, A, M, 1, 1) [m per step]
+    k = torch.arange(1, steps + 1, device=positions.device, dtype=positions.dtype)[:, None]  # (steps, 1)
+    ahead = torch.cat([last[..., :1] + speed * k, last[..., 1:].expand(*last.shape[:-2], steps, 1)], dim=-1)
+    return torch.cat([positions, ahead], dim=-2)
+
+
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
                  agent_mask: torch.Tensor, settings: PlannerConfig, plans: torch.Tensor | None = None,
                  policy_dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,12 +321,15 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
     (N, E x M) (member-major), crashed (E, N, M, H) and discounted returns (E, N, M).
     """
     E, N, A, M, H, _ = positions.shape
-    crashed = collisions(positions, history_last[:, :2], history_last[:, 6:8], agent_mask, settings)  # (E,N,M,H)
+    checked = lookahead(positions, settings.lookahead)  # (E, N, A, M, H + lookahead, 2)
+    crashed_all = collisions(checked, history_last[:, :2], history_last[:, 6:8], agent_mask, settings)
+    crashed = crashed_all[..., :H]  # (E, N, M, H)
     alive = torch.cat([torch.ones_like(crashed[..., :1]), ~crashed[..., :-1]], dim=-1).to(positions.dtype)
     discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
     returns = (discount * alive * reward[:, :, None, :]).sum(-1)  # (E, N, M)
-    hit = crashed.any(-1)
-    first_crash = torch.where(hit, crashed.to(returns.dtype).argmax(-1), torch.full_like(hit, H, dtype=torch.int64))
+    hit = crashed_all.any(-1)
+    first_crash = torch.where(hit, crashed_all.to(returns.dtype).argmax(-1),
+                              torch.full_like(hit, crashed_all.shape[-1], dtype=torch.int64))
     penalty = torch.where(hit, settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
                           torch.zeros_like(returns))
     costs = penalty - returns
@@ -334,7 +351,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     history_last: (A, F) the agents' features at the decision (x, y, ..., length, width as in HIST_FEATURES);
     agent_mask: (A,) bool. Each of the E x M samples of a plan gets the cost
         -sum_h gamma^h r_h alive_h + collision_cost * gamma^{h_c} * crashed
-    with r the member's predicted reward and alive_h "no collision before step h", minus `progress_weight` x the
+    with r the member's predicted reward and alive_h "no collision before step h" (collisions are also looked for
+    `settings.lookahead` steps beyond the horizon: `lookahead`), minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:

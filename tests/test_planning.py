@@ -18,6 +18,7 @@ from drive_mbrl.planning import (
     collisions,
     enumerate_plans,
     exhaustive_search,
+    lookahead,
     mode_collision_prob,
     mppi,
     plan_scene,
@@ -184,6 +185,28 @@ def _scene_outputs(ego_speeds: list[float], E: int = 2, K: int = 2, H: int = 3, 
     history_last[1, 0] = 25.0
     history_last[:, 6], history_last[:, 7] = 5.0, 2.0
     return out, history_last, torch.ones(A, dtype=torch.bool)
+
+
+def test_lookahead_charges_a_collision_beyond_the_horizon_by_hand():
+    """H = 2: the ego drives 20 m per step, a car 15 m ahead of it at the horizon's end 15 m per step, same lane.
+    The gap closes 5 m per step, below the reach 5 + 1 = 6 m two steps beyond the horizon (step index 3): a
+    lookahead of 1 sees nothing, a lookahead of 2 charges collision_cost * gamma^3 and keeps every reward."""
+    positions = torch.zeros(1, 1, 2, 1, 2, 2)
+    positions[0, 0, 0, 0, :, 0] = torch.tensor([20.0, 40.0])
+    positions[0, 0, 1, 0, :, 0] = torch.tensor([40.0, 55.0])
+    positions[0, 0, 1, 0, :, 1] = 0.5  # lateral offset within the lane: held
+    last = torch.zeros(2, 12)
+    last[1, 0], last[1, 1] = 25.0, 0.5
+    last[:, 6], last[:, 7] = 5.0, 2.0
+    reward, mask = torch.ones(1, 1, 2), torch.ones(2, dtype=torch.bool)
+    extended = lookahead(positions, 2)
+    assert extended[0, 0, :, 0, 2:, 0].tolist() == [[60.0, 80.0], [70.0, 85.0]]
+    assert extended[0, 0, 1, 0, 2:, 1].tolist() == [0.5, 0.5]
+    for steps, penalty in ((0, 0.0), (1, 0.0), (2, 3.0 * 0.8 ** 3)):
+        settings = PlannerConfig(gamma=0.8, collision_cost=3.0, progress_weight=0.0, lookahead=steps)
+        costs, crashed, _ = sample_costs(positions, reward, last, mask, settings)
+        assert crashed.shape == (1, 1, 1, 2) and not crashed.any()  # within the horizon nobody collides
+        assert costs.item() == pytest.approx(penalty - (1 + 0.8))
 
 
 def test_plan_costs_by_hand():
