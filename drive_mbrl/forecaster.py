@@ -4,7 +4,7 @@ For a scene (features.py) it predicts, for every agent slot and each of the next
 diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned on the ego's candidate actions:
 
     encode (once per scene, plan-independent):
-      token_a = MLP([history of agent a, lane neighbours of a, is_ego])          per agent a          (E, B, A, D)
+      token_a = MLP([history of agent a, (lane neighbours of a), is_ego])        per agent a          (E, B, A, D)
       token   = attention blocks across the agent tokens (masked)                interactions         (E, B, A, D)
     decode (once per scene x candidate plan):
       plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
