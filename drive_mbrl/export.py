@@ -367,12 +367,13 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
                "recorded": parity(session, graph, contract, {"obs": recorded}, [1, 7, 32])}
     check_parity("policy", figures)
     units = [u for u in HIST_UNITS] + ["m/s", "m/s"]
+    ego_features = policy_ego_features(net.config.set_points)
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
              "source": {"checkpoint": str(policy), "weights_sha256": sha256_file(policy / POLICY_BEST)},
              "observation_features": list(POLICY_FEATURES),
-             "ego_features": list(policy_ego_features(net.config.set_points)),
-             "observation_units": units + ["lane number", "m/s"][:len(policy_ego_features(net.config.set_points))],
+             "ego_features": list(ego_features),
+             "observation_units": units + ["lane number", "m/s"][:len(ego_features)],
              "set_points": net.config.set_points, "agents": net.config.agents, "history_len": 2,
              "history_dt": net.config.history_dt, **contract}
     return entry, figures
