@@ -180,6 +180,8 @@ class FitConfig:
                              hi=4096)
     neighbours: bool = opt(False, "give each agent its lane neighbours (gap and closing speed ahead / behind in its "
                            "own lane and the two beside it) as input features")
+    pad_history: bool = opt(False, "fill absent history frames (young tracks, every track at an episode's start) by "
+                            "extrapolating back at constant speed instead of zeros")
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)
     batch_size: int = opt(256, "scenes per minibatch", lo=1, hi=1 << 20)

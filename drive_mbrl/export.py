@@ -231,6 +231,9 @@ def scene_contract(model: Forecaster, meta: dict[str, Any]) -> dict[str, Any]:
         "target_features": list(TARGET_FEATURES), "frame": FRAME,
         "agents": c.agents, "history_len": c.history_len, "history_dt": meta["history_dt"],
         "horizon": c.horizon, "policy_dt": c.policy_dt,
+        "pad_history": c.pad_history,
+        "absent_frames": "features.pad_history (constant speed back from the next present frame, present 0)"
+                         if c.pad_history else "zeros",
         "normalisation": "inside the graphs (hist_mean / hist_std below are for reference only)",
         "hist_mean": model.hist_mean.tolist(), "hist_std": model.hist_std.tolist(),
     }

@@ -22,6 +22,7 @@ from drive_mbrl.types import EGO_TRACK, Episode
 X, Y, VX, VY, HEADING, LENGTH, WIDTH = range(7)
 HIST_FEATURES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length", "width", "lane_offset",
                  "cos_lane", "sin_lane", "present")
+PRESENT = HIST_FEATURES.index("present")
 """Per-agent, per-history-frame input features (ego frame; [m], [m/s], unitless). `lane_offset` [m] is the lateral
 offset from the agent's lane centre (+ right), `cos_lane`/`sin_lane` the lane's direction in the ego frame."""
 TARGET_FEATURES = ("x", "y", "vx", "vy")
@@ -40,6 +41,8 @@ class SceneSpec:
     """Recorded frames between history frames."""
     horizon: int = 5
     """H: future policy steps predicted (H x policy_dt seconds ahead)."""
+    pad_dt: float = 0.0
+    """[s] between history frames when absent frames are padded (`pad_history`); 0 leaves them zero."""
 
 
 @dataclass
@@ -118,10 +121,37 @@ def scene_history(state: np.ndarray, present: np.ndarray, lane_offset: np.ndarra
                           np.sin(local[:, HEADING]), local[:, LENGTH], local[:, WIDTH],
                           lane_offset[f, slots], np.cos(lane_dir), np.sin(lane_dir), ok], axis=-1)
         hist[: len(slots), j] = np.where(ok[:, None], np.nan_to_num(feats), 0.0)
+    if spec.pad_dt > 0:
+        hist = pad_history(hist, spec.pad_dt)
     lane = np.zeros((A, 2), np.float32)
     lane[: len(slots)] = np.nan_to_num(np.stack(
         [lane_offset[frame, slots], lane_heading[frame, slots] - origin[HEADING]], axis=-1))
     return hist, track, lane
+
+
+def pad_history(hist: np.ndarray, dt: float) -> np.ndarray:
+    """Fill the absent frames of each agent's history (..., L, F) (present feature 0), frames `dt` [s] apart, from
+    its next present frame: every feature copied, x moved back at that frame's forward speed vx (constant speed,
+    lane held), the present feature left 0 so the model still knows. Agents absent throughout stay zero.
+
+    Zero-filled frames look like a vehicle standing at the ego's origin; a track that appeared a moment ago (every
+    vehicle at an episode's start) then reads as a huge acceleration. The padded history is what the
+    lane-keeping baseline would have assumed.
+    """
+    present = hist[..., PRESENT] > 0.5  # (..., L)
+    L = present.shape[-1]
+    index = np.where(present, np.arange(L), L)
+    source = np.minimum.accumulate(index[..., ::-1], axis=-1)[..., ::-1]  # next present frame at or after each
+    fill = ~present & (source < L)
+    if not fill.any():
+        return hist
+    out = hist.copy()
+    src = np.take_along_axis(hist, np.minimum(source, L - 1)[..., None], axis=-2)  # (..., L, F)
+    back = (source - np.arange(L)) * dt  # [s] from the padded frame to its source
+    src[..., X] = src[..., X] - src[..., VX] * back
+    src[..., PRESENT] = 0.0
+    out[fill] = src[fill]
+    return out
 
 
 def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> Scenes:

@@ -233,9 +233,10 @@ def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") 
     return model.to(device).eval(), meta
 
 
-def scene_spec(config: ForecasterConfig, history_stride: int) -> SceneSpec:
+def scene_spec(config: ForecasterConfig, history_stride: int, history_dt: float) -> SceneSpec:
+    """How the forecaster's scenes are cut: history frames `history_stride` recorded frames = `history_dt` [s] apart."""
     return SceneSpec(agents=config.agents, history_len=config.history_len, history_stride=history_stride,
-                     horizon=config.horizon)
+                     horizon=config.horizon, pad_dt=history_dt if config.pad_history else 0.0)
 
 
 def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -> tuple[Scenes, dict[str, Any]]:
@@ -266,7 +267,7 @@ def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -
                             f"{config.num_actions}: use datasets of one scenario")
         if not episodes:
             raise DataError(f"dataset {path} holds no episodes")
-        scenes = dataset_scenes(episodes, scene_spec(config, stride), manifest)
+        scenes = dataset_scenes(episodes, scene_spec(config, stride, history_dt), manifest)
         scenes.episode = scenes.episode + offset * 10**7
         parts.append(scenes)
         sources.append({"path": str(path), "agent": manifest["agent"], "seed": manifest["seed"],

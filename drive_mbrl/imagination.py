@@ -128,10 +128,11 @@ class ImaginationConfig:
     """Where the model and the envs' state live: cpu, cuda, or auto (CUDA when present)."""
 
 
-def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float
+def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every decision of the datasets as a start state: history (N, A, W, F) in the ego frame at the decision
-    with frames `frame_dt` [s] apart, the ego's lane number (N,) and its target speed (N,) [m/s]."""
+    with frames `frame_dt` [s] apart (absent frames padded as `features.pad_history` when `pad`, else zero), the
+    ego's lane number (N,) and its target speed (N,) [m/s]."""
     from pathlib import Path
 
     from drive_mbrl.data import load_dataset
@@ -140,7 +141,7 @@ def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, f
     for path in paths:
         manifest, episodes = load_dataset(Path(path))
         spec = SceneSpec(agents=agents, history_len=window, history_stride=history_stride(frame_dt, manifest["dt"]),
-                         horizon=1)
+                         horizon=1, pad_dt=frame_dt if pad else 0.0)
         for ep in episodes:
             target = episode_target_speeds(ep, manifest)
             for s, frame in enumerate(ep.decision_frame):
@@ -211,7 +212,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         if config.agents > self.A:
             raise ValueError(f"the policy observes {config.agents} slots, the forecaster only {self.A}")
         hist, lanes, target = starts if starts is not None else start_states(config.datasets, self.A, self.W,
-                                                                             self.frame_dt)
+                                                                             self.frame_dt, mc.pad_history)
         self.starts_hist, self.starts_lane = torch.as_tensor(hist, device=dev), torch.as_tensor(lanes, device=dev)
         self.starts_target = np.asarray(target, np.float64)
         """(N,) [m/s] the ego's target speed at each start (kept on the CPU: numpy bookkeeping)."""
@@ -259,8 +260,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         """(B, A, W) heading [rad] in the reference frame from the velocity (0 when nearly stopped)."""
         return torch.atan2(self.vel[..., 1], self.vel[..., 0]) * (self.vel.norm(dim=-1) > 0.1)
 
-    def _features(self, frames: list[int]) -> torch.Tensor:
-        """(B, A, len(frames), F) scene features of the stored frames in the ego's current frame."""
+    def _features(self, frames: list[int], pad: bool = False) -> torch.Tensor:
+        """(B, A, len(frames), F) scene features of the stored frames in the ego's current frame; absent frames
+        zero, or when `pad` as stored (the start states' padding, `features.pad_history`) for agents present now."""
         heading = self._heading()
         origin, yaw = self.pos[:, 0, -1], heading[:, 0, -1]  # (B, 2), (B,)
         idx = torch.as_tensor(frames, device=self.dev)
@@ -272,7 +274,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         feats = torch.cat([pos, vel, torch.cos(rel)[..., None], torch.sin(rel)[..., None], size,
                            self.offset[:, :, idx, None], torch.cos(lane)[..., None], torch.sin(lane)[..., None],
                            self.present[:, :, idx, None].float()], dim=-1)
-        return feats * self.present[:, :, idx, None]
+        return feats * (self.present[:, :, -1:, None] if pad else self.present[:, :, idx, None])
 
     def _observe(self) -> np.ndarray:
         hist = self._features([self.W - 1 - self.gap, self.W - 1])[:, : self.config.agents]
@@ -294,7 +296,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         restart = self.done.clone()
         speed = self.vel[:, 0, -1].norm(dim=-1).cpu().numpy()  # the ego's set-point moves at the decision
         self.target = next_target_speed(self.target, speed, actions.cpu().numpy(), self.names, self.target_speeds)
-        hist = self._features(list(range(self.W - mc.history_len, self.W)))
+        hist = self._features(list(range(self.W - mc.history_len, self.W)), mc.pad_history)
         mask = self.present[:, :, -1].clone()
         mask[:, 0] = True
         plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long, device=self.dev)

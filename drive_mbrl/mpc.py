@@ -25,7 +25,7 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import HEADING, SceneSpec, X, Y, history_stride, live_history
+from drive_mbrl.features import HEADING, X, Y, history_stride, live_history
 
 LOG_CANDIDATES = 5
 """Candidate plans kept per step in the step log (the best by cost, distinct)."""
@@ -55,7 +55,7 @@ class MPCAgent:
                  fault: Any = None):
         import torch
 
-        from drive_mbrl.fit import load_forecaster, resolve_device
+        from drive_mbrl.fit import load_forecaster, resolve_device, scene_spec
 
         if not checkpoint:
             raise ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
@@ -65,7 +65,7 @@ class MPCAgent:
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         c = self.model.config
-        self.spec = SceneSpec(agents=c.agents, history_len=c.history_len, history_stride=1, horizon=c.horizon)
+        self.spec = scene_spec(c, 1, self.meta["history_dt"])
         self.fault = fault
         self.policy = None
         if self.settings.policy:
@@ -104,8 +104,10 @@ class MPCAgent:
         """Called by the episode loop after each reset with its track recorder (the planner's perception)."""
         if self.policy is not None:
             self.policy.attach_tracks(recorder)
+        from drive_mbrl.fit import scene_spec
+
         stride = history_stride(self.meta["history_dt"], recorder.frame_dt)
-        self.spec = SceneSpec(self.spec.agents, self.spec.history_len, stride, self.spec.horizon)
+        self.spec = scene_spec(self.model.config, stride, self.meta["history_dt"])
         self._recorder = recorder
 
     def scene(self) -> tuple[np.ndarray, np.ndarray]:

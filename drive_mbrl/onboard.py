@@ -299,7 +299,8 @@ class OnnxAgent:
         shape = self.spec if self.graph.name == "policy" else self.bundle.contract["scene"]
         self._spec = SceneSpec(agents=shape["agents"], history_len=shape["history_len"],
                                history_stride=history_stride(shape["history_dt"], recorder.frame_dt),
-                               horizon=self.bundle.contract["scene"]["horizon"])
+                               horizon=self.bundle.contract["scene"]["horizon"],
+                               pad_dt=shape["history_dt"] if shape.get("pad_history") else 0.0)
         self._recorder = recorder
 
     def act(self, obs: Any, env: Any) -> int:

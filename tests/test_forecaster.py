@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from drive_mbrl.features import HIST_FEATURES, Scenes, SceneSpec, episode_scenes, physics_baselines, to_ego_frame
+from drive_mbrl.features import (
+    HIST_FEATURES,
+    PRESENT,
+    Scenes,
+    SceneSpec,
+    episode_scenes,
+    pad_history,
+    physics_baselines,
+    to_ego_frame,
+)
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
 from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
 from drive_mbrl.losses import mixture_log_prob
@@ -132,6 +141,31 @@ def test_episode_scenes_are_in_the_ego_frame():
     origin = np.array([5.0, 5.0, 0, 0, np.pi / 2, 5, 2])
     np.testing.assert_allclose(to_ego_frame(np.array([5.0, 7.0, 0, 3.0, np.pi / 2, 5, 2]), origin)[:4],
                                (2.0, 0.0, 3.0, 0.0), atol=1e-12)
+
+
+def test_absent_history_frames_are_padded_at_constant_speed():
+    # A leader seen only from frame 2 on, at 10 m/s: 2 m per 0.2 s frame, lane y = 4. Last decision at frame 3.
+    xs = [[10.0 * t, 30.0 + 2.0 * (t - 2)] for t in range(5)]
+    state = straight_state(xs, speeds=[50.0, 10.0], ys=[0.0, 4.0])
+    present = np.ones((5, 2), bool)
+    present[:2, 1] = False
+    spec = SceneSpec(agents=2, history_len=4, horizon=1)
+    zero = episode_scenes(make_episode(state, present), spec, frames_per_step=1).history[-1, 1]  # decision at 3
+    padded = episode_scenes(make_episode(state, present), SceneSpec(**{**spec.__dict__, "pad_dt": 0.2}),
+                            frames_per_step=1).history[-1, 1]
+    assert not zero[:2].any(), "without padding the absent frames are zeros"
+    np.testing.assert_allclose(padded[2:], zero[2:])  # present frames are untouched
+    # Ego frame at frame 3 (ego x = 30): the leader at 30 + 2 = 32 -> 2, 0 m; frame 2 -> 0 m; padded 1 -> -2, 0 -> -4.
+    np.testing.assert_allclose(padded[:, 0], (-4.0, -2.0, 0.0, 2.0), atol=1e-5)
+    np.testing.assert_allclose(padded[:, 1], 4.0)  # lane held
+    np.testing.assert_allclose(padded[:2, 2:PRESENT], np.repeat(zero[2:3, 2:PRESENT], 2, 0))  # the rest copied
+    assert padded[:, PRESENT].tolist() == [0.0, 0.0, 1.0, 1.0], "padded frames still read as absent"
+    # A gap inside the history is filled from the next present frame; an empty slot stays empty.
+    hist = np.zeros((2, 3, len(HIST_FEATURES)), np.float32)
+    hist[0, [0, 2], PRESENT], hist[0, [0, 2], 0], hist[0, [0, 2], 2] = 1.0, (-1.0, 7.0), (1.0, 3.0)
+    out = pad_history(hist, 0.5)
+    np.testing.assert_allclose(out[0, :, 0], (-1.0, 5.5, 7.0))
+    assert not out[1].any()
 
 
 def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None) -> dict:

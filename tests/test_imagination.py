@@ -51,6 +51,33 @@ def test_imagined_start_observation_equals_the_recorded_one(tiny_checkpoint: Pat
         np.testing.assert_allclose(obs[0], expected[s], atol=2e-4)
 
 
+def test_imagined_start_history_equals_the_recorded_padded_one(tiny_checkpoint: Path, recorded: Path):
+    """The forecaster's input at reset equals the scene cut from the recorded episode, absent frames padded
+    (`features.pad_history`, the tiny model's setting) the same way: at decision 0 only one frame exists."""
+    from drive_mbrl.data import load_dataset
+    from drive_mbrl.features import scene_history
+    from drive_mbrl.fit import scene_spec
+
+    env = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), num_envs=1)
+    mc = env.model.config
+    assert mc.pad_history
+    manifest, episodes = load_dataset(recorded)
+    episode = episodes[0]
+    spec = scene_spec(mc, history_stride(env.frame_dt, manifest["dt"]), env.frame_dt)
+    for s in (0, 1):
+        env.starts_hist, env.starts_lane = env.starts_hist[s:s + 1], env.starts_lane[s:s + 1]
+        env.starts_target = env.starts_target[s:s + 1]
+        env.reset(seed=0)
+        got = env._features(list(range(env.W - mc.history_len, env.W)), pad=True)[0].numpy()
+        frame = int(episode.decision_frame[s])
+        expected = scene_history(episode.state, episode.present, episode.lane_offset, episode.lane_heading, frame,
+                                 spec)[0]
+        if s == 0:
+            assert (expected[0, :-1, -1] == 0).all() and expected[0, :-1, 2].any(), "decision 0 is padded"
+        np.testing.assert_allclose(got, expected, atol=2e-4)
+        env = ImaginationEnv(env.config, num_envs=1)
+
+
 def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoint: Path, recorded: Path):
     """Gymnasium's next-step autoreset: an env that ended (crash, horizon, uncertainty) returns a fresh start on
     the following call with reward 0 and no end flag; no rollout outlives the horizon."""
