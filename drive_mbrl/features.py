@@ -22,9 +22,9 @@ from drive_mbrl.types import EGO_TRACK, Episode
 X, Y, VX, VY, HEADING, LENGTH, WIDTH = range(7)
 HIST_FEATURES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length", "width", "lane_offset",
                  "cos_lane", "sin_lane", "present")
-PRESENT = HIST_FEATURES.index("present")
 """Per-agent, per-history-frame input features (ego frame; [m], [m/s], unitless). `lane_offset` [m] is the lateral
 offset from the agent's lane centre (+ right), `cos_lane`/`sin_lane` the lane's direction in the ego frame."""
+PRESENT = HIST_FEATURES.index("present")
 TARGET_FEATURES = ("x", "y", "vx", "vy")
 """Predicted per-agent, per-horizon-step quantities (ego frame at the decision; [m], [m/s])."""
 
