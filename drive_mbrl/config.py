@@ -48,8 +48,8 @@ class PlannerConfig:
                                 hi=1e6)
     lookahead: int = opt(5, "steps beyond the horizon in which collisions are still charged (gamma-discounted), "
                          "every vehicle keeping its last predicted forward speed and its lane: sees traps such as "
-                         "closing on a car slower than the ego can drive, before the horizon does (0 = off)",
-                         lo=0, hi=50)
+                         "closing on a car slower than the ego can drive, before the horizon does (0 = off; it "
+                         "extrapolates along straight lanes: on curved roads such as roundabout use 0)", lo=0, hi=50)
     risk: str = opt("cvar", "risk measure over the sampled costs of a plan", choices=RISK_MEASURES)
     alpha: float = opt(0.2, "CVaR level: mean of the worst alpha share of samples (1 = mean)", lo=1e-6, hi=1.0)
     chance_epsilon: float = opt(0.05, "reject plans whose collision probability (exact over the forecaster's modes) "
