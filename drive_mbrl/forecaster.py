@@ -68,7 +68,8 @@ class ForecasterConfig:
     pad_history: bool = False
     """Absent history frames (a track younger than the history, every track at an episode's start) are filled by
     `features.pad_history` (extrapolated back at constant speed) instead of zeros. Every scene builder of the model
-    (fit, planner, imagination, onboard) follows this flag through `fit.scene_spec`."""
+    follows this flag: fit, validate and the planner through `fit.scene_spec`, the imagination env's start states
+    (`imagination.start_states`) and the torch-free onboard agent (from the bundle contract's `pad_history`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
