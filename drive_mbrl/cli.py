@@ -787,6 +787,12 @@ def _run_hydra(name: str) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             typed = C.validate(OmegaConf.to_object(cfg))
+            explicit = frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+            typed, taken = C.with_scenario_planner(typed, explicit)
+            if taken and getattr(typed, "agent", "mpc") in ("mpc", "dagger"):
+                print(f"drive-mbrl {name.replace('_', ' ')}: scenario {typed.scenario} sets "
+                      f"{', '.join(f'planner.{k}={v}' for k, v in taken.items())} (pass planner.KEY=VALUE to "
+                      "override)", file=sys.stderr)
             metrics = command.run(typed, run_dir)
             write_json(run_dir / "metrics.json", {"command": name, **metrics})
         except DriveMbrlError as exc:

@@ -158,6 +158,37 @@ def validate(cfg: Any, prefix: str = "") -> Any:
     return cfg
 
 
+def with_scenario_planner(cfg: Any, explicit: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
+    """Apply the planner settings that `cfg.scenario`'s file recommends (its `planner:` mapping) to `cfg.planner`,
+    except those the user set explicitly (`explicit`: dotted keys as typed on the command line, e.g.
+    `planner.lookahead`). Precedence: the dataclass default < the scenario file < the command line. Returns (the
+    config, validated; the settings taken from the scenario). Raises ConfigError naming the scenario file when it
+    names a setting PlannerConfig does not have, or a value of the wrong type or out of range."""
+    if not (hasattr(cfg, "scenario") and isinstance(getattr(cfg, "planner", None), PlannerConfig)):
+        return cfg, {}
+    from dataclasses import replace
+
+    from drive_mbrl.scenarios import load_scenario
+
+    scenario = load_scenario(cfg.scenario)
+    defaults = {f.name: getattr(PlannerConfig(), f.name) for f in fields(PlannerConfig)}
+    for key, value in scenario.planner.items():
+        if key not in defaults:
+            raise ConfigError(f"scenario {scenario.source}: planner setting {key!r} does not exist; known: "
+                              f"{', '.join(sorted(defaults))}")
+        kind = type(defaults[key])
+        numeric = kind is float and isinstance(value, int)  # YAML's 1 for 1.0
+        if not (isinstance(value, kind) or numeric) or isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"scenario {scenario.source}: planner.{key}={value!r} must be of type {kind.__name__}")
+    taken = {k: v for k, v in scenario.planner.items() if f"planner.{k}" not in explicit}
+    cfg = replace(cfg, planner=replace(cfg.planner, **taken))
+    try:
+        validate(cfg.planner, prefix="planner.")
+    except ConfigError as exc:
+        raise ConfigError(f"scenario {scenario.source}: {exc}") from exc
+    return cfg, taken
+
+
 @dataclass
 class FitConfig:
     """`drive-mbrl fit`: train the forecaster ensemble on one or more datasets of the same scenario."""

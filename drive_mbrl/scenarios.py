@@ -1,8 +1,9 @@
 """Scenario files and environments: load and validate scenarios/NAME.yaml, build the highway-env env it pins.
 
 A scenario pins one highway-env id and its env config, so results stay comparable across runs; its fields are not
-overridden per run. This is the only module that imports highway_env (lazily, inside `make_env`), so the rest of
-the package can be read and tested without it. It knows nothing of agents, tracks or files of episodes.
+overridden per run. It may also recommend planner settings for its road (`planner:`), which are only defaults. This
+is the only module that imports highway_env (lazily, inside `make_env`), so the rest of the package can be read and
+tested without it. It knows nothing of agents, tracks or files of episodes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _KEYS = {
     "env_id": "highway-env gymnasium id, pinned (e.g. highway-fast-v0)",
     "env_config": "mapping passed to the env's configure(); keys must exist in the env's default_config()",
     "perception_range": "[m] radius around the ego within which other vehicles are tracked",
+    "planner": "mapping of the MPC planner's settings that suit this road (planner.KEY defaults for agent=mpc; a "
+               "command-line planner.KEY=VALUE still wins)",
 }
 _REQUIRED = ("name", "env_id")
 
@@ -41,6 +44,10 @@ class Scenario:
     """[m] other vehicles farther than this from the ego are not recorded."""
     source: str = ""
     """Path of the YAML file it came from."""
+    planner: dict[str, Any] = field(default_factory=dict)
+    """Planner settings recommended for this road (`PlannerConfig` field -> value), e.g. no straight-lane
+    lookahead on a roundabout; checked against PlannerConfig and applied by `config.with_scenario_planner`. Not
+    part of the env, so not in `to_dict` (manifests)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The scenario as stored in manifests (JSON-compatible)."""
@@ -107,9 +114,13 @@ def scenario_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
     if not isinstance(perception_range, (int, float)) or not 0 < perception_range <= 1000:
         raise ConfigError(f"scenario {source}: perception_range={perception_range!r} must be a number "
                           "in (0, 1000] metres")
+    planner = raw.get("planner") or {}
+    if not isinstance(planner, dict) or not all(isinstance(k, str) for k in planner):
+        raise ConfigError(f"scenario {source}: planner must be a mapping of planner setting -> value "
+                          f"(e.g. `planner: {{lookahead: 0}}`), got {planner!r}")
     return Scenario(name=str(raw["name"]), env_id=str(raw["env_id"]), env_config=dict(env_config),
                     description=str(raw.get("description", "")), perception_range=float(perception_range),
-                    source=source)
+                    source=source, planner=dict(planner))
 
 
 def make_env(scenario: Scenario) -> Any:

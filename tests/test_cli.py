@@ -178,3 +178,14 @@ def test_pipeline_main_job_smoke_on_a_tiny_budget(tmp_path: Path):
         assert Path(metrics["outputs"][name]).stat().st_size > 10_000
         assert metrics["outputs"][name] in done.stdout
     assert (run / "policy" / "best.pt").is_file() and (run / "rl" / "policy" / "best.pt").is_file()
+
+
+def test_scenario_planner_defaults_reach_the_agent_and_the_command_line_wins(tmp_path: Path, tiny_checkpoint: Path):
+    result = run_cli("evaluate", "scenario=roundabout", "agent=mpc", f"checkpoint={tiny_checkpoint}", "episodes=1",
+                     "max_steps=1", "planner.lookahead=2", "planner.budget=16", "planner.threads=1",
+                     "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "scenario roundabout sets planner.ego_model=learned (pass" in result.stderr
+    manifest = json.loads((tmp_path / "run" / "episodes" / "manifest.json").read_text())
+    planner = manifest["agent_options"]["planner"]
+    assert (planner["ego_model"], planner["lookahead"], planner["budget"]) == ("learned", 2, 16)

@@ -2,7 +2,16 @@
 
 import pytest
 
-from drive_mbrl.config import BenchCollectConfig, CollectConfig, PipelineConfig, validate
+from drive_mbrl.config import (
+    BenchCollectConfig,
+    CollectConfig,
+    EvaluateConfig,
+    FitConfig,
+    PipelineConfig,
+    PlannerConfig,
+    validate,
+    with_scenario_planner,
+)
 from drive_mbrl.errors import ConfigError
 
 
@@ -28,3 +37,42 @@ def test_list_items_are_checked():
         validate(PipelineConfig(eval_agents=["idm", "oracle"]))
     with pytest.raises(ConfigError, match="workers=0"):
         validate(BenchCollectConfig(workers=[1, 0]))
+
+
+def _scenario_file(tmp_path, planner: str) -> str:
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"name: mine\nenv_id: highway-fast-v0\nplanner: {planner}\n")
+    return str(path)
+
+
+def test_scenario_planner_settings_apply_unless_set_on_the_command_line():
+    cfg, taken = with_scenario_planner(EvaluateConfig(scenario="roundabout", agent="mpc"))
+    assert (cfg.planner.lookahead, cfg.planner.ego_model) == (0, "learned")
+    assert taken == {"ego_model": "learned", "lookahead": 0}
+    kept = EvaluateConfig(scenario="roundabout", planner=PlannerConfig(lookahead=3))
+    cfg, taken = with_scenario_planner(kept, frozenset({"planner.lookahead", "episodes"}))
+    assert (cfg.planner.lookahead, cfg.planner.ego_model) == (3, "learned") and taken == {"ego_model": "learned"}
+    highway = EvaluateConfig(scenario="highway")
+    assert with_scenario_planner(highway) == (highway, {})
+    fit = FitConfig()
+    assert with_scenario_planner(fit) == (fit, {}), "a config without scenario and planner is left alone"
+
+
+@pytest.mark.parametrize(("planner", "words"), [
+    ("{lookahed: 0}", ["'lookahed' does not exist", "lookahead"]),
+    ("{lookahead: fast}", ["planner.lookahead='fast'", "int"]),
+    ("{lookahead: true}", ["planner.lookahead=True", "int"]),
+    ("{lookahead: -1}", ["mine.yaml", "planner.lookahead=-1 is out of range"]),
+    ("{risk: var}", ["planner.risk='var' is not allowed"]),
+    ("[lookahead]", ["planner must be a mapping"]),
+])
+def test_bad_scenario_planner_settings_name_the_file_and_key(tmp_path, planner, words):
+    with pytest.raises(ConfigError) as err:
+        with_scenario_planner(CollectConfig(scenario=_scenario_file(tmp_path, planner)))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_scenario_planner_float_setting_accepts_a_yaml_integer(tmp_path):
+    cfg, _ = with_scenario_planner(CollectConfig(scenario=_scenario_file(tmp_path, "{alpha: 1}")))
+    assert cfg.planner.alpha == 1.0
