@@ -47,7 +47,8 @@ class PlannerConfig:
     collision_cost: float = opt(10.0, "cost of a predicted collision, on top of the rewards lost after it", lo=0.0,
                                 hi=1e6)
     lookahead: int = opt(5, "steps beyond the horizon in which collisions are still charged (gamma-discounted), "
-                         "every vehicle keeping its last predicted forward speed and its lane: sees traps such as "
+                         "every vehicle keeping its last predicted forward speed and its lane (vehicles behind the "
+                         "ego no faster than the ego): sees traps such as "
                          "closing on a car slower than the ego can drive, before the horizon does (0 = off; it "
                          "extrapolates along straight lanes: on curved roads such as roundabout use 0)", lo=0, hi=50)
     risk: str = opt("cvar", "risk measure over the sampled costs of a plan", choices=RISK_MEASURES)

@@ -300,12 +300,16 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
 def lookahead(positions: torch.Tensor, steps: int) -> torch.Tensor:
     """Sampled futures (E, N, A, M, H, 2) [m] extended by `steps` horizon steps beyond the horizon: every
     agent (the ego too) keeps the forward speed of its last predicted step and its lateral position (the
-    lane-keeping baseline). Returns (E, N, A, M, H + steps, 2); the input itself when steps = 0 or H < 2."""
+    lane-keeping baseline), except that a vehicle behind the ego at the horizon's end (smaller x) drives no faster
+    than the ego: followers brake rather than run into it, so only what the ego closes in on is charged. Returns
+    (E, N, A, M, H + steps, 2); the input itself when steps = 0 or H < 2."""
     H = positions.shape[-2]
     if steps <= 0 or H < 2:
         return positions
     last = positions[..., -1:, :]  # (E, N, A, M, 1, 2)
     speed = last[..., :1] - positions[..., -2:-1, :1]  # (E, N, A, M, 1, 1) [m per step]
+    behind = last[..., :1] < last[:, :, :1, ..., :1]
+    speed = torch.where(behind, torch.minimum(speed, speed[:, :, :1]), speed)
     k = torch.arange(1, steps + 1, device=positions.device, dtype=positions.dtype)[:, None]  # (steps, 1)
     ahead = torch.cat([last[..., :1] + speed * k, last[..., 1:].expand(*last.shape[:-2], steps, 1)], dim=-1)
     return torch.cat([positions, ahead], dim=-2)

@@ -466,3 +466,12 @@ def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path):
         world = [x + np.cos(heading) * local[0] - np.sin(heading) * local[1],
                  y + np.sin(heading) * local[0] + np.cos(heading) * local[1]]
         np.testing.assert_allclose(world, episode.state[episode.decision_frame[s + 1], 0, :2], atol=1e-2)
+
+
+def test_lookahead_followers_drive_no_faster_than_the_ego_by_hand():
+    """The ego drives 10 m per step; a car 8 m behind it drives 15 m per step (it would run into the ego), a car
+    behind at 5 m per step keeps its speed, and a car ahead at 15 m per step keeps its speed."""
+    positions = torch.zeros(1, 1, 4, 1, 2, 2)
+    positions[0, 0, :, 0, :, 0] = torch.tensor([[10.0, 20.0], [-3.0, 12.0], [-5.0, 0.0], [30.0, 45.0]])
+    extended = lookahead(positions, 2)[0, 0, :, 0, 2:, 0]
+    assert extended.tolist() == [[30.0, 40.0], [22.0, 32.0], [5.0, 10.0], [60.0, 75.0]]
