@@ -770,6 +770,20 @@ def _remove_if_only_hydra_files(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def _with_checkpoint_scenario(cfg: Any) -> Any:
+    """`export`'s empty scenario becomes the shipped scenario whose env id the checkpoint was trained on (so its
+    planning step takes that scenario's planner settings); other configs are returned unchanged."""
+    if not isinstance(cfg, C.ExportConfig) or cfg.scenario or not (Path(cfg.checkpoint) / "meta.json").is_file():
+        return cfg
+    from dataclasses import replace
+
+    from drive_mbrl.scenarios import available_scenarios, load_scenario
+
+    env_id = json.loads((Path(cfg.checkpoint) / "meta.json").read_text()).get("data", {}).get("scenario")
+    names = [n for n in available_scenarios() if load_scenario(n).env_id == env_id]
+    return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
+
+
 def _run_hydra(name: str) -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
@@ -788,12 +802,14 @@ def _run_hydra(name: str) -> None:
         try:
             typed = C.validate(OmegaConf.to_object(cfg))
             explicit = frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-            typed, taken = C.with_scenario_planner(typed, explicit)
+            typed, taken = C.with_scenario_planner(_with_checkpoint_scenario(typed), explicit)
             if taken and getattr(typed, "agent", "mpc") in ("mpc", "dagger"):
                 print(f"drive-mbrl {name.replace('_', ' ')}: scenario {typed.scenario} sets "
                       f"{', '.join(f'planner.{k}={v}' for k, v in taken.items())} (pass planner.KEY=VALUE to "
                       "override)", file=sys.stderr)
             metrics = command.run(typed, run_dir)
+            if taken:
+                metrics = {"scenario_planner": taken, **metrics}
             write_json(run_dir / "metrics.json", {"command": name, **metrics})
         except DriveMbrlError as exc:
             _remove_if_only_hydra_files(run_dir)

@@ -162,10 +162,12 @@ def validate(cfg: Any, prefix: str = "") -> Any:
 def with_scenario_planner(cfg: Any, explicit: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
     """Apply the planner settings that `cfg.scenario`'s file recommends (its `planner:` mapping) to `cfg.planner`,
     except those the user set explicitly (`explicit`: dotted keys as typed on the command line, e.g.
-    `planner.lookahead`). Precedence: the dataclass default < the scenario file < the command line. Returns (the
+    `planner.lookahead`; `planner` itself covers them all). Precedence: the dataclass default and configs/ YAML <
+    the scenario file < the command line. An empty `cfg.scenario` applies nothing. Returns (the
     config, validated; the settings taken from the scenario). Raises ConfigError naming the scenario file when it
     names a setting PlannerConfig does not have, or a value of the wrong type or out of range."""
-    if not (hasattr(cfg, "scenario") and isinstance(getattr(cfg, "planner", None), PlannerConfig)):
+    if not (getattr(cfg, "scenario", "") and isinstance(getattr(cfg, "planner", None), PlannerConfig)) \
+            or "planner" in explicit:
         return cfg, {}
     from dataclasses import replace
 
@@ -421,6 +423,8 @@ class ExportConfig:
     """`drive-mbrl export`: an ONNX bundle (forecaster, planning step, policy) with its contract and parity check."""
 
     checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
+    scenario: str = opt("", "scenario whose planner settings (its file's `planner:`) the planning step takes; "
+                        "empty = the shipped scenario of the checkpoint's env id")
     out: str = opt("", "bundle folder; empty = export/bundles/<checkpoint folder name>. An older bundle there is "
                    "replaced once the new one passed its checks")
     dataset: list[str] = opt([], "datasets whose recorded scenes the parity check runs on (default: the "

@@ -189,3 +189,14 @@ def test_scenario_planner_defaults_reach_the_agent_and_the_command_line_wins(tmp
     manifest = json.loads((tmp_path / "run" / "episodes" / "manifest.json").read_text())
     planner = manifest["agent_options"]["planner"]
     assert (planner["ego_model"], planner["lookahead"], planner["budget"]) == ("learned", 2, 16)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["scenario_planner"] == {"ego_model": "learned"}
+
+
+def test_export_takes_the_scenario_of_the_checkpoints_env_id(tiny_checkpoint: Path):
+    from drive_mbrl.cli import _with_checkpoint_scenario
+    from drive_mbrl.config import ExportConfig
+
+    assert _with_checkpoint_scenario(ExportConfig(checkpoint=str(tiny_checkpoint))).scenario == "highway"
+    chosen = ExportConfig(checkpoint=str(tiny_checkpoint), scenario="roundabout")
+    assert _with_checkpoint_scenario(chosen).scenario == "roundabout"

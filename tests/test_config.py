@@ -6,6 +6,7 @@ from drive_mbrl.config import (
     BenchCollectConfig,
     CollectConfig,
     EvaluateConfig,
+    ExportConfig,
     FitConfig,
     PipelineConfig,
     PlannerConfig,
@@ -56,6 +57,10 @@ def test_scenario_planner_settings_apply_unless_set_on_the_command_line():
     assert with_scenario_planner(highway) == (highway, {})
     fit = FitConfig()
     assert with_scenario_planner(fit) == (fit, {}), "a config without scenario and planner is left alone"
+    whole = EvaluateConfig(scenario="roundabout", planner=PlannerConfig(lookahead=2))
+    assert with_scenario_planner(whole, frozenset({"planner"})) == (whole, {}), "planner={...} sets them all"
+    export = ExportConfig()
+    assert with_scenario_planner(export) == (export, {}), "an empty scenario applies nothing"
 
 
 @pytest.mark.parametrize(("planner", "words"), [
