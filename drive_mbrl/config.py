@@ -8,7 +8,7 @@ nothing of Hydra: cli.py turns Hydra's config into these dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from drive_mbrl.agents import AGENTS, BUILTIN_AGENTS
@@ -169,12 +169,10 @@ def with_scenario_planner(cfg: Any, explicit: frozenset[str] = frozenset()) -> t
     if not (getattr(cfg, "scenario", "") and isinstance(getattr(cfg, "planner", None), PlannerConfig)) \
             or "planner" in explicit:
         return cfg, {}
-    from dataclasses import replace
-
     from drive_mbrl.scenarios import load_scenario
 
     scenario = load_scenario(cfg.scenario)
-    defaults = {f.name: getattr(PlannerConfig(), f.name) for f in fields(PlannerConfig)}
+    defaults = asdict(PlannerConfig())
     for key, value in scenario.planner.items():
         if key not in defaults:
             raise ConfigError(f"scenario {scenario.source}: planner setting {key!r} does not exist; known: "
