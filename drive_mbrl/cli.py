@@ -350,7 +350,8 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
     names = read_manifest(Path(cfg.dataset[0]))["action_names"]
     config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
     parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
-    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed, loss=cfg.loss)
+    settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed, loss=cfg.loss,
+                          cost_weight=cfg.cost_weight)
     rounds, previous = [], None
     for r in range(cfg.rounds + 1):
         folder = run_dir / "rounds" / f"policy_{r}"
@@ -382,9 +383,11 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.eval_episodes:
             row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, cfg.workers,
                                              "", run_dir / "eval" / f"round_{r}", options=policy_options(folder))
+        unsafe = summary.get("val_unsafe_rate", float("nan"))
         print(f"round {r}: {summary['decisions']} labels from {summary['real_steps']} real steps, val accuracy "
-              f"{summary['val_accuracy']:.2f}" + (f", return {row['evaluate']['return_mean']:.2f}, crashes "
-                                                   f"{row['evaluate']['crash_rate']:.0%}" if cfg.eval_episodes else ""))
+              f"{summary['val_accuracy']:.2f}, unsafe greedy actions {unsafe:.2%}"
+              + (f", return {row['evaluate']['return_mean']:.2f}, crashes {row['evaluate']['crash_rate']:.0%}"
+                 if cfg.eval_episodes else ""))
         rounds.append(row)
         previous = folder
     out = Path(cfg.out) if cfg.out else run_dir / "policy"
@@ -763,8 +766,9 @@ def usage() -> str:
 
 
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote at start-up (a failed run leaves no dir)."""
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    """Remove a run directory that holds nothing but what Hydra and the run lock wrote at start-up (a failed run
+    leaves no dir)."""
+    if run_dir.is_dir() and all(p.name in (".hydra", ".lock") or p.suffix == ".log" for p in run_dir.iterdir()):
         import shutil
 
         shutil.rmtree(run_dir)
@@ -784,7 +788,27 @@ def _with_checkpoint_scenario(cfg: Any) -> Any:
     return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
 
 
+def _lock_run_dir(run_dir: Path, name: str) -> Any:
+    """Hold an exclusive lock on `run_dir` for the life of this process (the returned open file), so that two
+    commands never write one run directory at once (two resumes of the same `hydra.run.dir=`, say); exits with a
+    usage error naming the directory when another live process holds it. The default run directories carry the
+    process id (`${pid:}` in configs/*.yaml), so commands started in the same second get different ones."""
+    import fcntl
+
+    handle = open(run_dir / ".lock", "a")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        print(f"drive-mbrl {name.replace('_', ' ')}: error: run directory {run_dir} is in use by another drive-mbrl "
+              "process; wait for it, or pass another hydra.run.dir=PATH", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return handle
+
+
 def _run_hydra(name: str) -> None:
+    import os
+
     import hydra
     from hydra.core.config_store import ConfigStore
     from hydra.core.hydra_config import HydraConfig
@@ -795,10 +819,12 @@ def _run_hydra(name: str) -> None:
 
     command = COMMANDS[name]
     ConfigStore.instance().store(name=f"{name}_schema", node=command.schema)
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
     @hydra.main(version_base="1.3", config_path=str(data_dir("configs")), config_name=name)
     def task(cfg: Any) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        lock = _lock_run_dir(run_dir, name)  # noqa: F841 - released when the process ends
         try:
             typed = C.validate(OmegaConf.to_object(cfg))
             explicit = frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,43 @@ class BCSettings:
     """`ce`: cross-entropy against the targets; `cost`: the logits regress the planner's negated relative action
     costs (Huber) where they were logged, cross-entropy on the label elsewhere — the greedy action is then the
     planner's cheapest, and every state teaches all actions' costs, not only the chosen one."""
+    cost_weight: float = 0.0
+    """With `loss=ce`: plus `cost_weight` x the policy's expected relative action cost, E_pi[c(a)] (where costs
+    were logged), which pushes probability off the actions the planner found dangerous however rarely they occur
+    (cost-sensitive classification; the soft targets alone barely penalise mass on an action with target ~0)."""
     seed: int = 0
+
+
+UNSAFE_COST = COST_CAP / 2
+"""A greedy action whose relative planner cost reaches this counts as unsafe in `greedy_regret`: half the
+collision cost, i.e. the planner expects a collision with probability >= 0.5 after it (or rejected it)."""
+
+
+def greedy_regret(logits: torch.Tensor, cost: torch.Tensor) -> tuple[float, float]:
+    """(mean relative cost of the greedy action, share of greedy actions costing >= UNSAFE_COST) over the rows of
+    `cost` (N, nA) that were logged (not NaN); (nan, nan) when none were."""
+    has = ~torch.isnan(cost[:, 0])
+    if not has.any():
+        return float("nan"), float("nan")
+    chosen = cost[has].gather(1, logits[has].argmax(-1, keepdim=True)).squeeze(1)
+    return float(chosen.mean()), float((chosen >= UNSAFE_COST).float().mean())
+
+
+def bc_loss(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, loss: str = "ce",
+            cost_weight: float = 0.0) -> torch.Tensor:
+    """Behaviour-cloning loss of a batch (see BCSettings.loss): logits (N, nA), label (N,) int64, target (N, nA)
+    soft targets, cost (N, nA) relative planner costs with NaN rows where none were logged. `ce`: cross-entropy
+    against the targets, plus `cost_weight` x the mean over the batch of E_pi[c] (rows without costs add 0);
+    `cost`: Huber regression of -logits on the costs, cross-entropy on the label for rows without costs."""
+    has = ~torch.isnan(cost[:, 0])
+    if loss == "ce":
+        ce = torch.nn.functional.cross_entropy(logits, target)
+        if not cost_weight:
+            return ce
+        return ce + cost_weight * (logits[has].softmax(-1) * cost[has]).sum() / len(logits)
+    reg = torch.nn.functional.huber_loss(-logits[has], cost[has], reduction="sum") / cost.shape[1]
+    ce = torch.nn.functional.cross_entropy(logits[~has], label[~has], reduction="sum") if (~has).any() else 0.0
+    return (reg + ce) / len(logits)
 
 
 def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, init: PolicyNet | None = None,
@@ -162,13 +199,7 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
     xt, yt, tt, ct = x[train_mask], y[train_mask], t[train_mask], c[train_mask]
     xv, yv, tv, cv = x[val_mask], y[val_mask], t[val_mask], c[val_mask]
 
-    def objective(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-        if settings.loss == "ce":
-            return torch.nn.functional.cross_entropy(logits, target)
-        has = ~torch.isnan(cost[:, 0])
-        reg = torch.nn.functional.huber_loss(-logits[has], cost[has], reduction="sum") / cost.shape[1]
-        ce = torch.nn.functional.cross_entropy(logits[~has], label[~has], reduction="sum") if (~has).any() else 0.0
-        return (reg + ce) / len(logits)
+    objective = partial(bc_loss, loss=settings.loss, cost_weight=settings.cost_weight)
 
     optim = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -190,18 +221,22 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
             logits = net(xv)
             val_loss = float(objective(logits, yv, tv, cv))
             val_acc = float((logits.argmax(-1) == yv).float().mean())
-        record = {"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+            val_regret, val_unsafe = greedy_regret(logits, cv)
+        record = {"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc,
+                  "val_regret": val_regret, "val_unsafe_rate": val_unsafe}
         history.append(record)
         if on_epoch:
             on_epoch(record)
         if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch,
+            best = {"val_loss": val_loss, "val_accuracy": val_acc, "val_regret": val_regret,
+                    "val_unsafe_rate": val_unsafe, "epoch": epoch,
                     "state": {k: v.clone() for k, v in net.state_dict().items()}}
         elif epoch - best["epoch"] >= settings.patience:
             break
     net.load_state_dict(best["state"])
     net.eval()
     return net, {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
+                 "val_regret": best["val_regret"], "val_unsafe_rate": best["val_unsafe_rate"],
                  "train_decisions": int(train_mask.sum()), "val_decisions": int(val_mask.sum()),
                  "epochs_run": len(history)}
 

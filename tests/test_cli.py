@@ -38,6 +38,35 @@ def test_evaluate_writes_metrics_json_in_its_run_dir(tmp_path: Path):
     assert len(list((tmp_path / "run" / "episodes" / "episodes").glob("ep_*.npz"))) == 2
 
 
+def test_two_commands_in_the_same_second_get_their_own_run_dirs(tmp_path: Path):
+    """The default run directory carries the process id: two commands started together never share one."""
+    procs = [subprocess.Popen([*cli_command(), "evaluate", "agent=slower", "episodes=1", "max_steps=2"], cwd=tmp_path,
+                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    runs = sorted((tmp_path / "runs" / "evaluate").iterdir())
+    assert len(runs) == 2
+    assert {r.name.rsplit("_", 1)[1] for r in runs} == {str(p.pid) for p in procs}
+    assert all((r / "metrics.json").is_file() for r in runs)
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path: Path):
+    """While one process holds a run directory, a second command aimed at it stops with a usage error and
+    writes no results there (Hydra has rewritten its own .hydra files by then)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (run / "mine.txt").write_text("kept")
+        result = run_cli("evaluate", "agent=slower", *TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "is in use by another drive-mbrl process" in result.stderr
+    assert (run / "mine.txt").read_text() == "kept" and not (run / "metrics.json").exists()
+
+
 def test_multirun_sweeps_agents(tmp_path: Path):
     result = run_cli("evaluate", "-m", "agent=slower,idm", "episodes=1", "max_steps=2", "hydra.sweep.dir=sweep",
                      cwd=tmp_path)

@@ -124,6 +124,48 @@ def test_soft_targets_by_hand():
     assert soft_targets(costs, label, 0.0)[0].tolist() == [1, 0, 0]
 
 
+def test_bc_loss_and_greedy_regret_by_hand():
+    """Two actions, uniform logits, target one-hot on action 0, action 1 costs 10: CE = log 2 and E_pi[c] = 5;
+    a row without logged costs adds cross-entropy only, and nothing to the expected cost (averaged over all rows)."""
+    from drive_mbrl.distill import bc_loss, greedy_regret
+
+    logits = torch.zeros(2, 2)
+    label = torch.tensor([0, 0])
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    cost = torch.tensor([[0.0, 10.0], [float("nan"), float("nan")]])
+    assert float(bc_loss(logits, label, target, cost)) == pytest.approx(np.log(2))
+    assert float(bc_loss(logits, label, target, cost, cost_weight=0.5)) == pytest.approx(np.log(2) + 0.5 * 5 / 2)
+    # Greedy = action 1 in the first row (cost 10, unsafe), action 0 in a second logged row (cost 0).
+    regret, unsafe = greedy_regret(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 10.0], [0.0, 4.0]]))
+    assert (regret, unsafe) == (5.0, 0.5)
+    assert np.isnan(greedy_regret(logits, cost[1:])[0])
+
+
+def test_cost_weight_moves_probability_off_a_rare_dangerous_action():
+    """Half the states: the planner is indifferent between IDLE and LANE_LEFT (soft targets 50/50) except that in a
+    rare feature region LANE_LEFT costs 10. Cross-entropy alone leaves much mass on LANE_LEFT there; the expected-
+    cost term takes it off (same seed, same data)."""
+    rng = np.random.default_rng(2)
+    config = PolicyConfig(agents=2, hidden=32)
+    n = 2000
+    obs = rng.normal(size=(n, config.obs_dim)).astype(np.float32)
+    danger = obs[:, 0] > 1.8  # ~4 % of states
+    costs = np.zeros((n, 5), np.float32)
+    costs[:, 2:] = 10.0
+    costs[danger, 0] = 10.0
+    target = np.zeros((n, 5), np.float32)
+    target[:, :2] = 0.5  # the planner's soft targets say "either", even where LANE_LEFT is dangerous
+    label = np.ones(n, np.int64)
+    data = PolicyData(obs, label, target, np.arange(n) // 10, costs, steps=n)
+    mass = {}
+    for w in (0.0, 3.0):
+        net, _ = train_policy(data, config, BCSettings(epochs=40, seed=0, cost_weight=w))
+        with torch.no_grad():
+            mass[w] = float(net(torch.as_tensor(obs[danger])).softmax(-1)[:, 0].mean())
+    assert mass[0.0] > 0.4  # ~ the targets' 0.5 (measured 0.50)
+    assert mass[3.0] < 0.5 * mass[0.0]  # (measured 0.15)
+
+
 def test_behaviour_cloning_learns_a_known_rule():
     """Label = SLOWER when the slot-1 vehicle is within 15 m ahead, else FASTER: learnable from the features."""
     rng = np.random.default_rng(0)
