@@ -383,9 +383,9 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.eval_episodes:
             row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, cfg.workers,
                                              "", run_dir / "eval" / f"round_{r}", options=policy_options(folder))
-        unsafe = summary.get("val_unsafe_rate", float("nan"))
+        unsafe = summary.get("val_unsafe_rate")
         print(f"round {r}: {summary['decisions']} labels from {summary['real_steps']} real steps, val accuracy "
-              f"{summary['val_accuracy']:.2f}, unsafe greedy actions {unsafe:.2%}"
+              f"{summary['val_accuracy']:.2f}" + (f", unsafe greedy actions {unsafe:.2%}" if unsafe is not None else "")
               + (f", return {row['evaluate']['return_mean']:.2f}, crashes {row['evaluate']['crash_rate']:.0%}"
                  if cfg.eval_episodes else ""))
         rounds.append(row)
@@ -766,9 +766,8 @@ def usage() -> str:
 
 
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra and the run lock wrote at start-up (a failed run
-    leaves no dir)."""
-    if run_dir.is_dir() and all(p.name in (".hydra", ".lock") or p.suffix == ".log" for p in run_dir.iterdir()):
+    """Remove a run directory that holds nothing but what Hydra wrote at start-up (a failed run leaves no dir)."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         import shutil
 
         shutil.rmtree(run_dir)
@@ -788,22 +787,24 @@ def _with_checkpoint_scenario(cfg: Any) -> Any:
     return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
 
 
-def _lock_run_dir(run_dir: Path, name: str) -> Any:
-    """Hold an exclusive lock on `run_dir` for the life of this process (the returned open file), so that two
-    commands never write one run directory at once (two resumes of the same `hydra.run.dir=`, say); exits with a
-    usage error naming the directory when another live process holds it. The default run directories carry the
-    process id (`${pid:}` in configs/*.yaml), so commands started in the same second get different ones."""
+def _lock_run_dir(run_dir: Path, name: str) -> int:
+    """Hold an exclusive lock on the directory `run_dir` itself (flock on its descriptor; no lock file is left
+    behind) for the life of this process, so that two commands never write one run directory at once (two resumes
+    of the same `hydra.run.dir=`, say); exits with a usage error naming the directory when another live process
+    holds it. The default run directories carry the process id (`${pid:}` in configs/*.yaml), so commands started
+    in the same second get different ones. Returns the descriptor, which must stay open."""
     import fcntl
+    import os
 
-    handle = open(run_dir / ".lock", "a")  # noqa: SIM115 - held open until the process exits
+    fd = os.open(run_dir, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
+        os.close(fd)
         print(f"drive-mbrl {name.replace('_', ' ')}: error: run directory {run_dir} is in use by another drive-mbrl "
               "process; wait for it, or pass another hydra.run.dir=PATH", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    return handle
+    return fd
 
 
 def _run_hydra(name: str) -> None:

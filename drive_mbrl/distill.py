@@ -236,7 +236,8 @@ def train_policy(data: PolicyData, config: PolicyConfig, settings: BCSettings, i
     net.load_state_dict(best["state"])
     net.eval()
     return net, {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
-                 "val_regret": best["val_regret"], "val_unsafe_rate": best["val_unsafe_rate"],
+                 # None (JSON null) where no planner costs were logged, e.g. hard labels of agent=mpc episodes
+                 **{k: None if np.isnan(best[k]) else best[k] for k in ("val_regret", "val_unsafe_rate")},
                  "train_decisions": int(train_mask.sum()), "val_decisions": int(val_mask.sum()),
                  "epochs_run": len(history)}
 

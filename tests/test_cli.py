@@ -1,6 +1,7 @@
 """The command line end to end on tiny budgets: help, Hydra flags, metrics.json, bad input, kill and resume."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -58,10 +59,13 @@ def test_a_run_dir_in_use_is_refused(tmp_path: Path):
 
     run = tmp_path / "run"
     run.mkdir()
-    with open(run / ".lock", "a") as held:
+    held = os.open(run, os.O_RDONLY)
+    try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         (run / "mine.txt").write_text("kept")
         result = run_cli("evaluate", "agent=slower", *TINY, "hydra.run.dir=run", cwd=tmp_path)
+    finally:
+        os.close(held)
     assert result.returncode == 2, result.stderr
     assert "is in use by another drive-mbrl process" in result.stderr
     assert (run / "mine.txt").read_text() == "kept" and not (run / "metrics.json").exists()

@@ -179,6 +179,7 @@ def test_behaviour_cloning_learns_a_known_rule():
     data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, costs, steps=n)
     net, summary = train_policy(data, config, BCSettings(epochs=60, seed=0))
     assert summary["val_accuracy"] >= 0.95
+    assert summary["val_unsafe_rate"] is None  # no planner costs logged: nothing to judge the actions by
     with torch.no_grad():
         test = np.zeros((2, config.obs_dim), np.float32)
         test[:, len(POLICY_FEATURES)] = [5.0, 35.0]
@@ -205,6 +206,7 @@ def test_cost_regression_learns_the_cheapest_action():
     data = PolicyData(obs, label, np.eye(5, dtype=np.float32)[label], np.arange(n) // 10, rel, steps=n)
     net, summary = train_policy(data, config, BCSettings(epochs=150, seed=0, loss="cost", lr=3e-3))
     assert summary["val_accuracy"] >= 0.95
+    assert summary["val_unsafe_rate"] <= 0.05  # FASTER next to a car (cost 10) is rarely the greedy action
     test = np.zeros((2, config.obs_dim), np.float32)
     test[:, len(POLICY_FEATURES)] = [5.0, 35.0]
     with torch.no_grad():
