@@ -787,12 +787,12 @@ def _with_checkpoint_scenario(cfg: Any) -> Any:
     return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
 
 
-def _lock_run_dir(run_dir: Path, name: str) -> int:
+def _lock_run_dir(run_dir: Path, name: str) -> None:
     """Hold an exclusive lock on the directory `run_dir` itself (flock on its descriptor; no lock file is left
     behind) for the life of this process, so that two commands never write one run directory at once (two resumes
     of the same `hydra.run.dir=`, say); exits with a usage error naming the directory when another live process
     holds it. The default run directories carry the process id (`${pid:}` in configs/*.yaml), so commands started
-    in the same second get different ones. Returns the descriptor, which must stay open."""
+    in the same second get different ones. The descriptor is never closed: the lock goes with the process."""
     import fcntl
     import os
 
@@ -804,7 +804,6 @@ def _lock_run_dir(run_dir: Path, name: str) -> int:
         print(f"drive-mbrl {name.replace('_', ' ')}: error: run directory {run_dir} is in use by another drive-mbrl "
               "process; wait for it, or pass another hydra.run.dir=PATH", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    return fd
 
 
 def _run_hydra(name: str) -> None:
@@ -825,7 +824,7 @@ def _run_hydra(name: str) -> None:
     @hydra.main(version_base="1.3", config_path=str(data_dir("configs")), config_name=name)
     def task(cfg: Any) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        lock = _lock_run_dir(run_dir, name)  # noqa: F841 - released when the process ends
+        _lock_run_dir(run_dir, name)
         try:
             typed = C.validate(OmegaConf.to_object(cfg))
             explicit = frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
