@@ -306,9 +306,9 @@ class DistillConfig:
                              hi=1e3)
     loss: str = opt("ce", "ce: cross-entropy on the (soft) targets; cost: the logits regress the planner's relative "
                     "action costs", choices=("ce", "cost"))
-    cost_weight: float = opt(0.0, "with loss=ce: weight of the policy's expected planner cost E_pi[c(a)] added to "
-                             "the cross-entropy (pushes mass off actions the planner found dangerous)", lo=0.0,
-                             hi=1e3)
+    cost_weight: float = opt(3.0, "with loss=ce: weight of the policy's expected planner cost E_pi[c(a)] added to "
+                             "the cross-entropy (pushes mass off actions the planner found dangerous; 0 = plain "
+                             "cross-entropy)", lo=0.0, hi=1e3)
     hidden: int = opt(256, "policy hidden width", lo=4, hi=8192)
     layers: int = opt(2, "policy hidden layers", lo=1, hi=16)
     history_dt: float = opt(1.0, "[s] between the policy's two observed frames", lo=0.01, hi=10.0)
