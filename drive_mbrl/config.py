@@ -51,6 +51,10 @@ class PlannerConfig:
                          "ego no faster than the ego): sees traps such as "
                          "closing on a car slower than the ego can drive, before the horizon does (0 = off; it "
                          "extrapolates along straight lanes: on curved roads such as roundabout use 0)", lo=0, hi=50)
+    dead_end_speed: float = opt(0.0, "[m/s] the ego's lowest holdable speed (highway-fast: 20); > 0 charges a plan "
+                                "whose sampled future ends behind a same-lane car slower than this: a dead end, "
+                                "collision_cost x gamma^(H - 1 + t_c / dt) with t_c = gap / (speed - leader's "
+                                "speed), however far away (0 = off; straight lanes only)", lo=0.0, hi=100.0)
     risk: str = opt("cvar", "risk measure over the sampled costs of a plan", choices=RISK_MEASURES)
     alpha: float = opt(0.2, "CVaR level: mean of the worst alpha share of samples (1 = mean)", lo=1e-6, hi=1.0)
     chance_epsilon: float = opt(0.05, "reject plans whose collision probability (exact over the forecaster's modes) "

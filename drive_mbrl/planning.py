@@ -315,6 +315,35 @@ def lookahead(positions: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([positions, ahead], dim=-2)
 
 
+LANE_HALF_WIDTH = 2.0
+"""[m] two vehicles whose lateral positions differ by less than this share a lane (highway-env lanes are 4 m)."""
+
+
+def dead_end_costs(positions: torch.Tensor, size: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
+                   policy_dt: float = 1.0) -> torch.Tensor:
+    """The dead-end charge of every sampled future: at the horizon's end, the ego (slot 0) behind a same-lane car
+    (|dy| < LANE_HALF_WIDTH, ahead in x) that drives slower than `settings.dead_end_speed` will hit it even at that
+    lowest speed after t_c = gap / (dead_end_speed - v_leader) seconds (gap: bumper to bumper, >= 0), so the
+    future is charged collision_cost x gamma^(H - 1 + t_c / policy_dt), the nearest such leader counting.
+
+    positions: (E, N, A, M, H, 2) [m] sampled futures in the ego frame (H >= 2; speeds from the last two steps);
+    size: (A, 2) length and width [m]; agent_mask: (A,) bool. Returns (E, N, M); zeros where no leader is slower
+    or `dead_end_speed` is 0."""
+    E, N, A, M, H, _ = positions.shape
+    if settings.dead_end_speed <= 0 or H < 2 or A < 2:
+        return positions.new_zeros(E, N, M)
+    last = positions[..., -1, :]  # (E, N, A, M, 2)
+    speed = (positions[:, :, 1:, :, -1, 0] - positions[:, :, 1:, :, -2, 0]) / policy_dt  # (E, N, A-1, M) [m/s]
+    dx = last[:, :, 1:, :, 0] - last[:, :, :1, :, 0]
+    dy = last[:, :, 1:, :, 1] - last[:, :, :1, :, 1]
+    gap = (dx - (size[1:, 0] + size[0, 0])[:, None] / 2).clamp_min(0.0)
+    closing = settings.dead_end_speed - speed
+    leader = (dx > 0) & (dy.abs() < LANE_HALF_WIDTH) & (closing > 0) & agent_mask[1:, None]
+    steps = (H - 1) + gap / closing.clamp_min(1e-6) / policy_dt
+    charge = settings.collision_cost * settings.gamma ** steps
+    return torch.where(leader, charge, torch.zeros_like(charge)).amax(2)
+
+
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
                  agent_mask: torch.Tensor, settings: PlannerConfig, plans: torch.Tensor | None = None,
                  policy_dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,7 +364,7 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
     first_crash = torch.where(hit, crashed_all.to(returns.dtype).argmax(-1),
                               torch.full_like(hit, crashed_all.shape[-1], dtype=torch.int64))
     penalty = torch.where(hit, settings.collision_cost * settings.gamma ** first_crash.to(returns.dtype),
-                          torch.zeros_like(returns))
+                          dead_end_costs(positions, history_last[:, 6:8], agent_mask, settings, policy_dt))
     costs = penalty - returns
     if settings.progress_weight:
         speed = positions[:, :, 0, :, -1, 0] / (H * policy_dt)  # (E, N, M) ego's mean forward speed
@@ -356,7 +385,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     agent_mask: (A,) bool. Each of the E x M samples of a plan gets the cost
         -sum_h gamma^h r_h alive_h + collision_cost * gamma^{h_c} * crashed
     with r the member's predicted reward and alive_h "no collision before step h" (collisions are also looked for
-    `settings.lookahead` steps beyond the horizon: `lookahead`), minus `progress_weight` x the
+    `settings.lookahead` steps beyond the horizon: `lookahead`; a future without a collision pays the dead-end
+    charge instead when `settings.dead_end_speed` > 0: `dead_end_costs`), minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:

@@ -475,3 +475,49 @@ def test_lookahead_followers_drive_no_faster_than_the_ego_by_hand():
     positions[0, 0, :, 0, :, 0] = torch.tensor([[10.0, 20.0], [-3.0, 12.0], [-5.0, 0.0], [30.0, 45.0]])
     extended = lookahead(positions, 2)[0, 0, :, 0, 2:, 0]
     assert extended.tolist() == [[30.0, 40.0], [22.0, 32.0], [5.0, 10.0], [60.0, 75.0]]
+
+
+def test_dead_end_cost_by_hand():
+    """Ego at 20 m/s ends 34 m (bumper to bumper) behind a 19 m/s car in its lane: at the lowest holdable speed,
+    20 m/s, it hits it t_c = 34 / (20 - 19) = 34 s later, charged 10 x 0.9^(1 + 34). A 21 m/s leader, a slow car
+    one lane over, a slow car behind, a masked slow car, or the switch at 0 charge nothing; of two slow leaders
+    the nearer counts; a sampled future that already collides keeps only its collision charge."""
+    from drive_mbrl.planning import dead_end_costs, sample_costs
+
+    settings = replace(PlannerConfig(), dead_end_speed=20.0, collision_cost=10.0, gamma=0.9, lookahead=0,
+                       progress_weight=0.0)
+    size = torch.tensor([[5.0, 2.0]] * 3)
+    mask = torch.tensor([True, True, True])
+
+    def scene(*others):  # each other agent: (x at the two steps, y)
+        positions = torch.zeros(1, 1, 1 + len(others), 1, 2, 2)
+        positions[0, 0, 0, 0, :, 0] = torch.tensor([0.0, 20.0])
+        for i, (xs, y) in enumerate(others, start=1):
+            positions[0, 0, i, 0, :, 0] = torch.tensor(xs)
+            positions[0, 0, i, 0, :, 1] = y
+        return positions
+
+    slow = ([40.0, 59.0], 0.0)
+    cost = dead_end_costs(scene(slow), size[:2], mask[:2], settings)
+    assert cost.shape == (1, 1, 1)
+    assert float(cost) == pytest.approx(10.0 * 0.9 ** 35)
+    nearer = ([30.0, 49.5], 0.0)  # 24 m gap, closing at 0.5 m/s: 48 s
+    farther_but_slower = ([60.0, 70.0], 0.0)  # 45 m gap, closing at 10 m/s: 4.5 s -> this one counts
+    assert float(dead_end_costs(scene(nearer, farther_but_slower), size, mask, settings)) == pytest.approx(
+        10.0 * 0.9 ** 5.5)
+    for other in (([40.0, 61.0], 0.0), ([40.0, 59.0], 4.0), ([-40.0, -21.0], 0.0)):
+        assert float(dead_end_costs(scene(other), size[:2], mask[:2], settings)) == 0.0
+    assert float(dead_end_costs(scene(slow), size[:2], torch.tensor([True, False]), settings)) == 0.0
+    off = replace(settings, dead_end_speed=0.0)
+    assert float(dead_end_costs(scene(slow), size[:2], mask[:2], off)) == 0.0
+    # In sample_costs: added to a future that does not collide, replaced by the collision charge in one that does.
+    history_last = torch.zeros(2, 8)
+    history_last[:, 6:8] = size[:2]
+    history_last[1, 0] = 40.0
+    reward = torch.zeros(1, 1, 2)
+    costs, crashed, _ = sample_costs(scene(slow), reward, history_last, mask[:2], settings)
+    assert not crashed.any() and float(costs) == pytest.approx(10.0 * 0.9 ** 35)
+    history_last[1, 0] = 10.0
+    crash = scene(([10.0, 21.0], 0.0))  # 1 m ahead at the end: overlapping boxes
+    costs, crashed, _ = sample_costs(crash, reward, history_last, mask[:2], settings)
+    assert crashed[..., -1].all() and float(costs) == pytest.approx(10.0 * 0.9 ** int(crashed[0, 0, 0].int().argmax()))
