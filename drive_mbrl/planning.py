@@ -324,7 +324,7 @@ def dead_end_costs(positions: torch.Tensor, size: torch.Tensor, agent_mask: torc
     """The dead-end charge of every sampled future: at the horizon's end, the ego (slot 0) behind a same-lane car
     (|dy| < LANE_HALF_WIDTH, ahead in x) that drives slower than `settings.dead_end_speed` will hit it even at that
     lowest speed after t_c = gap / (dead_end_speed - v_leader) seconds (gap: bumper to bumper, >= 0), so the
-    future is charged collision_cost x gamma^(H - 1 + t_c / policy_dt), the nearest such leader counting.
+    future is charged collision_cost x gamma^(H - 1 + t_c / policy_dt), the soonest such collision counting.
 
     positions: (E, N, A, M, H, 2) [m] sampled futures in the ego frame (H >= 2; speeds from the last two steps);
     size: (A, 2) length and width [m]; agent_mask: (A,) bool. Returns (E, N, M); zeros where no leader is slower
