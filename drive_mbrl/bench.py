@@ -105,6 +105,38 @@ def bench_forecaster(checkpoint: str, candidates: list[int], repeats: int, devic
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
 
 
+def count_flops(call: Any) -> int:
+    """Floating-point operations of `call()` in matmuls, batched matmuls and attention (torch's FlopCounterMode:
+    2 per multiply-add; elementwise work is not counted, so the figure is a lower bound on the work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5) -> float:
+    """The best fp32 matmul throughput [GFLOP/s] this device reaches with the current torch threads, over a
+    square 1,024 x 1,024 product and the forecaster's typical batched one (5 members x 4,096 rows x 128 -> 384):
+    the yardstick for `compute_bound_ms` (no model with that many FLOPs can be faster on this device)."""
+    import torch
+
+    best = 0.0
+    for a_shape, b_shape in (((1024, 1024), (1024, 1024)), ((5, 4096, 128), (5, 128, 384))):
+        a, b = torch.randn(a_shape, device=device), torch.randn(b_shape, device=device)
+        flops = 2 * a.numel() * b_shape[-1]
+        torch.matmul(a, b)
+        for _ in range(repeats):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, flops / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def _latency(times_ms: list[float]) -> dict[str, float]:
     ordered = sorted(times_ms)
     return {"ms_p50": median(ordered), "ms_p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
@@ -163,6 +195,12 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
                     torch.cuda.synchronize()
                 row.append((time.perf_counter() - start) * 1e3)
                 evaluated[(b, m)] = decision.evaluated
+    # Work per decision (first scene) against this device's matmul peak: the latency no implementation of this
+    # forecaster and budget can beat here.
+    peak = matmul_peak_gflops(dev)
+    with torch.inference_mode():
+        gflop = {key: count_flops(lambda k=key: plan_scene(models[k[1]], *inputs[0], replace(planner, budget=k[0]),
+                                                           gen)) / 1e9 for key in times}
     oracle = None
     if oracle_decisions:
         runner = EpisodeRunner()
@@ -174,7 +212,10 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
         oracle = {"depth": planner.oracle_depth, **_latency(list(episode.decision_ms))}
     return {"device": str(dev), "threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
             "scenario": scenario, "samples": planner.samples, "iterations": planner.iterations,
-            "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row)}
+            "matmul_peak_gflops": peak,
+            "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row),
+                      "gflop": gflop[(b, m)], "compute_bound_ms": gflop[(b, m)] / peak * 1e3,
+                      "achieved_gflops": gflop[(b, m)] / (median(row) / 1e3)}
                      for (b, m), row in times.items()],
             "oracle": oracle}
 
@@ -210,7 +251,17 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
         for n in envs:
             imagined[n].append(imagination_throughput(ImaginationEnv(config, n, starts), steps, seed + r))
     real_median = median(real)
-    rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median}
+    # Work per imagined transition against this core's matmul peak: the most transitions/s any implementation of
+    # this forecaster could step here, and that bound's ratio to the real env.
+    peak = matmul_peak_gflops()
+    flop = {}
+    for n in envs:
+        env = ImaginationEnv(config, n, starts)
+        env.reset(seed=seed)
+        flop[n] = count_flops(lambda e=env, k=n: e.step(np.full(k, e.idle))) / n
+    rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median,
+             "mflop_per_transition": flop[n] / 1e6, "compute_bound_per_s": peak * 1e9 / flop[n],
+             "compute_bound_ratio": peak * 1e9 / flop[n] / real_median}
             for n, v in imagined.items()]
     # Latency on recorded scenes: the policy's observation and the planner's scene of the same decisions.
     obs = dataset_observations(net.config, dataset[:1])[:decisions]
@@ -234,6 +285,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             planner_ms.append((time.perf_counter() - start) * 1e3)
     p50 = float(np.percentile(policy_us, 50))
     return {"scenario": scenario, "real_steps_per_s": real_median, "real_runs": real, "rows": rows,
+            "matmul_peak_gflops": peak,
             "policy_us_p50": p50, "policy_us_p99": float(np.percentile(policy_us, 99)),
             "planner_ms_p50": float(np.percentile(planner_ms, 50)),
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),

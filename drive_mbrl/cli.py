@@ -596,10 +596,13 @@ def run_bench_plan(cfg: C.BenchPlanConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("bench plan needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
     metrics = bench_plan(cfg.checkpoint, cfg.scenario, cfg.budgets, cfg.members, cfg.decisions,
                          cfg.oracle_decisions, cfg.planner, cfg.seed)
-    print(f"device {metrics['device']}, {metrics['threads']} threads, {metrics['samples']} samples per member")
+    print(f"device {metrics['device']}, {metrics['threads']} threads, {metrics['samples']} samples per member, "
+          f"matmul peak {metrics['matmul_peak_gflops']:.0f} GFLOP/s")
     for row in metrics["rows"]:
         print(f"budget {row['budget']:>5} ({row['plans_scored']} scored), members {row['members']}: "
-              f"p50 {row['ms_p50']:.1f} ms, p99 {row['ms_p99']:.1f} ms")
+              f"p50 {row['ms_p50']:.1f} ms, p99 {row['ms_p99']:.1f} ms; {row['gflop']:.2f} GFLOP per decision, "
+              f"at least {row['compute_bound_ms']:.1f} ms at the matmul peak ({row['achieved_gflops']:.0f} "
+              "GFLOP/s reached)")
     if metrics["oracle"]:
         o = metrics["oracle"]
         print(f"oracle (depth {o['depth']}): p50 {o['ms_p50']:.1f} ms, p99 {o['ms_p99']:.1f} ms")
@@ -656,7 +659,9 @@ def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
     print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median)")
     for row in m["rows"]:
         print(f"imagination, {row['envs']:>5} envs: {row['imagined_per_s']:9.0f} transitions/s = "
-              f"{row['ratio_to_real']:.0f}x real")
+              f"{row['ratio_to_real']:.0f}x real; {row['mflop_per_transition']:.1f} MFLOP each, at most "
+              f"{row['compute_bound_per_s']:.0f}/s = {row['compute_bound_ratio']:.0f}x real at the matmul peak "
+              f"({m['matmul_peak_gflops']:.0f} GFLOP/s)")
     print(f"policy decision p50 {m['policy_us_p50']:.0f} us (p99 {m['policy_us_p99']:.0f}); planner (budget "
           f"{m['planner_budget']}) p50 {m['planner_ms_p50']:.0f} ms (p99 {m['planner_ms_p99']:.0f}): "
           f"{m['planner_over_policy']:.0f}x")
