@@ -53,8 +53,10 @@ def test_scenario_planner_settings_apply_unless_set_on_the_command_line():
     kept = EvaluateConfig(scenario="roundabout", planner=PlannerConfig(lookahead=3))
     cfg, taken = with_scenario_planner(kept, frozenset({"planner.lookahead", "episodes"}))
     assert (cfg.planner.lookahead, cfg.planner.ego_model) == (3, "learned") and taken == {"ego_model": "learned"}
-    highway = EvaluateConfig(scenario="highway")
-    assert with_scenario_planner(highway) == (highway, {})
+    merge = EvaluateConfig(scenario="merge")
+    assert with_scenario_planner(merge) == (merge, {}), "a scenario without a planner block changes nothing"
+    cfg, taken = with_scenario_planner(EvaluateConfig(scenario="highway"))
+    assert cfg.planner.dead_end_speed == 20.0 and taken == {"dead_end_speed": 20.0}
     fit = FitConfig()
     assert with_scenario_planner(fit) == (fit, {}), "a config without scenario and planner is left alone"
     whole = EvaluateConfig(scenario="roundabout", planner=PlannerConfig(lookahead=2))
