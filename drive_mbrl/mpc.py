@@ -225,18 +225,32 @@ def representative_futures(futures: dict[str, Any], agent_mask: np.ndarray) -> d
 
 
 
+def reachable_lanes(network: Any, lane_index: tuple) -> int:
+    """Side lanes 0, 1, ... of `lane_index`'s road segment up to the first one a lane change may not enter
+    (highway-env's `forbidden` lanes, such as merge-v0's on-ramp beside the main road: LANE_RIGHT towards it leaves
+    the ego where it is)."""
+    count = 0
+    for side in network.all_side_lanes(lane_index):
+        if network.get_lane(side).forbidden:
+            break
+        count += 1
+    return count
+
+
 def ego_values(env: Any) -> dict[str, Any]:
     """The ego's own set-points and lane from the simulator (what the ego knows about itself), as the fields of
     `egomotion.EgoState` (torch-free, for the onboard runner too). Duck-typed on highway-env's MDPVehicle and
     straight lanes."""
     base = env.unwrapped
     ego = base.vehicle
-    lane = base.road.network.get_lane(ego.lane_index)
+    network = base.road.network
+    lane = network.get_lane(ego.lane_index)
     s, lateral = lane.local_coordinates(ego.position)
     lane_heading = float(lane.heading_at(s))
     return dict(speed=float(ego.speed), heading=float(ego.heading) - lane_heading, lateral=float(lateral),
                 lane_heading=lane_heading - float(ego.heading), lane=int(ego.lane_index[2]),
-                target_lane=int(ego.target_lane_index[2]), lanes=len(base.road.network.all_side_lanes(ego.lane_index)),
+                target_lane=int(ego.target_lane_index[2]), lanes=max(reachable_lanes(network, ego.lane_index),
+                                                                     int(ego.lane_index[2]) + 1),
                 lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
                 target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
 

@@ -433,6 +433,42 @@ def test_kinematic_ego_matches_highway_env_exactly():
         env.close()
 
 
+def test_kinematic_ego_knows_that_merge_ramp_is_no_lane_to_change_to():
+    """On merge-v0's merge segment the on-ramp is a third, forbidden lane beside the two main lanes: LANE_RIGHT from
+    the right main lane is a no-op in highway-env, and the planner's ego model must predict exactly that."""
+    import copy
+
+    from drive_mbrl.egomotion import rollout_ego
+    from drive_mbrl.mpc import ego_state, ego_values
+    from drive_mbrl.scenarios import action_names, env_timing, load_scenario, make_env, reset_env
+
+    env = make_env(load_scenario("merge"))
+    try:
+        reset_env(env, 0)
+        base = env.unwrapped
+        ego, index = base.vehicle, ("b", "c", 1)
+        assert len(base.road.network.all_side_lanes(index)) == 3  # the ramp counts as a side lane of the segment
+        lane = base.road.network.get_lane(index)
+        ego.position, ego.heading = lane.position(10.0, 0.0), lane.heading_at(10.0)
+        ego.lane_index = ego.target_lane_index = index
+        ego.lane = lane
+        base.road.vehicles = [ego]
+        assert ego_values(env)["lanes"] == 2
+        names, (sim_hz, policy_hz) = action_names(env), env_timing(env)
+        right, idle = names.index("LANE_RIGHT"), names.index("IDLE")
+        plans = torch.tensor([[right] * 3, [idle] * 3])
+        predicted = rollout_ego(ego_state(env), plans, names, sim_hz // policy_hz, 1 / sim_hz)
+        twin = copy.deepcopy(base)
+        origin = twin.vehicle.position.copy()
+        for action in plans[0].tolist():
+            twin.step(action)
+        assert twin.vehicle.lane_index[2] == 1  # highway-env kept the ego in its lane
+        np.testing.assert_allclose(predicted[0, -1, 1].item(), twin.vehicle.position[1] - origin[1], atol=1e-4)
+        np.testing.assert_allclose(predicted[0].numpy(), predicted[1].numpy(), atol=1e-6)
+    finally:
+        env.close()
+
+
 def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path):
     """The logged plan is the executed action, the ego pose and slot 0 are the recorded ego, candidates are sorted,
     and the kinematic ego prediction, taken back to the world frame with the logged pose, lands where the
