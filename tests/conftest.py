@@ -94,14 +94,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tiny_policy: Path, tmp_path_factory) -> Path:
     """The tiny checkpoint exported (parity on 40 random and up to 40 recorded scenes), with a planner graph that
-    runs categorical CEM (budget 64 of 5^3 = 125 plans: 2 iterations of 32) checked on 8 recorded scenes, and the
-    tiny policy."""
+    runs categorical CEM (budget 64 of 5^3 = 125 plans: 2 iterations of 32) with `highway`'s dead-end charge,
+    checked on 8 recorded scenes, and the tiny policy."""
     from drive_mbrl.config import PlannerConfig
     from drive_mbrl.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(tiny_checkpoint, out, samples=40, seed=0, planner=PlannerConfig(budget=64), planner_scenes=8,
-                  policy=tiny_policy)
+    export_bundle(tiny_checkpoint, out, samples=40, seed=0, planner=PlannerConfig(budget=64, dead_end_speed=20.0),
+                  planner_scenes=8, policy=tiny_policy)
     return out
 
 
