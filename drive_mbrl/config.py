@@ -68,8 +68,9 @@ class PlannerConfig:
     explore_weight: float = opt(0.0, "bonus per metre of member disagreement (collect data where the model is "
                                 "weak)", lo=0.0, hi=1e6)
     ego_model: str = opt("kinematic", "the ego's own motion under a plan: `kinematic` integrates highway-env's "
-                         "controller (exact on straight lanes), `learned` takes the forecaster's prediction",
-                         choices=("kinematic", "learned"))
+                         "controller (exact on straight lanes), `route` drives the ego along its planned route's "
+                         "lane centres at the controller's speeds (any road shape; actions without lane changes), "
+                         "`learned` takes the forecaster's prediction", choices=("kinematic", "route", "learned"))
     progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)

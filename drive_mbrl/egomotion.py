@@ -125,6 +125,29 @@ def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Te
     return torch.cat([out[..., :2] @ rot.T, out[..., 2:] @ rot.T], dim=-1).to(torch.float32)
 
 
+def rollout_ego_on_path(state: EgoState, path: torch.Tensor, step: float, plans: torch.Tensor,
+                        action_names: list[str], frames_per_step: int, sim_dt: float) -> torch.Tensor:
+    """The ego on a known path (its route's centre line, `mpc.route_path`) at the speeds highway-env's speed
+    controller gives under each plan: a path-speed decomposition, exact in speed on any road shape and within the
+    lateral controller's lag of the path. For plans without lane changes.
+
+    path: (P, 2) [m] points every `step` [m] in the ego frame, the first at the ego; plans: (N, H) int64. Returns
+    (N, H, 4): x, y [m] and vx, vy [m/s] at the end of each plan step; beyond the path's end the last segment
+    continues straight."""
+    on_lane = EgoState(speed=state.speed, heading=0.0, lateral=0.0, lane_heading=0.0, lane=0, target_lane=0, lanes=1,
+                       lane_width=state.lane_width, target_speed=state.target_speed,
+                       target_speeds=state.target_speeds, length=state.length)
+    travel = rollout_ego(on_lane, plans, action_names, frames_per_step, sim_dt).to(path.dtype)  # straight lane
+    distance, speed = travel[..., 0].clamp_min(0.0), travel[..., 2]  # (N, H) [m], [m/s]
+    P = path.shape[0]
+    seg = (distance / step).floor().clamp(0, P - 2)
+    frac = (distance / step - seg)[..., None]  # > 1 past the end: extrapolates the last segment
+    i = seg.to(torch.int64)
+    start, end = path[i], path[i + 1]  # (N, H, 2)
+    tangent = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    return torch.cat([start + frac * (end - start), speed[..., None] * tangent], dim=-1).to(torch.float32)
+
+
 _TAN_MAX_STEERING = math.tan(MAX_STEERING_ANGLE)
 
 

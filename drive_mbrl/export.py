@@ -34,7 +34,7 @@ from torch import nn
 from drive_mbrl import __version__
 from drive_mbrl.config import PlannerConfig
 from drive_mbrl.data import atomic_folder, write_json
-from drive_mbrl.errors import DriveMbrlError
+from drive_mbrl.errors import ConfigError, DriveMbrlError
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
 from drive_mbrl.onboard import BUNDLE_SCHEMA_VERSION, CONTRACT, PARITY, make_session, sha256_file, tensor_spec
@@ -392,6 +392,10 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
     from drive_mbrl.data import read_manifest
     from drive_mbrl.fit import BEST, load_forecaster, load_scenes
 
+    if planner is not None and planner.ego_model == "route":
+        raise ConfigError("planner.ego_model=route reads the ego's route from the road network, which the planner "
+                          "graph does not take as an input: export with planner.ego_model=learned (any road) or "
+                          "kinematic (straight lanes)")
     checkpoint = Path(checkpoint).resolve()
     model, meta = load_forecaster(checkpoint, "cpu")
     datasets = list(datasets or [s["path"] for s in meta["data"]["sources"]])

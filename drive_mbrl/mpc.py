@@ -96,6 +96,13 @@ class MPCAgent:
         sim_hz, policy_hz = env_timing(env)
         self._frames_per_step, self._sim_dt = sim_hz // policy_hz, 1.0 / sim_hz
         self._idle = int(names.get("IDLE", 0))
+        if self.settings.ego_model == "route" and {"LANE_LEFT", "LANE_RIGHT"} & set(names):
+            raise ConfigError("planner.ego_model=route keeps the ego on its route's lane centres, but this scenario's "
+                              "actions change lanes: use planner.ego_model=kinematic (straight lanes) or learned")
+        speeds = getattr(env.unwrapped.vehicle, "target_speeds", None)
+        top = max(float(np.max(speeds)) if speeds is not None else 0.0, float(env.unwrapped.vehicle.speed), 1.0)
+        self._route_length = top * (self.model.config.horizon + self.settings.lookahead + 1) * \
+            self._frames_per_step * self._sim_dt
         self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
         self._warm: Any = None
         self.last_fallback = ""
@@ -126,12 +133,18 @@ class MPCAgent:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
         ego_path = None
-        if self.settings.ego_model == "kinematic":
-            from drive_mbrl.egomotion import rollout_ego
+        if self.settings.ego_model in ("kinematic", "route"):
+            from drive_mbrl.egomotion import rollout_ego, rollout_ego_on_path
 
             state = ego_state(env)
-            ego_path = lambda plans: rollout_ego(state, plans, self._names, self._frames_per_step,  # noqa: E731
-                                                 self._sim_dt)
+            if self.settings.ego_model == "kinematic":
+                ego_path = lambda plans: rollout_ego(state, plans, self._names,  # noqa: E731
+                                                     self._frames_per_step, self._sim_dt)
+            else:
+                path = torch.as_tensor(route_path(env, self._route_length, ROUTE_STEP, self._ego_pose),
+                                       device=self.device)
+                ego_path = lambda plans: rollout_ego_on_path(state, path, ROUTE_STEP, plans,  # noqa: E731
+                                                             self._names, self._frames_per_step, self._sim_dt)
         proposal = None
         with torch.inference_mode():
             if self.policy is not None:
@@ -223,6 +236,37 @@ def representative_futures(futures: dict[str, Any], agent_mask: np.ndarray) -> d
             "future_prob": own(prob[member, slots], np.float16),
             "future_disagreement": own(expected.std(0, unbiased=False).norm(dim=-1), np.float16)}
 
+
+
+ROUTE_STEP = 0.5
+"""[m] spacing of the route centre-line points of `planner.ego_model=route`."""
+
+
+def route_path(env: Any, length: float, step: float, ego_pose: np.ndarray) -> np.ndarray:
+    """The centre line of the ego's planned route ahead: points every `step` [m] from the ego's projection on its
+    target lane, `length` [m] along highway-env's route (`ControlledVehicle.route`; the lane's end continues the
+    last lane), in the ego frame of `ego_pose` (x, y [m], heading [rad] in the world frame: x forward, y to the
+    right, as `features.to_ego_frame`). Returns (P, 2) float64, P = length / step + 1 (torch-free)."""
+    base = env.unwrapped
+    ego, network = base.vehicle, base.road.network
+    index = ego.target_lane_index
+    lane = network.get_lane(index)
+    s = float(lane.local_coordinates(ego.position)[0])
+    route = list(ego.route or [])  # next_lane pops the route it is given: never the vehicle's own
+    points = np.empty((int(round(length / step)) + 1, 2))
+    last = False
+    for k in range(len(points)):
+        while s > lane.length and not last:
+            following = network.next_lane(index, route=route, position=lane.position(lane.length, 0))
+            last = following == index
+            if not last:
+                s, index = s - lane.length, following
+                lane = network.get_lane(index)
+        points[k] = lane.position(s, 0)
+        s += step
+    cos, sin = np.cos(ego_pose[2]), np.sin(ego_pose[2])
+    dx, dy = points[:, 0] - ego_pose[0], points[:, 1] - ego_pose[1]
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)
 
 
 def reachable_lanes(network: Any, lane_index: tuple) -> int:
