@@ -262,21 +262,54 @@ def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
     return hit
 
 
+MOVING = 0.5
+"""[m] per plan step: a vehicle that moves less keeps its heading at the decision for `travel_reach`."""
+
+
+def travel_reach(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, heading: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much farther than the ego-frame-aligned boxes of `agent_hits` the boxes reach when each vehicle's box is
+    turned to its direction of travel (its displacement over each step; its heading at the decision while it moves
+    less than `MOVING`) and replaced by the axis-aligned box around it: exact for vehicles parallel or perpendicular
+    to the ego frame (crossing traffic, the ego after a turn), conservative in between, zero on parallel lanes.
+
+    positions: (E, N, A, M, H, 2) [m]; start: (A, 2) positions at the decision; size: (A, 2) length, width [m];
+    heading: (A, 2) cos, sin of each heading at the decision (ego frame). Returns the extra reach in x and y,
+    (E, N, A-1, M, H) each, for `agent_hits`' `extra`."""
+    E, N, A, M, H, _ = positions.shape
+    before = torch.cat([start[None, None, :, None, None, :].expand(E, N, A, M, 1, 2), positions[..., :-1, :]], -2)
+    step = positions - before
+    norm = step.norm(dim=-1)
+    moving = norm > MOVING
+    c0, s0 = (heading[:, i].abs()[None, None, :, None, None] for i in range(2))
+    c = torch.where(moving, step[..., 0].abs() / norm.clamp_min(1e-9), c0)
+    s = torch.where(moving, step[..., 1].abs() / norm.clamp_min(1e-9), s0)
+    length, width = (size[:, i][None, None, :, None, None] for i in range(2))
+    half_x, half_y = (c * length + s * width) / 2, (s * length + c * width) / 2  # (E, N, A, M, H)
+    extra_x = half_x[:, :, 1:] + half_x[:, :, :1] - (length[:, :, 1:] + length[:, :, :1]) / 2
+    extra_y = half_y[:, :, 1:] + half_y[:, :, :1] - (width[:, :, 1:] + width[:, :, :1]) / 2
+    return extra_x, extra_y
+
+
 def ever(hit: torch.Tensor) -> torch.Tensor:
     """Whether `hit` (..., H) bool has been true at or before each step (a cumulative OR along the last axis)."""
     return hit.to(torch.int32).cumsum(-1) > 0
 
 
 def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, agent_mask: torch.Tensor,
-               settings: PlannerConfig) -> torch.Tensor:
+               settings: PlannerConfig, heading: torch.Tensor | None = None) -> torch.Tensor:
     """Whether the ego collides with any present agent by the end of each horizon step, per sample (see
-    `agent_hits`). Returns (E, N, M, H) bool, monotone in H."""
-    hit = (agent_hits(positions, start, size, settings) & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
+    `agent_hits`; with `settings.oriented_boxes` and heading (A, 2), boxes turned to the direction of travel:
+    `travel_reach`). Returns (E, N, M, H) bool, monotone in H."""
+    extra = travel_reach(positions, start, size, heading) if settings.oriented_boxes and heading is not None \
+        else None
+    hit = (agent_hits(positions, start, size, settings, extra) & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
     return ever(hit)
 
 
 def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size: torch.Tensor,
-                        agent_mask: torch.Tensor, settings: PlannerConfig) -> torch.Tensor:
+                        agent_mask: torch.Tensor, settings: PlannerConfig,
+                        heading: torch.Tensor | None = None) -> torch.Tensor:
     """Probability that the ego collides by the end of each step, exact over every agent's modes (no sampling, so
     a rare mode such as a neighbour's lane change is never missed), per member.
 
@@ -291,7 +324,10 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
     ego, ego_std = mean[:, :, :1].gather(3, ego_mode), std[:, :, :1].gather(3, ego_mode)  # (E, N, 1, 1, H, 2)
     positions = torch.cat([ego.expand(E, N, 1, K, H, 2), mean[:, :, 1:]], dim=2)  # modes as "samples"
     spread = settings.mode_sigma * (std[:, :, 1:] ** 2 + ego_std ** 2).sqrt()  # (E, N, A-1, K, H, 2)
-    hit = agent_hits(positions, start, size, settings, (spread[..., 0], spread[..., 1]))  # (E, N, A-1, K, H)
+    extra = [spread[..., 0], spread[..., 1]]
+    if settings.oriented_boxes and heading is not None:
+        extra = [e + t for e, t in zip(extra, travel_reach(positions, start, size, heading), strict=True)]
+    hit = agent_hits(positions, start, size, settings, (extra[0], extra[1]))  # (E, N, A-1, K, H)
     hit = ever(hit) & agent_mask[1:, None, None]
     p_agent = (logits[:, :, 1:].exp()[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
     return 1 - (1 - p_agent).prod(2)
@@ -355,7 +391,8 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
     """
     E, N, A, M, H, _ = positions.shape
     checked = lookahead(positions, settings.lookahead)  # (E, N, A, M, H + lookahead, 2)
-    crashed_all = collisions(checked, history_last[:, :2], history_last[:, 6:8], agent_mask, settings)
+    crashed_all = collisions(checked, history_last[:, :2], history_last[:, 6:8], agent_mask, settings,
+                             history_last[:, 4:6])
     crashed = crashed_all[..., :H]  # (E, N, M, H)
     alive = torch.cat([torch.ones_like(crashed[..., :1]), ~crashed[..., :-1]], dim=-1).to(positions.dtype)
     discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
@@ -406,7 +443,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     steps = min(settings.chance_steps or H, H)
     sampled_prob = crashed[..., steps - 1].to(returns.dtype).mean((0, 2))
     collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
-                                         settings)[..., steps - 1].mean(0)
+                                         settings, history_last[:, 4:6])[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
     risk = risk_measure(costs, settings.risk, settings.alpha)
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement

@@ -13,6 +13,7 @@ import torch
 
 from drive_mbrl.config import RISK_MEASURES, UNCERTAINTY_LEVELS, PlannerConfig
 from drive_mbrl.planning import (
+    agent_hits,
     categorical_cem,
     cem,
     collisions,
@@ -25,6 +26,7 @@ from drive_mbrl.planning import (
     risk_measure,
     sample_costs,
     score_plans,
+    travel_reach,
     unique_plans,
 )
 
@@ -139,6 +141,31 @@ def test_vectorised_collisions_match_a_loop_reference():
     reference = _collisions_reference(positions, start, size, mask, settings)
     assert fast.any() and not fast.all()
     assert torch.equal(fast, reference)
+
+
+def test_oriented_boxes_by_hand():
+    """The ego (5 x 2 m) stands at the origin facing x; three 5 x 2 m cars end a 1-step plan (one check, no
+    margins). One crossing along y at x = 4: ego-frame boxes reach 5 m in x (a hit), boxes turned to the direction
+    of travel 2.5 + 1 = 3.5 m (clear). One crossing at x = 0 that ends 3 m to the side: 2 m of reach in y (clear)
+    against 1 + 2.5 = 3.5 m (a hit). One driving along x to 4 m ahead: parallel, so both agree (a hit)."""
+    start = torch.tensor([[0.0, 0.0], [4.0, -9.0], [0.0, -6.0], [-5.0, 0.0]])
+    end = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [4.0, 0.0]])
+    positions = end[None, None, :, None, None, :]  # (E, N, A, M, H, 2) = (1, 1, 4, 1, 1, 2)
+    size = torch.tensor([[5.0, 2.0]] * 4)
+    heading = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # cos, sin at the decision
+    mask = torch.ones(4, dtype=torch.bool)
+    hits = {}
+    for oriented in (False, True):
+        settings = PlannerConfig(margin_long=0.0, margin_lat=0.0, substeps=1, oriented_boxes=oriented)
+        extra = travel_reach(positions, start, size, heading) if oriented else None
+        hits[oriented] = agent_hits(positions, start, size, settings, extra)[0, 0, :, 0, 0].tolist()
+        crashed = collisions(positions, start, size, mask, settings, heading)[0, 0, 0, 0].item()
+        assert crashed  # some car hits either way
+    assert hits[False] == [True, False, True]
+    assert hits[True] == [False, True, True]
+    extra_x, extra_y = travel_reach(positions, start, size, heading)
+    assert extra_x[0, 0, :, 0, 0].tolist() == pytest.approx([-1.5, -1.5, 0.0])
+    assert extra_y[0, 0, :, 0, 0].tolist() == pytest.approx([1.5, 1.5, 0.0])
 
 
 def test_vectorised_sample_costs_match_a_loop_reference():
