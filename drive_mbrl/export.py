@@ -395,7 +395,7 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
     if planner is not None and planner.ego_model == "route":
         raise ConfigError("planner.ego_model=route reads the ego's route from the road network, which the planner "
                           "graph does not take as an input: export with planner.ego_model=learned (any road) or "
-                          "kinematic (straight lanes)")
+                          "kinematic (straight lanes), or without the planner graph (planner_scenes=0)")
     checkpoint = Path(checkpoint).resolve()
     model, meta = load_forecaster(checkpoint, "cpu")
     datasets = list(datasets or [s["path"] for s in meta["data"]["sources"]])

@@ -97,6 +97,10 @@ def test_export_command_writes_a_bundle_and_names_a_missing_checkpoint(tiny_chec
     assert (tmp_path / "b" / "contract.json").is_file()
     missing = run_cli("export", f"checkpoint={tmp_path / 'nope'}", cwd=tmp_path)
     assert missing.returncode == 2 and "nope" in missing.stderr
+    route = run_cli("export", f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'r'}", "planner.ego_model=route",
+                    cwd=tmp_path)
+    assert route.returncode == 2 and "planner.ego_model=route" in route.stderr and "planner_scenes=0" in route.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(tiny_bundle: Path,
