@@ -99,10 +99,6 @@ class MPCAgent:
         if self.settings.ego_model == "route" and {"LANE_LEFT", "LANE_RIGHT"} & set(names):
             raise ConfigError("planner.ego_model=route keeps the ego on its route's lane centres, but this scenario's "
                               "actions change lanes: use planner.ego_model=kinematic (straight lanes) or learned")
-        speeds = getattr(env.unwrapped.vehicle, "target_speeds", None)
-        top = max(float(np.max(speeds)) if speeds is not None else 0.0, float(env.unwrapped.vehicle.speed), 1.0)
-        self._route_length = top * (self.model.config.horizon + self.settings.lookahead + 1) * \
-            self._frames_per_step * self._sim_dt
         self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
         self._warm: Any = None
         self.last_fallback = ""
@@ -140,9 +136,11 @@ class MPCAgent:
             if self.settings.ego_model == "kinematic":
                 ego_path = lambda plans: rollout_ego(state, plans, self._names,  # noqa: E731
                                                      self._frames_per_step, self._sim_dt)
-            else:
-                path = torch.as_tensor(route_path(env, self._route_length, ROUTE_STEP, self._ego_pose),
-                                       device=self.device)
+            else:  # as far as the ego can drive within the horizon and the lookahead
+                reach = max(*state.target_speeds, state.speed, 1.0) * (self.model.config.horizon +
+                                                                       self.settings.lookahead + 1) * \
+                    self._frames_per_step * self._sim_dt
+                path = torch.as_tensor(route_path(env, reach, ROUTE_STEP, self._ego_pose), device=self.device)
                 ego_path = lambda plans: rollout_ego_on_path(state, path, ROUTE_STEP, plans,  # noqa: E731
                                                              self._names, self._frames_per_step, self._sim_dt)
         proposal = None
