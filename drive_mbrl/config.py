@@ -78,9 +78,10 @@ class PlannerConfig:
                              hi=50.0)
     margin_lat: float = opt(0.5, "[m] added to the sum of half widths (boxes stay aligned with the ego frame: a "
                             "vehicle turning into a lane change is wider than its width)", lo=0.0, hi=10.0)
-    oriented_boxes: bool = opt(False, "turn each vehicle's box to its direction of travel (the axis-aligned box "
-                               "around it) before checking collisions: crossing and turning traffic; off: boxes "
-                               "aligned with the ego frame, exact for parallel lanes")
+    oriented_boxes: bool = opt(False, "turn each vehicle's box to its direction of travel in each step and test "
+                               "the rotated rectangles exactly (separating axes; crossing and turning traffic, the "
+                               "ego in a turn); off: boxes aligned with the ego frame, exact for parallel lanes and "
+                               "about 4x cheaper")
     substeps: int = opt(5, "collision checks per horizon step (linear interpolation; 5 = every frame of "
                         "highway at 5 Hz: at 2 a fast ego passed a slower car between checks)", lo=1, hi=100)
     uncertainty_level: float = opt(0.999, "fall back when the chosen plan's member disagreement or predicted spread "

@@ -236,59 +236,78 @@ def sample_positions(out: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor
 
 
 def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, settings: PlannerConfig,
-               extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+               headings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Whether the ego (slot 0) and each other agent overlap during each horizon step, per sample.
 
     positions: (E, N, A, M, H, 2) futures; start: (A, 2) positions at the decision; size: (A, 2) length and width
-    [m]. Vehicles are boxes aligned with the ego frame (exact for parallel lanes, an approximation where headings
-    differ), grown by the margins (and by `extra` (x, y), each broadcastable to (E, N, A-1, M, H)); between horizon
-    steps positions are interpolated linearly (`settings.substeps` checks per step). Returns (E, N, A-1, M, H) bool.
+    [m]. The boxes of a pair are grown by `settings.margin_long` in length and `margin_lat` in width together, and
+    by `extra` (x, y), each broadcastable to (E, N, A-1, M, H): the half sizes of an ego-frame-aligned box added
+    to the pair (a Minkowski sum: the spread of `mode_collision_prob`). Between horizon steps positions are
+    interpolated linearly (`settings.substeps` checks per step). Without `headings` every box is aligned with the
+    ego frame (exact for parallel lanes); with headings (cos, sin), each (E, N, A, M, H) (`travel_headings`), each
+    box is turned to its heading in that step and the test is the exact separating-axis test of the two rectangles
+    (and the extra box). Returns (E, N, A-1, M, H) bool.
     """
     E, N, A, M, H, _ = positions.shape
-    reach = (size[1:] + size[0]) / 2 + torch.tensor([settings.margin_long, settings.margin_lat], device=size.device,
-                                                     dtype=size.dtype)  # (A-1, 2)
-    rel, prev, limit = [], [], []
+    margin = torch.tensor([settings.margin_long, settings.margin_lat], device=size.device, dtype=size.dtype)
+    half = (size + margin) / 2  # (A, 2) half length and half width, each box taking half of each margin
+    rel, prev = [], []
     for c in range(2):  # x and y as contiguous (E, N, A-1, M, H) tensors: fast elementwise kernels
         rel.append(positions[:, :, 1:, :, :, c] - positions[:, :, :1, :, :, c])
         prev.append(torch.cat([(start[1:, c] - start[0, c])[None, None, :, None, None].expand(E, N, A - 1, M, 1),
                                rel[c][..., :-1]], dim=-1))
-        limit.append(reach[:, c][:, None, None] + (extra[c] if extra is not None else 0.0))  # (A-1, 1, 1) or more
+    ex, ey = extra if extra is not None else (0.0, 0.0)
+    lo, wo = (half[1:, i][:, None, None] for i in range(2))  # (A-1, 1, 1) the other agents' half sizes
+    le, we = half[0, 0], half[0, 1]
+    # Separating axes (None: the frame's x or y) and the pair's projected half extents on them.
+    axes: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
+    radii = [le + lo + ex, we + wo + ey]
+    if headings is not None:
+        c0, s0 = (h[:, :, :1] for h in headings)  # (E, N, 1, M, H) the ego's
+        c1, s1 = (h[:, :, 1:] for h in headings)  # (E, N, A-1, M, H) the others'
+        cos_d, sin_d = (c0 * c1 + s0 * s1).abs(), (c0 * s1 - s0 * c1).abs()  # of the angle between the two
+        a0c, a0s, a1c, a1s = c0.abs(), s0.abs(), c1.abs(), s1.abs()
+        axes += [(c0, s0), (-s0, c0), (c1, s1), (-s1, c1)]  # the ego's length, width; the other's length, width
+        radii = [le * a0c + we * a0s + lo * a1c + wo * a1s + ex,
+                 le * a0s + we * a0c + lo * a1s + wo * a1c + ey,
+                 le + lo * cos_d + wo * sin_d + ex * a0c + ey * a0s,
+                 we + lo * sin_d + wo * cos_d + ex * a0s + ey * a0c,
+                 lo + le * cos_d + we * sin_d + ex * a1c + ey * a1s,
+                 wo + le * sin_d + we * cos_d + ex * a1s + ey * a1c]
     hit = None
     for k in range(1, settings.substeps + 1):
         w = k / settings.substeps
         x, y = (prev[c] + w * (rel[c] - prev[c]) if k < settings.substeps else rel[c] for c in range(2))
-        now = (x.abs() < limit[0]) & (y.abs() < limit[1])
+        now = None
+        for i, (axis, r) in enumerate(zip(axes, radii, strict=True)):
+            along = (x, y)[i] if axis is None else x * axis[0] + y * axis[1]
+            inside = along.abs() < r
+            now = inside if now is None else now & inside
         hit = now if hit is None else hit | now
     return hit
 
 
 MOVING = 0.5
-"""[m] per plan step: a vehicle that moves less keeps its heading at the decision for `travel_reach`."""
+"""[m] per plan step: a vehicle that moves less keeps its heading at the decision for `travel_headings`."""
 
 
-def travel_reach(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, heading: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How much farther than the ego-frame-aligned boxes of `agent_hits` the boxes reach when each vehicle's box is
-    turned to its direction of travel (its displacement over each step; its heading at the decision while it moves
-    less than `MOVING`) and replaced by the axis-aligned box around it: exact for vehicles parallel or perpendicular
-    to the ego frame (crossing traffic, the ego after a turn), conservative in between, zero on parallel lanes.
+def travel_headings(positions: torch.Tensor, start: torch.Tensor, heading: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each agent's heading in each step of its future, for `agent_hits`' turned boxes: the direction of its
+    displacement over the step (the direction of the segment the checks interpolate along), or its heading at the
+    decision while it moves less than `MOVING`.
 
-    positions: (E, N, A, M, H, 2) [m]; start: (A, 2) positions at the decision; size: (A, 2) length, width [m];
-    heading: (A, 2) cos, sin of each heading at the decision (ego frame). Returns the extra reach in x and y,
-    (E, N, A-1, M, H) each, for `agent_hits`' `extra`."""
+    positions: (E, N, A, M, H, 2) [m]; start: (A, 2) positions at the decision; heading: (A, 2) cos, sin of each
+    heading at the decision (ego frame). Returns cos, sin (E, N, A, M, H)."""
     E, N, A, M, H, _ = positions.shape
     before = torch.cat([start[None, None, :, None, None, :].expand(E, N, A, M, 1, 2), positions[..., :-1, :]], -2)
     step = positions - before
     norm = step.norm(dim=-1)
     moving = norm > MOVING
-    c0, s0 = (heading[:, i].abs()[None, None, :, None, None] for i in range(2))
-    c = torch.where(moving, step[..., 0].abs() / norm.clamp_min(1e-9), c0)
-    s = torch.where(moving, step[..., 1].abs() / norm.clamp_min(1e-9), s0)
-    length, width = (size[:, i][None, None, :, None, None] for i in range(2))
-    half_x, half_y = (c * length + s * width) / 2, (s * length + c * width) / 2  # (E, N, A, M, H)
-    extra_x = half_x[:, :, 1:] + half_x[:, :, :1] - (length[:, :, 1:] + length[:, :, :1]) / 2
-    extra_y = half_y[:, :, 1:] + half_y[:, :, :1] - (width[:, :, 1:] + width[:, :, :1]) / 2
-    return extra_x, extra_y
+    cos, sin = (torch.where(moving, step[..., i] / norm.clamp_min(1e-9), heading[:, i][None, None, :, None, None])
+                for i in range(2))
+    return cos, sin
 
 
 def ever(hit: torch.Tensor) -> torch.Tensor:
@@ -300,10 +319,10 @@ def collisions(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
                settings: PlannerConfig, heading: torch.Tensor | None = None) -> torch.Tensor:
     """Whether the ego collides with any present agent by the end of each horizon step, per sample (see
     `agent_hits`; with `settings.oriented_boxes` and heading (A, 2), boxes turned to the direction of travel:
-    `travel_reach`). Returns (E, N, M, H) bool, monotone in H."""
-    extra = travel_reach(positions, start, size, heading) if settings.oriented_boxes and heading is not None \
+    `travel_headings`). Returns (E, N, M, H) bool, monotone in H."""
+    turned = travel_headings(positions, start, heading) if settings.oriented_boxes and heading is not None \
         else None
-    hit = (agent_hits(positions, start, size, settings, extra) & agent_mask[1:, None, None]).any(2)  # (E, N, M, H)
+    hit = (agent_hits(positions, start, size, settings, headings=turned) & agent_mask[1:, None, None]).any(2)
     return ever(hit)
 
 
@@ -324,10 +343,9 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
     ego, ego_std = mean[:, :, :1].gather(3, ego_mode), std[:, :, :1].gather(3, ego_mode)  # (E, N, 1, 1, H, 2)
     positions = torch.cat([ego.expand(E, N, 1, K, H, 2), mean[:, :, 1:]], dim=2)  # modes as "samples"
     spread = settings.mode_sigma * (std[:, :, 1:] ** 2 + ego_std ** 2).sqrt()  # (E, N, A-1, K, H, 2)
-    extra = [spread[..., 0], spread[..., 1]]
-    if settings.oriented_boxes and heading is not None:
-        extra = [e + t for e, t in zip(extra, travel_reach(positions, start, size, heading), strict=True)]
-    hit = agent_hits(positions, start, size, settings, (extra[0], extra[1]))  # (E, N, A-1, K, H)
+    turned = travel_headings(positions, start, heading) if settings.oriented_boxes and heading is not None \
+        else None
+    hit = agent_hits(positions, start, size, settings, (spread[..., 0], spread[..., 1]), turned)  # (E, N, A-1, K, H)
     hit = ever(hit) & agent_mask[1:, None, None]
     p_agent = (logits[:, :, 1:].exp()[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
     return 1 - (1 - p_agent).prod(2)

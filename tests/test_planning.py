@@ -26,7 +26,7 @@ from drive_mbrl.planning import (
     risk_measure,
     sample_costs,
     score_plans,
-    travel_reach,
+    travel_headings,
     unique_plans,
 )
 
@@ -144,28 +144,72 @@ def test_vectorised_collisions_match_a_loop_reference():
 
 
 def test_oriented_boxes_by_hand():
-    """The ego (5 x 2 m) stands at the origin facing x; three 5 x 2 m cars end a 1-step plan (one check, no
-    margins). One crossing along y at x = 4: ego-frame boxes reach 5 m in x (a hit), boxes turned to the direction
-    of travel 2.5 + 1 = 3.5 m (clear). One crossing at x = 0 that ends 3 m to the side: 2 m of reach in y (clear)
-    against 1 + 2.5 = 3.5 m (a hit). One driving along x to 4 m ahead: parallel, so both agree (a hit)."""
-    start = torch.tensor([[0.0, 0.0], [4.0, -9.0], [0.0, -6.0], [-5.0, 0.0]])
-    end = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [4.0, 0.0]])
-    positions = end[None, None, :, None, None, :]  # (E, N, A, M, H, 2) = (1, 1, 4, 1, 1, 2)
-    size = torch.tensor([[5.0, 2.0]] * 4)
-    heading = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # cos, sin at the decision
-    mask = torch.ones(4, dtype=torch.bool)
-    hits = {}
-    for oriented in (False, True):
-        settings = PlannerConfig(margin_long=0.0, margin_lat=0.0, substeps=1, oriented_boxes=oriented)
-        extra = travel_reach(positions, start, size, heading) if oriented else None
-        hits[oriented] = agent_hits(positions, start, size, settings, extra)[0, 0, :, 0, 0].tolist()
-        crashed = collisions(positions, start, size, mask, settings, heading)[0, 0, 0, 0].item()
-        assert crashed  # some car hits either way
-    assert hits[False] == [True, False, True]
-    assert hits[True] == [False, True, True]
-    extra_x, extra_y = travel_reach(positions, start, size, heading)
-    assert extra_x[0, 0, :, 0, 0].tolist() == pytest.approx([-1.5, -1.5, 0.0])
-    assert extra_y[0, 0, :, 0, 0].tolist() == pytest.approx([1.5, 1.5, 0.0])
+    """The ego (5 x 2 m) stands at the origin facing x; four 5 x 2 m cars end a 1-step plan (one check, no
+    margins). One crossing along y at x = 4: ego-frame boxes reach 5 m in x (a hit), turned boxes 2.5 + 1 = 3.5 m
+    (clear). One crossing at x = 0 that ends 3 m to the side: 2 m of reach in y (clear) against 1 + 2.5 = 3.5 m (a
+    hit). One driving along x to 4 m ahead: parallel, so both agree (a hit). One driving at 45 degrees to (3, 2.6):
+    its nearest corner lies at (3 - 1.5 / sqrt 2, 2.6 - 3.5 / sqrt 2) = (1.94, 0.13), inside the ego's box (a hit);
+    moved to (3.5, 3.1) the corner is at (2.44, 0.63), still inside; to (4, 3.6), at (2.94, 1.13): clear. Boxes
+    aligned with the ego frame reach 2 m in y and miss all three."""
+    start = torch.tensor([[0.0, 0.0], [4.0, -9.0], [0.0, -6.0], [-5.0, 0.0], [-4.0, -4.4]])
+    heading = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [2 ** -0.5, 2 ** -0.5]])
+    size = torch.tensor([[5.0, 2.0]] * 5)
+    mask = torch.ones(5, dtype=torch.bool)
+    expected = {(3.0, 2.6): True, (3.5, 3.1): True, (4.0, 3.6): False}
+    for diagonal, hit_turned in expected.items():
+        end = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [4.0, 0.0], list(diagonal)])
+        positions = end[None, None, :, None, None, :]  # (E, N, A, M, H, 2) = (1, 1, 5, 1, 1, 2)
+        hits = {}
+        for oriented in (False, True):
+            settings = PlannerConfig(margin_long=0.0, margin_lat=0.0, substeps=1, oriented_boxes=oriented)
+            turned = travel_headings(positions, start, heading) if oriented else None
+            hits[oriented] = agent_hits(positions, start, size, settings, headings=turned)[0, 0, :, 0, 0].tolist()
+            assert collisions(positions, start, size, mask, settings, heading)[0, 0, 0, 0].item()  # a hit either way
+        assert hits[False] == [True, False, True, False]
+        assert hits[True] == [False, True, True, hit_turned]
+
+
+def test_turned_boxes_match_highway_envs_polygon_test():
+    """agent_hits with headings against highway-env's own separating-axis test of vehicle polygons
+    (`utils.are_polygons_intersecting`, what the simulator uses for crashes), on random poses near the ego."""
+    from highway_env import utils
+
+    def polygon(center, length, width, angle):
+        c, s = np.cos(angle), np.sin(angle)
+        corners = np.array([[-length / 2, -width / 2], [-length / 2, width / 2], [length / 2, width / 2],
+                            [length / 2, -width / 2]]) @ np.array([[c, s], [-s, c]]) + center
+        return np.vstack([corners, corners[:1]])
+
+    rng = np.random.default_rng(3)
+    A = 400
+    center = np.concatenate([rng.normal(0.0, 1.0, (1, 2)), rng.uniform(-7.0, 7.0, (A - 1, 2))])
+    angle = rng.uniform(-np.pi, np.pi, A)
+    size = np.stack([rng.uniform(3.0, 7.0, A), rng.uniform(1.5, 2.5, A)], -1)
+    positions = torch.tensor(center, dtype=torch.float64)[None, None, :, None, None, :]
+    headings = tuple(torch.tensor(f(angle))[None, None, :, None, None] for f in (np.cos, np.sin))
+    settings = PlannerConfig(margin_long=0.0, margin_lat=0.0, substeps=1)
+    hits = agent_hits(positions, positions[0, 0, :, 0, 0], torch.tensor(size), settings,
+                      headings=headings)[0, 0, :, 0, 0]
+    ego = polygon(center[0], *size[0], angle[0])
+    reference = [utils.are_polygons_intersecting(ego, polygon(center[a], *size[a], angle[a]), np.zeros(2),
+                                                 np.zeros(2))[0] for a in range(1, A)]
+    assert 0.1 < hits.double().mean() < 0.9
+    assert hits.tolist() == reference
+
+
+def test_turned_boxes_along_the_frame_are_the_aligned_test():
+    """Headings all along the ego frame's x reduce the separating-axis test to the aligned boxes, margins and the
+    spread box of `mode_collision_prob` included."""
+    torch.manual_seed(4)
+    positions = torch.randn(2, 3, 5, 4, 3, 2) * torch.tensor([8.0, 3.0])
+    start = torch.randn(5, 2) * torch.tensor([8.0, 3.0])
+    size = torch.tensor([[5.0, 2.0], [4.0, 1.8], [6.0, 2.2], [5.0, 2.0], [12.0, 2.5]])
+    extra = (torch.rand(2, 3, 4, 4, 3), torch.rand(2, 3, 4, 4, 3))
+    along_x = (torch.ones(2, 3, 5, 4, 3), torch.zeros(2, 3, 5, 4, 3))
+    settings = PlannerConfig(substeps=3)
+    aligned = agent_hits(positions, start, size, settings, extra)
+    assert aligned.any() and not aligned.all()
+    assert torch.equal(agent_hits(positions, start, size, settings, extra, along_x), aligned)
 
 
 def test_vectorised_sample_costs_match_a_loop_reference():
