@@ -76,7 +76,7 @@ class PlannerConfig:
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)
-    margin_lat: float = opt(0.5, "[m] added to the sum of half widths (boxes stay aligned with the ego frame: a "
+    margin_lat: float = opt(0.5, "[m] added to the sum of half widths (with boxes aligned with the ego frame, a "
                             "vehicle turning into a lane change is wider than its width)", lo=0.0, hi=10.0)
     oriented_boxes: bool = opt(False, "turn each vehicle's box to its direction of travel in each step and test "
                                "the rotated rectangles exactly (separating axes; crossing and turning traffic, the "
