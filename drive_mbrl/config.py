@@ -78,8 +78,6 @@ class PlannerConfig:
                            "lane (a keep-clear zone), a plan that leaves the ego standing counts as colliding, and "
                            "the chance constraint covers every step the ego spends there, so the ego enters a "
                            "crossing only when it can clear it (priority traffic does not yield to a stopped ego)")
-    keep_clear_epsilon: float = opt(0.05, "planner.keep_clear: reject plans whose collision probability up to the "
-                                    "last step spent in a keep-clear zone exceeds this", lo=0.0, hi=1.0)
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)
     margin_lat: float = opt(0.5, "[m] added to the sum of half widths (with boxes aligned with the ego frame, a "

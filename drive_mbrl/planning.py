@@ -464,13 +464,12 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). With `inside` (N, H)
     bool, the steps at which the ego is in a keep-clear zone (`planner.keep_clear`): standing there
     (`standing_inside`, the ego's positions taken from member 0's first mode) counts as a collision in every sample
-    and mode, and the collision probability looks up to the last step inside when that is later, where it must
-    not exceed `keep_clear_epsilon` (the first `chance_steps` steps keep `chance_epsilon`). `draws`: the
+    and mode, and the chance constraint looks up to the last step inside when that is later. `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:
     cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
     (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
-    (`mode_collision_prob` within the first `chance_steps` steps, or up to the last step in a keep-clear zone when
-    later; mean over members), sampled_collision_prob (share of samples colliding within those steps), disagreement
+    (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
+    sampled_collision_prob (share of samples colliding within those steps), disagreement
     and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
     over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
     """
@@ -482,8 +481,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
         standing_inside(_positions(out["mean"])[0, :, 0, 0], history_last[0, :2], inside, policy_dt)
     costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans,
                                            policy_dt, blocked)
-    near = min(settings.chance_steps or H, H) - 1
-    last = torch.full((N,), near, device=costs.device)  # (N,) the step the collision probability looks up to
+    last = torch.full((N,), min(settings.chance_steps or H, H) - 1, device=costs.device)  # (N,) step looked up to
     by_step = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask, settings,
                                   history_last[:, 4:6])  # (E, N, H)
     if blocked is not None:
@@ -493,16 +491,13 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     sampled_prob = crashed.gather(-1, last[None, :, None, None].expand(E, N, crashed.shape[2], 1))[..., 0] \
         .to(returns.dtype).mean((0, 2))
     collision_prob = by_step.gather(-1, last[None, :, None].expand(E, N, 1))[..., 0].mean(0)
-    within = by_step[..., near].mean(0) <= settings.chance_epsilon
-    if blocked is not None:
-        within = within & (collision_prob <= settings.keep_clear_epsilon)
     disagreement, spread = plan_uncertainty(out, agent_mask)
     risk = risk_measure(costs, settings.risk, settings.alpha)
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
     totals = [out[k].sum([d for d in range(out[k].dim()) if d != 1]) for k in ("mean", "log_std", "logits", "reward")]
     finite = torch.isfinite(sum(totals))
-    feasible = finite & within & torch.isfinite(cost)
+    feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
             "collision_prob": collision_prob,
             "sampled_collision_prob": sampled_prob, "disagreement": disagreement, "spread": spread,
