@@ -74,10 +74,6 @@ class PlannerConfig:
     progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
-    keep_clear: bool = opt(False, "junction rule (needs ego_model=route): where the ego's route crosses another "
-                           "lane (a keep-clear zone), a plan that leaves the ego standing counts as colliding, and "
-                           "the chance constraint covers every step the ego spends there, so the ego enters a "
-                           "crossing only when it can clear it (priority traffic does not yield to a stopped ego)")
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)
     margin_lat: float = opt(0.5, "[m] added to the sum of half widths (with boxes aligned with the ego frame, a "

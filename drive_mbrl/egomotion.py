@@ -134,8 +134,11 @@ def rollout_ego_on_path(state: EgoState, path: torch.Tensor, step: float, plans:
     path: (P, 2) [m] points every `step` [m] in the ego frame, the first at the ego; plans: (N, H) int64. Returns
     (N, H, 4): x, y [m] and vx, vy [m/s] at the end of each plan step; beyond the path's end the last segment
     continues straight."""
-    distance, speed = path_travel(state, plans, action_names, frames_per_step, sim_dt)
-    distance, speed = distance.to(path.dtype), speed.to(path.dtype)
+    on_lane = EgoState(speed=state.speed, heading=0.0, lateral=0.0, lane_heading=0.0, lane=0, target_lane=0, lanes=1,
+                       lane_width=state.lane_width, target_speed=state.target_speed,
+                       target_speeds=state.target_speeds, length=state.length)
+    travel = rollout_ego(on_lane, plans, action_names, frames_per_step, sim_dt).to(path.dtype)  # straight lane
+    distance, speed = travel[..., 0].clamp_min(0.0), travel[..., 2]  # (N, H) [m], [m/s]
     P = path.shape[0]
     seg = (distance / step).floor().clamp(0, P - 2)
     frac = (distance / step - seg)[..., None]  # > 1 past the end: extrapolates the last segment
@@ -143,28 +146,6 @@ def rollout_ego_on_path(state: EgoState, path: torch.Tensor, step: float, plans:
     start, end = path[i], path[i + 1]  # (N, H, 2)
     tangent = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-9)
     return torch.cat([start + frac * (end - start), speed[..., None] * tangent], dim=-1).to(torch.float32)
-
-
-def path_travel(state: EgoState, plans: torch.Tensor, action_names: list[str], frames_per_step: int,
-                sim_dt: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far along its path the ego has driven by the end of each plan step, and its speed there, under
-    highway-env's speed controller (the longitudinal part of `rollout_ego` on a straight lane, for plans without
-    lane changes). plans: (N, H) int64. Returns distance [m] (>= 0) and speed [m/s], each (N, H) float64."""
-    on_lane = EgoState(speed=state.speed, heading=0.0, lateral=0.0, lane_heading=0.0, lane=0, target_lane=0, lanes=1,
-                       lane_width=state.lane_width, target_speed=state.target_speed,
-                       target_speeds=state.target_speeds, length=state.length)
-    travel = rollout_ego(on_lane, plans, action_names, frames_per_step, sim_dt)
-    return travel[..., 0].clamp_min(0.0), travel[..., 2]
-
-
-def path_zone(state: EgoState, zone: torch.Tensor, step: float, plans: torch.Tensor, action_names: list[str],
-              frames_per_step: int, sim_dt: float) -> torch.Tensor:
-    """Whether the ego is inside a zone of its path at the end of each plan step: zone (P,) bool flags the path's
-    points (every `step` [m], the first at the ego, as `rollout_ego_on_path`'s path; beyond the last point the last
-    flag holds). Returns (N, H) bool."""
-    distance, _ = path_travel(state, plans, action_names, frames_per_step, sim_dt)
-    index = (distance / step).round().clamp(0, zone.shape[0] - 1).to(torch.int64)
-    return zone[index]
 
 
 _TAN_MAX_STEERING = math.tan(MAX_STEERING_ANGLE)

@@ -74,9 +74,6 @@ class MPCAgent:
             self.policy = PolicyAgent(self.settings.policy, threads=self.settings.threads)
         elif self.settings.fallback == "policy":
             raise ConfigError("planner.fallback=policy needs planner.policy=<policy folder>")
-        if self.settings.keep_clear and self.settings.ego_model != "route":
-            raise ConfigError("planner.keep_clear=true reads the keep-clear zones along the ego's route: it needs "
-                              "planner.ego_model=route")
         self.last_fallback = ""
         self.last_decision: Any = None
         self._recorder: Any = None
@@ -104,7 +101,6 @@ class MPCAgent:
                               "actions change lanes: use planner.ego_model=kinematic (straight lanes) or learned")
         self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
         self._warm: Any = None
-        self._lanes: Any = None
         self.last_fallback = ""
 
     def attach_tracks(self, recorder: Any) -> None:
@@ -132,29 +128,21 @@ class MPCAgent:
         if self._recorder is None:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
-        ego_path = keep_clear = None
+        ego_path = None
         if self.settings.ego_model in ("kinematic", "route"):
-            from drive_mbrl.egomotion import path_zone, rollout_ego, rollout_ego_on_path
+            from drive_mbrl.egomotion import rollout_ego, rollout_ego_on_path
 
             state = ego_state(env)
             if self.settings.ego_model == "kinematic":
                 ego_path = lambda plans: rollout_ego(state, plans, self._names,  # noqa: E731
                                                      self._frames_per_step, self._sim_dt)
             else:  # as far as the ego can drive within the horizon and the lookahead
-                per_step = max(*state.target_speeds, state.speed, 1.0) * self._frames_per_step * self._sim_dt  # [m]
-                H = self.model.config.horizon
-                points = route_points(env, per_step * (H + self.settings.lookahead + 1), ROUTE_STEP)
-                path = torch.as_tensor(route_path(points, self._ego_pose), device=self.device)
+                reach = max(*state.target_speeds, state.speed, 1.0) * (self.model.config.horizon +
+                                                                       self.settings.lookahead + 1) * \
+                    self._frames_per_step * self._sim_dt
+                path = torch.as_tensor(route_path(env, reach, ROUTE_STEP, self._ego_pose), device=self.device)
                 ego_path = lambda plans: rollout_ego_on_path(state, path, ROUTE_STEP, plans,  # noqa: E731
                                                              self._names, self._frames_per_step, self._sim_dt)
-                if self.settings.keep_clear:
-                    if self._lanes is None:  # the road network is fixed within an episode
-                        self._lanes = lane_samples(env.unwrapped.road.network, ROUTE_STEP)
-                    within = int(per_step * (H + 1) / ROUTE_STEP) + 2  # as far as the horizon reaches
-                    zone = torch.as_tensor(keep_clear_zone(points[:within], self._lanes, state.length / 2),
-                                           device=self.device)
-                    keep_clear = lambda plans: path_zone(state, zone, ROUTE_STEP, plans,  # noqa: E731
-                                                         self._names, self._frames_per_step, self._sim_dt)
         proposal = None
         with torch.inference_mode():
             if self.policy is not None:
@@ -162,7 +150,7 @@ class MPCAgent:
                 proposal = torch.softmax(logits, -1).to(self.device)
             decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
                                   torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault, ego_path, proposal, keep_clear)
+                                  self._warm, self.fault, ego_path, proposal)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
@@ -252,19 +240,11 @@ ROUTE_STEP = 0.5
 """[m] spacing of the route centre-line points of `planner.ego_model=route`."""
 
 
-def route_path(points: np.ndarray, ego_pose: np.ndarray) -> np.ndarray:
-    """World-frame route points (P, 2) [m] (`route_points`) in the ego frame of `ego_pose` (x, y [m], heading
-    [rad] in the world frame: x forward, y to the right, as `features.to_ego_frame`). Returns (P, 2) float64
-    (torch-free)."""
-    cos, sin = np.cos(ego_pose[2]), np.sin(ego_pose[2])
-    dx, dy = points[:, 0] - ego_pose[0], points[:, 1] - ego_pose[1]
-    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)
-
-
-def route_points(env: Any, length: float, step: float) -> np.ndarray:
+def route_path(env: Any, length: float, step: float, ego_pose: np.ndarray) -> np.ndarray:
     """The centre line of the ego's planned route ahead: points every `step` [m] from the ego's projection on its
     target lane, `length` [m] along highway-env's route (`ControlledVehicle.route`; the lane's end continues the
-    last lane), in the world frame. Returns (P, 2) float64, P = length / step + 1 (torch-free)."""
+    last lane), in the ego frame of `ego_pose` (x, y [m], heading [rad] in the world frame: x forward, y to the
+    right, as `features.to_ego_frame`). Returns (P, 2) float64, P = length / step + 1 (torch-free)."""
     base = env.unwrapped
     ego, network = base.vehicle, base.road.network
     index = ego.target_lane_index
@@ -282,46 +262,9 @@ def route_points(env: Any, length: float, step: float) -> np.ndarray:
                 lane = network.get_lane(index)
         points[k] = lane.position(s, 0)
         s += step
-    return points
-
-
-KEEP_CLEAR_ANGLE = 30.0
-"""[deg] a lane crosses the ego's route where their directions differ by more than this (and less than 180 minus
-this): merging and parallel lanes do not."""
-
-
-def lane_samples(network: Any, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every lane of a highway-env road network, sampled along its centre line every `step` [m] (both ends
-    included). Returns points (Q, 2) [m] (world frame), unit directions (Q, 2) and half widths (Q,) [m]."""
-    points, directions, half_widths = [], [], []
-    for ends in network.graph.values():
-        for lanes in ends.values():
-            for lane in lanes:
-                for s in np.append(np.arange(0.0, lane.length, step), lane.length):
-                    heading = lane.heading_at(s)
-                    points.append(lane.position(s, 0))
-                    directions.append((np.cos(heading), np.sin(heading)))
-                    half_widths.append(lane.width_at(s) / 2)
-    return np.asarray(points, np.float64), np.asarray(directions, np.float64), np.asarray(half_widths, np.float64)
-
-
-def keep_clear_zone(route: np.ndarray, lanes: tuple[np.ndarray, np.ndarray, np.ndarray], margin: float
-                    ) -> np.ndarray:
-    """Which points of the ego's route lie where it crosses another lane (a keep-clear zone): within that lane's
-    half width + `margin` [m] of a centre-line sample (`lane_samples`) whose direction differs from the route's there
-    by more than KEEP_CLEAR_ANGLE. margin: the ego's half length, as its body reaches into a crossing lane before
-    its centre does. route: (P, 2) world frame [m], in driving order (P >= 2). Returns (P,) bool."""
-    points, directions, half_widths = lanes
-    reach = half_widths.max(initial=0.0) + margin
-    box = ((points >= route.min(0) - reach) & (points <= route.max(0) + reach)).all(1)  # samples near the route
-    points, directions, half_widths = points[box], directions[box], half_widths[box]
-    step = np.diff(route, axis=0)
-    step = np.concatenate([step, step[-1:]])
-    heading = step / np.linalg.norm(step, axis=-1, keepdims=True).clip(1e-9)  # (P, 2)
-    near = ((route[:, None] - points[None]) ** 2).sum(-1) < (half_widths[None] + margin) ** 2  # (P, Q)
-    crossing = np.abs(heading[:, None, 0] * directions[None, :, 1] - heading[:, None, 1] * directions[None, :, 0]) \
-        > np.sin(np.radians(KEEP_CLEAR_ANGLE))
-    return (near & crossing).any(1)
+    cos, sin = np.cos(ego_pose[2]), np.sin(ego_pose[2])
+    dx, dy = points[:, 0] - ego_pose[0], points[:, 1] - ego_pose[1]
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)
 
 
 def reachable_lanes(network: Any, lane_index: tuple) -> int:

@@ -400,22 +400,17 @@ def dead_end_costs(positions: torch.Tensor, size: torch.Tensor, agent_mask: torc
 
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
                  agent_mask: torch.Tensor, settings: PlannerConfig, plans: torch.Tensor | None = None,
-                 policy_dt: float = 1.0, blocked: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 policy_dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cost of every sampled future (see `score_plans`).
 
     positions: (E, N, A, M, H, 2) sampled futures; reward: (E, N, H) each member's predicted rewards; policy_dt:
-    [s] between plan steps (the forecaster's); blocked: (N, H) bool, steps at which the ego stands in a keep-clear
-    zone (`standing_inside`), counted as collisions in every sample. Returns costs
+    [s] between plan steps (the forecaster's). Returns costs
     (N, E x M) (member-major), crashed (E, N, M, H) and discounted returns (E, N, M).
     """
     E, N, A, M, H, _ = positions.shape
     checked = lookahead(positions, settings.lookahead)  # (E, N, A, M, H + lookahead, 2)
     crashed_all = collisions(checked, history_last[:, :2], history_last[:, 6:8], agent_mask, settings,
                              history_last[:, 4:6])
-    if blocked is not None:
-        beyond = blocked.new_zeros(N, crashed_all.shape[-1] - H)
-        crashed_all = crashed_all | ever(torch.cat([blocked, beyond], -1))[None, :, None]
     crashed = crashed_all[..., :H]  # (E, N, M, H)
     alive = torch.cat([torch.ones_like(crashed[..., :1]), ~crashed[..., :-1]], dim=-1).to(positions.dtype)
     discount = settings.gamma ** torch.arange(H, device=positions.device, dtype=positions.dtype)
@@ -435,22 +430,9 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
     return costs, crashed, returns
 
 
-KEEP_CLEAR_SPEED = 1.0
-"""[m/s] an ego slower than this over a plan step stands (`standing_inside`)."""
-
-
-def standing_inside(ego: torch.Tensor, start: torch.Tensor, inside: torch.Tensor, policy_dt: float
-                    ) -> torch.Tensor:
-    """Steps at whose end the ego stands in a keep-clear zone: inside it (`inside` (N, H) bool) after a step in
-    which it moved less than KEEP_CLEAR_SPEED x policy_dt. ego: (N, H, 2) its positions [m] at the end of each
-    step, start: (2,) at the decision. Returns (N, H) bool."""
-    before = torch.cat([start.to(ego)[None, None].expand(ego.shape[0], 1, 2), ego[:, :-1]], dim=1)
-    return inside & ((ego - before).norm(dim=-1) < KEEP_CLEAR_SPEED * policy_dt)
-
-
 def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_mask: torch.Tensor,
                 settings: PlannerConfig, draws: torch.Generator | Draws, plans: torch.Tensor | None = None,
-                policy_dt: float = 1.0, inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                policy_dt: float = 1.0) -> dict[str, torch.Tensor]:
     """Costs of N plans of one scene from the forecaster's predictions under them.
 
     out: `Forecaster.decode` outputs with the scene axis removed (mean (E, N, A, K, H, 4), reward (E, N, H), ...);
@@ -461,10 +443,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     `settings.lookahead` steps beyond the horizon: `lookahead`; a future without a collision pays the dead-end
     charge instead when `settings.dead_end_speed` > 0: `dead_end_costs`), minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
-    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). With `inside` (N, H)
-    bool, the steps at which the ego is in a keep-clear zone (`planner.keep_clear`): standing there
-    (`standing_inside`, the ego's positions taken from member 0's first mode) counts as a collision in every sample
-    and mode, and the chance constraint looks up to the last step inside when that is later. `draws`: the
+    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:
     cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
     (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
@@ -477,20 +456,12 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     if isinstance(draws, torch.Generator):
         draws = sample_draws(draws, E, N, A, settings.samples)
     positions = sample_positions(out, draws)
-    blocked = None if inside is None else \
-        standing_inside(_positions(out["mean"])[0, :, 0, 0], history_last[0, :2], inside, policy_dt)
     costs, crashed, returns = sample_costs(positions, out["reward"], history_last, agent_mask, settings, plans,
-                                           policy_dt, blocked)
-    last = torch.full((N,), min(settings.chance_steps or H, H) - 1, device=costs.device)  # (N,) step looked up to
-    by_step = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask, settings,
-                                  history_last[:, 4:6])  # (E, N, H)
-    if blocked is not None:
-        steps = torch.arange(H, device=costs.device)
-        last = torch.maximum(last, torch.where(inside, steps, torch.zeros_like(steps)).amax(-1))
-        by_step = torch.where(ever(blocked)[None], torch.ones_like(by_step), by_step)
-    sampled_prob = crashed.gather(-1, last[None, :, None, None].expand(E, N, crashed.shape[2], 1))[..., 0] \
-        .to(returns.dtype).mean((0, 2))
-    collision_prob = by_step.gather(-1, last[None, :, None].expand(E, N, 1))[..., 0].mean(0)
+                                           policy_dt)
+    steps = min(settings.chance_steps or H, H)
+    sampled_prob = crashed[..., steps - 1].to(returns.dtype).mean((0, 2))
+    collision_prob = mode_collision_prob(out, history_last[:, :2], history_last[:, 6:8], agent_mask,
+                                         settings, history_last[:, 4:6])[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
     risk = risk_measure(costs, settings.risk, settings.alpha)
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
@@ -546,9 +517,6 @@ Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """Optional hook applied to the forecaster's outputs before scoring (fault injection in tests)."""
 EgoPath = Callable[[torch.Tensor], torch.Tensor]
 """plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`)."""
-KeepClear = Callable[[torch.Tensor], torch.Tensor]
-"""plans (P, H) -> (P, H) bool: whether the ego is inside a keep-clear zone at the end of each step
-(`egomotion.path_zone`)."""
 FALLBACK_REASONS = ("", "model_output_not_finite", "spread_too_wide", "members_disagree",
                     "no_plan_within_collision_limit")
 """`plan_step`'s reason codes (index) and names; '' (0): the plan is used."""
@@ -610,16 +578,14 @@ def _refit(probs: torch.Tensor, plans: torch.Tensor, costs: torch.Tensor, elites
 
 def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
               noise: StepNoise, warm_start: torch.Tensor, ego_path: EgoPath | None = None,
-              fault: Fault | None = None, proposal: torch.Tensor | None = None,
-              keep_clear: KeepClear | None = None) -> dict[str, torch.Tensor]:
+              fault: Fault | None = None, proposal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One planning step as a tensor function of the scene and the noise, with no data-dependent Python control
     flow: what `plan_scene` runs and what export.py traces into ONNX.
 
     Search (`search_shape`): every plan at once, or categorical CEM for I iterations of P candidates (the first
     population holds warm_start (H,) and the constant plans; duplicates are scored once; the best plan seen in any
     iteration wins, ties to the first). Each distinct plan is scored by `score_plans` with its row of `noise`.
-    proposal, keep_clear: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the
-    prior).
+    proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior).
     Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into FALLBACK_REASONS, in the order of
     `plan_scene`), least_risk (H,) (the plan of least collision probability, ties to the higher expected return),
     collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored),
@@ -658,8 +624,7 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
         if fault is not None:
             out = fault(out)
         draws = (noise.modes[it, :rows].transpose(0, 1), noise.gauss[it, :rows].transpose(0, 1))
-        inside = keep_clear(plans) if keep_clear is not None else None
-        scores = score_plans(out, last, agent_mask, settings, draws, plans, c.policy_dt, inside)
+        scores = score_plans(out, last, agent_mask, settings, draws, plans, c.policy_dt)
         cost, cp, er = scores["cost"], scores["collision_prob"], scores["expected_return"]
         first = plans[:, :1] == torch.arange(nA, device=plans.device)  # (U, nA)
         costs_by_action = torch.where(first, cost[:, None], torch.full_like(first, math.inf, dtype=cost.dtype))
@@ -720,7 +685,7 @@ def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tens
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
                fault: Fault | None = None, ego_path: EgoPath | None = None,
-               proposal: torch.Tensor | None = None, keep_clear: KeepClear | None = None) -> Decision:
+               proposal: torch.Tensor | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits (`plan_step`, with its
@@ -733,15 +698,14 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
     draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
     action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
-    enumerated); keep_clear: plans (P, H) -> (P, H) bool, the steps at which the ego is inside a keep-clear zone
-    (`planner.keep_clear`, see `score_plans`), or None.
+    enumerated).
     """
     c = model.config
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
         warm_start = torch.zeros(c.horizon, dtype=torch.int64, device=history.device)
-    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal, keep_clear)
+    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal)
     reason = FALLBACK_REASONS[int(step["reason"])]
     least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
     return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),

@@ -548,7 +548,7 @@ def test_route_ego_follows_the_intersection_turn_that_straight_lanes_miss():
     import copy
 
     from drive_mbrl.egomotion import rollout_ego, rollout_ego_on_path
-    from drive_mbrl.mpc import ROUTE_STEP, ego_state, route_path, route_points
+    from drive_mbrl.mpc import ROUTE_STEP, ego_state, route_path
     from drive_mbrl.scenarios import action_names, env_timing, load_scenario, make_env, reset_env
 
     env = make_env(load_scenario("intersection"))
@@ -562,7 +562,7 @@ def test_route_ego_follows_the_intersection_turn_that_straight_lanes_miss():
             base.road.vehicles = [base.vehicle]  # alone: nothing to yield to or crash into
             ego = base.vehicle
             pose = np.array([*ego.position, ego.heading])
-            path = torch.as_tensor(route_path(route_points(env, 120.0, ROUTE_STEP), pose))
+            path = torch.as_tensor(route_path(env, 120.0, ROUTE_STEP, pose))
             predicted = rollout_ego_on_path(ego_state(env), path, ROUTE_STEP, plans, names, sim_hz // policy_hz,
                                             1 / sim_hz)
             straight = rollout_ego(ego_state(env), plans, names, sim_hz // policy_hz, 1 / sim_hz)
@@ -673,64 +673,3 @@ def test_dead_end_cost_by_hand():
     crash = scene(([10.0, 21.0], 0.0))  # 1 m ahead at the end: overlapping boxes
     costs, crashed, _ = sample_costs(crash, reward, history_last, mask[:2], settings)
     assert crashed[..., -1].all() and float(costs) == pytest.approx(10.0 * 0.9 ** int(crashed[0, 0, 0].int().argmax()))
-
-
-def test_keep_clear_by_hand():
-    """Four plans (H = 3) with a car standing 33 m ahead; `inside` says at which steps the ego is in a keep-clear
-    zone. Plan 0 stands inside from the start: a collision at step 0, cost 5 - 1 = 4, probability 1. Plan 1 creeps
-    at 0.5 m/s (under the 1 m/s of standing) and is inside at step 2 only: charged 5 x 0.9^2 there and, as the
-    chance constraint now looks to step 2, probability 1. Plans 2 and 3 drive 10 m/s and meet the car in step
-    index 2, beyond the constraint's 2 steps: plan 2, inside at step 2, sees it (probability 1); plan 3, inside at
-    step 0 only, does not (0). Both pay the collision in their cost; without zones only 2 and 3 pay, and no plan
-    has a probability above 0."""
-    out, last, mask = _scene_outputs([0.0, 0.5, 10.0, 10.0])
-    out["mean"][:, :, 1, :, :, 0] = 33.0
-    last[1, 0] = 33.0
-    inside = torch.tensor([[True, True, True], [False, False, True], [False, False, True], [True, False, False]])
-    settings = PlannerConfig(gamma=0.9, collision_cost=5.0, risk="mean", chance_epsilon=1.0, samples=3,
-                             progress_weight=0.0, chance_steps=2)
-    hit = 5.0 * 0.81 - (1 + 0.9 + 0.81)
-    zones = score_plans(out, last, mask, settings, gen(), inside=inside)
-    assert zones["cost"].tolist() == pytest.approx([5.0 - 1.0, hit, hit, hit])
-    assert zones["collision_prob"].tolist() == [1.0, 1.0, 1.0, 0.0]
-    assert zones["sampled_collision_prob"].tolist() == [1.0, 1.0, 1.0, 0.0]
-    plain = score_plans(out, last, mask, settings, gen())
-    assert plain["cost"].tolist() == pytest.approx([-(1 + 0.9 + 0.81)] * 2 + [hit, hit])
-    assert plain["collision_prob"].tolist() == [0.0] * 4
-
-
-def test_keep_clear_zone_and_path_zone_by_hand():
-    """A route along x crosses a lane running along y at x = 0 (half width 2 m): with a 2.5 m margin the route's
-    points with |x| < 4.5 m are in the zone. A parallel lane 3 m beside the route and a lane crossing at 20 degrees
-    (under KEEP_CLEAR_ANGLE) make none. Then an ego holding 4.5 m/s (IDLE) drives 4.5, 9 and 13.5 m along a path
-    flagged from 5 to 10 m: inside at the second step only."""
-    from drive_mbrl.egomotion import EgoState, path_zone
-    from drive_mbrl.mpc import keep_clear_zone
-
-    step = 0.5
-    route = np.stack([np.arange(-20.0, 20.0 + step / 2, step), np.zeros(81)], -1)
-    along = np.arange(-20.0, 20.0 + step / 2, step)
-    crossing = np.stack([np.zeros_like(along), along], -1), np.tile([0.0, 1.0], (81, 1))
-    parallel = np.stack([along, np.full_like(along, 3.0)], -1), np.tile([1.0, 0.0], (81, 1))
-    shallow = np.radians(20.0)
-    slanted = np.stack([10 + along * np.cos(shallow), along * np.sin(shallow)], -1), \
-        np.tile([np.cos(shallow), np.sin(shallow)], (81, 1))
-    lanes = [crossing, parallel, slanted]
-    samples = (np.concatenate([p for p, _ in lanes]), np.concatenate([d for _, d in lanes]), np.full(243, 2.0))
-    zone = keep_clear_zone(route, samples, margin=2.5)
-    assert route[zone, 0].tolist() == pytest.approx(np.arange(-4.0, 4.0 + step / 2, step).tolist())
-
-    state = EgoState(speed=4.5, heading=0.0, lateral=0.0, lane_heading=0.0, lane=0, target_lane=0, lanes=1,
-                     lane_width=4.0, target_speed=4.5, target_speeds=(0.0, 4.5, 9.0), length=5.0)
-    flags = torch.zeros(60, dtype=torch.bool)
-    flags[10:21] = True  # 5 to 10 m
-    inside = path_zone(state, flags, step, torch.tensor([[1, 1, 1]]), ["SLOWER", "IDLE", "FASTER"], 15, 1 / 15)
-    assert inside.tolist() == [[False, True, False]]
-
-
-def test_keep_clear_needs_the_route_ego_model(tiny_checkpoint: Path):
-    from drive_mbrl.errors import ConfigError
-    from drive_mbrl.mpc import MPCAgent
-
-    with pytest.raises(ConfigError, match="ego_model=route"):
-        MPCAgent(str(tiny_checkpoint), {"keep_clear": True})
