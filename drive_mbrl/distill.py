@@ -145,8 +145,8 @@ class BCSettings:
     """With `loss=ce`: plus `cost_weight` x the policy's expected relative action cost, E_pi[c(a)] (where costs
     were logged), which pushes probability off the actions the planner found dangerous however rarely they occur
     (cost-sensitive classification; the soft targets alone barely penalise mass on an action with target ~0).
-    0 = plain cross-entropy. The default is DistillConfig.cost_weight's (README: W = 3 crashed less than W = 0 in
-    every pair measured)."""
+    0 = plain cross-entropy. The default is DistillConfig.cost_weight's (docs/results.md: W = 3 crashed less than
+    W = 0 in every pair measured)."""
     seed: int = 0
 
 
