@@ -212,6 +212,30 @@ def test_turned_boxes_along_the_frame_are_the_aligned_test():
     assert torch.equal(agent_hits(positions, start, size, settings, extra, along_x), aligned)
 
 
+@pytest.mark.parametrize("turned", [False, True])
+def test_compact_collision_checks_match_the_dense_ones(turned):
+    """`agent_hits` on the CPU checks only the pair-steps whose segment can reach the pair (`_near_segments`): it
+    must give exactly the dense test's answer, aligned or turned boxes, with a spread box and absent agents, on
+    futures where a good share of pair-steps are near (and so go through the compacted path)."""
+    torch.manual_seed(5)
+    E, N, A, M, H = 2, 6, 6, 4, 5
+    positions = torch.randn(E, N, A, M, H, 2) * torch.tensor([12.0, 4.0])
+    start = torch.randn(A, 2) * torch.tensor([12.0, 4.0])
+    size = torch.tensor([[5.0, 2.0], [4.0, 1.8], [6.0, 2.2], [5.0, 2.0], [12.0, 2.5], [4.5, 1.9]])
+    heading = torch.nn.functional.normalize(torch.randn(A, 2), dim=-1)
+    extra = (torch.rand(E, N, A - 1, M, H), torch.rand(E, N, A - 1, M, H))
+    present = torch.tensor([True, True, False, True, True, True])
+    headings = travel_headings(positions, start, heading) if turned else None
+    settings = PlannerConfig(substeps=4)
+    for args in ((None, None), (extra, present)):
+        dense = agent_hits(positions, start, size, settings, args[0], headings, args[1], compact=False)
+        fast = agent_hits(positions, start, size, settings, args[0], headings, args[1], compact=True)
+        assert 0.02 < dense.double().mean() < 0.5
+        assert torch.equal(fast, dense)
+        if args[1] is not None:
+            assert not dense[:, :, 1].any()  # slot 2, absent, never hits
+
+
 def test_vectorised_sample_costs_match_a_loop_reference():
     torch.manual_seed(1)
     E, N, A, M, H = 2, 4, 3, 3, 4
@@ -334,6 +358,28 @@ def test_mode_collision_probability_by_hand():
     prob = mode_collision_prob(out, last[:, :2], last[:, 6:8], mask, PlannerConfig(mode_sigma=0.0))
     # A hits in its 5 % mode, B in its 50 % mode (3 m behind), the absent slot not at all: 1 - 0.95 * 0.5.
     assert prob[0, 0].tolist() == pytest.approx([1 - 0.95 * 0.5, 1 - 0.95 * 0.5])
+
+
+@pytest.mark.parametrize("oriented", [False, True])
+def test_mode_collision_probability_of_a_prefix_is_the_full_ones_first_steps(oriented):
+    """`score_plans` computes the chance constraint's probability on the first `chance_steps` steps only: a step's
+    hits depend on that step and the one before, so this must equal the whole horizon's first steps exactly."""
+    torch.manual_seed(6)
+    E, N, A, K, H = 2, 5, 5, 3, 6
+    out = {"mean": torch.randn(E, N, A, K, H, 2) * torch.tensor([30.0, 8.0]),
+           "log_std": torch.randn(E, N, A, K, H, 2) * 0.3 - 1.0, "logits": torch.randn(E, N, A, K).log_softmax(-1)}
+    last = torch.zeros(A, 12)
+    last[:, :2] = torch.randn(A, 2) * torch.tensor([30.0, 8.0])
+    last[:, 4:6] = torch.nn.functional.normalize(torch.randn(A, 2), dim=-1)
+    last[:, 6], last[:, 7] = 5.0, 2.0
+    mask = torch.tensor([True, True, True, False, True])
+    settings = PlannerConfig(oriented_boxes=oriented)
+    full = mode_collision_prob(out, last[:, :2], last[:, 6:8], mask, settings, last[:, 4:6])
+    assert 0.05 < full[..., 2].mean() < 0.95
+    for steps in (1, 3):
+        prefix = {k: v[..., :steps, :] if k != "logits" else v for k, v in out.items()}
+        assert torch.equal(mode_collision_prob(prefix, last[:, :2], last[:, 6:8], mask, settings, last[:, 4:6]),
+                           full[..., :steps])
 
 
 class FakeModel:
