@@ -526,7 +526,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     steps = min(settings.chance_steps or H, H)
     sampled_prob = crashed[..., steps - 1].to(returns.dtype).mean((0, 2))
     # Only the first `steps` steps are needed: a step's hits depend on it and the step before (exact).
-    first = {"mean": out["mean"][..., :steps, :], "log_std": out["log_std"][..., :steps, :], "logits": out["logits"]}
+    first = {"mean": out["mean"][..., :steps, :].contiguous(), "log_std": out["log_std"][..., :steps, :].contiguous(),
+             "logits": out["logits"]}  # contiguous: elementwise kernels on these strided slices are several x slower
     collision_prob = mode_collision_prob(first, history_last[:, :2], history_last[:, 6:8], agent_mask,
                                          settings, history_last[:, 4:6])[..., steps - 1].mean(0)
     disagreement, spread = plan_uncertainty(out, agent_mask)
