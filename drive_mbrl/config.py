@@ -40,7 +40,13 @@ class PlannerConfig:
 
     budget: int = opt(512, "candidate plans scored per decision, through every member (all iterations together); "
                       "all action sequences are enumerated when they fit, categorical CEM beyond", lo=1, hi=10**6)
-    iterations: int = opt(2, "CEM iterations (the budget is split over them)", lo=1, hi=100)
+    iterations: int = opt(2, "CEM (or MPPI) iterations (the budget is split over them)", lo=1, hi=100)
+    continuous_search: str = opt("mppi", "search over continuous action sequences (a forecaster with action_dim > "
+                                 "0), warm-started from the previous plan shifted", choices=("mppi", "cem"))
+    continuous_std: float = opt(0.3, "initial spread of the continuous search, relative to each action's range",
+                                lo=1e-3, hi=10.0)
+    mppi_temperature: float = opt(0.5, "MPPI's temperature: samples are weighted by exp(-(cost - min) / this)",
+                                  lo=1e-6, hi=1e6)
     elites: float = opt(0.1, "share of each CEM population refitted to", lo=0.001, hi=1.0)
     samples: int = opt(4, "sampled futures per member and plan (mode per agent + one Gaussian draw)", lo=1, hi=4096)
     gamma: float = opt(0.9, "discount over the horizon", lo=0.0, hi=1.0)

@@ -54,7 +54,8 @@ class Scenes:
     agent_mask: np.ndarray
     """(B, A) bool: slot holds a track present at the decision frame."""
     actions: np.ndarray
-    """(B, H) int64 ego meta-actions over the horizon; -1 after the episode ended."""
+    """(B, H) int64 ego meta-actions over the horizon; -1 after the episode ended. (A forecaster with
+    `action_dim` D takes (B, H, D) float actions, NaN after the end; the datasets hold meta-actions only so far.)"""
     future: np.ndarray
     """(B, A, H, len(TARGET_FEATURES)) float32 true future in the decision's ego frame; NaN where unknown."""
     future_mask: np.ndarray

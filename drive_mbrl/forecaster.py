@@ -48,6 +48,10 @@ class ForecasterConfig:
     history_len: int = 5
     horizon: int = 5
     num_actions: int = 5
+    action_dim: int = 0
+    """0: the ego's plan is a sequence of discrete meta-actions (one-hot over `num_actions`, -1 for none); D > 0: a
+    sequence of continuous actions (H, D), each in [-1, 1] (highway-env's ContinuousAction: acceleration and
+    steering scaled to their ranges), NaN for none. `plan_inputs` turns either into the model's plan features."""
     members: int = 5
     modes: int = 3
     width: int = 128
@@ -194,7 +198,7 @@ class Forecaster(nn.Module):
         # Early fusion: token inputs [history (L F), neighbours, plan one-hot (H num_actions), is_ego]; late: the
         # same without the plan.
         self.scene_inputs = c.history_len * len(HIST_FEATURES) + (NEIGHBOUR_FEATURES if c.neighbours else 0)
-        feats = self.scene_inputs + (c.horizon * c.num_actions if early else 0) + 1
+        feats = self.scene_inputs + (self.plan_width if early else 0) + 1
         self.register_buffer("hist_mean", torch.zeros(len(HIST_FEATURES)))
         self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
@@ -209,7 +213,7 @@ class Forecaster(nn.Module):
         self._columns: dict[tuple[int, str], torch.Tensor] = {}
         dw = c.width if early else c.decoder_width
         if not early:
-            self.plan_encoder = EnsembleMLP(c.members, [c.horizon * c.num_actions, dw, dw])
+            self.plan_encoder = EnsembleMLP(c.members, [self.plan_width, dw, dw])
             self.token_in = EnsembleLinear(c.members, c.width, 2 * dw)
             self.plan_in = EnsembleLinear(c.members, dw, 2 * dw)
             self.mix_norm = EnsembleLayerNorm(c.members, dw)
@@ -217,6 +221,26 @@ class Forecaster(nn.Module):
         per_mode = c.horizon * len(TARGET_FEATURES)
         self.trajectory_head = EnsembleLinear(c.members, dw, c.modes * (1 + 2 * per_mode))
         self.ego_head = EnsembleLinear(c.members, dw, 2 * c.horizon)
+
+    @property
+    def plan_width(self) -> int:
+        """Features of one plan: H x num_actions (one-hot) or H x action_dim (continuous)."""
+        c = self.config
+        return c.horizon * (c.action_dim or c.num_actions)
+
+    def plan_inputs(self, plans: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, N, H) int64 meta-actions (-1: none) or (B, N, H, D) continuous actions (NaN: none) -> (B, N,
+        plan_width) features: one-hot rows, or the actions themselves; zeros where there is no action."""
+        c = self.config
+        B, N, H = plans.shape[:3]
+        if c.action_dim:
+            assert plans.shape == (B, N, H, c.action_dim) and plans.is_floating_point(), \
+                f"continuous plans shape {tuple(plans.shape)} {plans.dtype}, want (B, N, {H}, {c.action_dim}) float"
+            return torch.nan_to_num(plans.to(dtype), nan=0.0).reshape(B, N, -1)
+        assert plans.shape == (B, N, H) and not plans.is_floating_point(), \
+            f"plans shape {tuple(plans.shape)} {plans.dtype}, want (B, N, {H}) int64 meta-actions"
+        act = F.one_hot(plans.clamp_min(0), c.num_actions).to(dtype) * (plans >= 0).unsqueeze(-1)
+        return act.reshape(B, N, -1)
 
     def set_normalisation(self, hist_mean: torch.Tensor, hist_std: torch.Tensor, target_scale: torch.Tensor,
                           reward_mean: float) -> None:
@@ -260,7 +284,8 @@ class Forecaster(nn.Module):
         """Futures of every agent under each of N plans per scene.
 
         tokens: (E, B, A, D) from `encode`; history: (B, A, L, F) and agent_mask (B, A) the same scenes; plans:
-        (B, N, H) int64 ego meta-actions (-1: none). Returns (E members, B scenes, N plans, K modes, H steps,
+        (B, N, H) int64 ego meta-actions (-1: none), or (B, N, H, D) float continuous actions (NaN: none) for a
+        model with `action_dim` D (`plan_inputs`). Returns (E members, B scenes, N plans, K modes, H steps,
         T targets):
             mean, log_std: (E, B, N, A, K, H, T)  [m], [m/s] in the decision's ego frame; log of std in those units
             logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K)
@@ -272,9 +297,8 @@ class Forecaster(nn.Module):
         c = self.config
         E, B, A, _ = tokens.shape
         N, H, K = plans.shape[1], c.horizon, c.modes
-        assert plans.shape == (B, N, H), f"plans shape {tuple(plans.shape)}, want ({B}, N, {H})"
-        act = F.one_hot(plans.clamp_min(0), c.num_actions).to(tokens.dtype) * (plans >= 0).unsqueeze(-1)
-        act = act.reshape(B, N, H * c.num_actions).unsqueeze(0).expand(E, -1, -1, -1)  # (E, B, N, H nA)
+        assert plans.shape[:3] == (B, N, H), f"plans shape {tuple(plans.shape)}, want ({B}, N, {H}[, D])"
+        act = self.plan_inputs(plans, tokens.dtype).unsqueeze(0).expand(E, -1, -1, -1)  # (E, B, N, plan_width)
         if c.plan_fusion == "early":
             first, second = self.encoder.layers
             w_plan = first.weight[:, self.scene_inputs: -1]  # (E, H nA, D)
@@ -324,7 +348,8 @@ class Forecaster(nn.Module):
                 actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predict each scene's futures under its own action sequence (training and validation).
 
-        history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A) bool; actions: (B, H) int64 (-1 none).
+        history: (B, A, L, len(HIST_FEATURES)) ego frame; agent_mask: (B, A) bool; actions: (B, H) int64 (-1 none), or
+        (B, H, D) float (NaN none) with `action_dim` D.
         Returns `decode`'s outputs without the plan axis: mean, log_std (E, B, A, K, H, 4); logits (E, B, A, K);
         reward, crash_logit (E, B, H).
         """
@@ -337,7 +362,8 @@ def rollout(model: Forecaster, history: torch.Tensor, agent_mask: torch.Tensor,
     """Roll N candidate ego action sequences of each of S scenes through every member and mode in one call.
 
     history: (S, A, L, F) or (A, L, F) for one scene; agent_mask: (S, A) or (A,); plans: (S, N, H) or (N, H) int64
-    meta-action indices. Each scene is encoded once and decoded under its N plans. Returns
+    meta-action indices ((S, N, H, D) or (N, H, D) float with `action_dim` D). Each scene is encoded once and
+    decoded under its N plans. Returns
         mean, log_std: (E, S, N, A, K, H, 4); logits: (E, S, N, A, K); reward, crash_logit: (E, S, N, H)
     (the S axis is dropped again when a single scene was passed). Runs on the model's device.
     """

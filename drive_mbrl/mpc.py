@@ -65,6 +65,9 @@ class MPCAgent:
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         c = self.model.config
+        if c.action_dim:
+            raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions (action_dim {c.action_dim}): "
+                              "planning.plan_continuous plans them, but agent=mpc drives discrete meta-actions only")
         self.spec = scene_spec(c, 1, self.meta["history_dt"])
         self.fault = fault
         self.policy = None

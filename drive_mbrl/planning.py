@@ -1,6 +1,6 @@
 """Sampling-based model-predictive control over ego action sequences, in torch (batched, CPU or GPU).
 
-Two layers, kept apart so each can be tested on its own:
+Three layers, kept apart so each can be tested on its own:
 
 1. **Search** over plans for any `objective(plans) -> costs` callable (lower is better), batched over candidates:
    `enumerate_plans` (exhaustive, for small discrete spaces), `categorical_cem` (discrete sequences beyond the
@@ -10,6 +10,9 @@ Two layers, kept apart so each can be tested on its own:
    cost is the negative discounted predicted reward with a collision penalty; a risk measure (`risk_measure`) turns
    the sampled costs of a plan into one number; a chance constraint rejects plans whose collision probability
    exceeds epsilon; member disagreement is an optional penalty (risk-aversion) or bonus (exploration).
+3. **A planning step** on one scene: `plan_scene` (discrete meta-actions: enumeration or categorical CEM inside
+   `plan_step`, a tensor function that exports to ONNX) and `plan_continuous` (a forecaster with continuous actions:
+   MPPI or CEM, warm-started), both ending in the same fallback checks (`fallback_reason`).
 
 Shapes: N candidate plans, H horizon steps, E members, K modes, A agent slots (0 = ego), M samples per member.
 Positions are in the decision's ego frame [m] (x forward, y to the right), as the forecaster predicts them.
@@ -491,7 +494,11 @@ def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: to
         costs = costs - settings.progress_weight * speed
     costs = costs.permute(1, 0, 2).reshape(N, E * M)
     if settings.comfort_weight and plans is not None:
-        costs = costs + settings.comfort_weight * (plans[:, 1:] != plans[:, :-1]).sum(-1, keepdim=True)
+        if plans.is_floating_point():  # continuous (N, H, D): squared change of the actions (in [-1, 1] units)
+            changes = (plans[:, 1:] - plans[:, :-1]).square().sum((1, 2))[:, None]
+        else:
+            changes = (plans[:, 1:] != plans[:, :-1]).sum(-1, keepdim=True)
+        costs = costs + settings.comfort_weight * changes.to(costs.dtype)
     return costs, crashed, returns
 
 
@@ -553,7 +560,7 @@ class Decision:
     """What the planner decided for one scene."""
 
     plan: torch.Tensor
-    """(H,) int64 the chosen action sequence (its first action is executed)."""
+    """(H,) int64 the chosen action sequence (its first action is executed); (H, D) float for continuous actions."""
     fallback: str
     """'' when the plan is used; otherwise why control goes to the fallback: `model_output_not_finite`,
     `no_plan_within_collision_limit`, `members_disagree`, `spread_too_wide`."""
@@ -566,14 +573,15 @@ class Decision:
     evaluated: int
     """Candidate plans scored (all iterations)."""
     least_risk: torch.Tensor | None = None
-    """(H,) when no plan passed the chance constraint: the plan with the lowest collision probability (ties: the
-    higher expected return), for `planner.fallback=least_risk`."""
+    """(H,) (or (H, D)) when no plan passed the chance constraint: the plan with the lowest collision probability
+    (ties: the higher expected return), for `planner.fallback=least_risk`."""
     action_costs: torch.Tensor | None = None
     """(num_actions,) the lowest risk cost among the evaluated plans that start with each action (inf where none
     was evaluated or every one broke the chance constraint): the planner's view of each immediate action, used as
     soft targets when distilling it into the policy."""
     candidates: torch.Tensor | None = None
-    """(P, H) every plan scored (all iterations; a plan may repeat across CEM iterations), for step logs."""
+    """(P, H) (or (P, H, D)) every plan scored (all iterations; a plan may repeat across CEM iterations), for step
+    logs."""
     scores: dict[str, torch.Tensor] | None = None
     """name -> (P,) `score_plans`' figures of `candidates` (cost, risk, collision_prob, ...)."""
     futures: dict[str, torch.Tensor] | None = None
@@ -766,9 +774,11 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
     draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
     action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
-    enumerated).
+    enumerated). A model with continuous actions (`action_dim` > 0) is planned by `plan_continuous`.
     """
     c = model.config
+    if getattr(c, "action_dim", 0):
+        return plan_continuous(model, history, agent_mask, settings, generator, warm_start, fault)
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
@@ -780,3 +790,71 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
                     float(step["disagreement"]), float(step["spread"]), float(step["expected_return"]),
                     int(step["evaluated"]), least_risk, step["action_costs"], step["candidates"],
                     step["scores"], {k: step["future_" + k] for k in ("mean", "log_std", "logits")})
+
+
+CONTINUOUS_MIN_STD = 0.05
+"""Floor of the continuous search's spread, relative to each action's range: MPPI's refitted spread otherwise
+collapses onto a few samples within two iterations and stalls short of the optimum (on a quadratic objective
+over 4 x 2 actions, 8 iterations of 128: 0.41-0.49 off at a floor of 1e-3, 0.01-0.03 at this floor)."""
+
+
+def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
+                    generator: torch.Generator, warm_start: torch.Tensor | None = None,
+                    fault: Fault | None = None) -> Decision:
+    """Plan continuous action sequences (H, D), each action in [-1, 1], for a forecaster with `action_dim` D:
+    MPPI or CEM (`settings.continuous_search`; `settings.budget` plans split over `settings.iterations`, spread
+    `continuous_std`), warm-started from `warm_start` (H, D) (the previous plan shifted; default zeros). Every
+    plan is scored by `score_plans` through every member and mode with fresh draws from `generator`; the chosen
+    plan is the search's, checked like a discrete one (chance constraint, calibrated uncertainty: `fallback_reason`).
+    least_risk is the scored plan of least collision probability (ties: the higher expected return).
+
+    The ego's own motion is the forecaster's (no kinematic ego path for continuous actions yet).
+    """
+    c = model.config
+    H, D, dev = c.horizon, c.action_dim, history.device
+    tokens = model.encode(history[None], agent_mask[None])
+    last = history[:, -1]
+    scored: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def objective(plans: torch.Tensor) -> torch.Tensor:
+        out = model.decode(tokens, history[None], agent_mask[None], plans[None].to(history.dtype),
+                           positions_only=True)
+        out = {k: v[:, 0] for k, v in out.items()}
+        if fault is not None:
+            out = fault(out)
+        scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)
+        scored.append((plans, scores, out))
+        return scores["cost"]
+
+    low, high = -torch.ones(D, device=dev), torch.ones(D, device=dev)
+    start = torch.zeros(H, D, device=dev) if warm_start is None else warm_start.to(dev, torch.float32)
+    population = max(2, settings.budget // settings.iterations)
+    min_std = CONTINUOUS_MIN_STD * float((high - low).min())
+    if settings.continuous_search == "mppi":
+        result = mppi(objective, H, low, high, population, settings.iterations, settings.mppi_temperature, generator,
+                      start, settings.continuous_std, min_std)
+    else:
+        result = cem(objective, H, low, high, population, settings.iterations,
+                     max(1, round(settings.elites * population)), generator, start, settings.continuous_std, min_std)
+    plans = torch.cat([p for p, _, _ in scored])
+    scores = {k: torch.cat([sc[k] for _, sc, _ in scored]) for k in scored[0][1]}
+    # The search's plan is one of the scored rows (its best, or MPPI's final mean, scored last).
+    match = (plans == result.plan).flatten(1).all(1).nonzero()
+    i = int(match[-1]) if len(match) else int(torch.argmin(scores["cost"]))
+    j, offset = i, 0
+    for p, _, out in scored:  # the forecaster's outputs under the chosen plan
+        if j < offset + len(p):
+            future = {k: out[k][:, j - offset] for k in ("mean", "log_std", "logits")}
+            break
+        offset += len(p)
+    best = {k: scores[k][i] for k in ("cost", "disagreement", "spread")}
+    summary = {"finite": scores["finite"].any(), "spread": scores["spread"].min(),
+               "disagreement": scores["disagreement"].min()}
+    reason = fallback_reason(best, summary, model.uncertainty_quantiles[
+        :, UNCERTAINTY_LEVELS.index(settings.uncertainty_level)])
+    cp, er = scores["collision_prob"], scores["expected_return"]
+    least = int(torch.argmax(torch.where(cp == cp.min(), er, torch.full_like(er, -math.inf))))
+    name = FALLBACK_REASONS[int(reason)]
+    return Decision(plans[i], name, float(scores["cost"][i]), float(cp[i]), float(scores["disagreement"][i]),
+                    float(scores["spread"][i]), float(er[i]), result.evaluated,
+                    plans[least] if name == "no_plan_within_collision_limit" else None, None, plans, scores, future)

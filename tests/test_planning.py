@@ -719,3 +719,78 @@ def test_dead_end_cost_by_hand():
     crash = scene(([10.0, 21.0], 0.0))  # 1 m ahead at the end: overlapping boxes
     costs, crashed, _ = sample_costs(crash, reward, history_last, mask[:2], settings)
     assert crashed[..., -1].all() and float(costs) == pytest.approx(10.0 * 0.9 ** int(crashed[0, 0, 0].int().argmax()))
+
+
+class FakeContinuousModel:
+    """A continuous-action forecaster stand-in (`action_dim` 2) with a known best plan: reward 1 - 4 |a_h - target|^2
+    per step. The other car stays 500 m ahead, unless `cut_in` is set: then every plan whose first acceleration
+    exceeds `cut_in` puts it onto the ego (a collision in every member)."""
+
+    def __init__(self, target: list[float], horizon: int = 4, cut_in: float | None = None,
+                 always_collide: bool = False):
+        self.config = type("C", (), {"num_actions": 5, "action_dim": 2, "horizon": horizon, "members": 2,
+                                     "modes": 1, "policy_dt": 1.0})
+        self.target = torch.tensor(target)
+        self.cut_in, self.always_collide = cut_in, always_collide
+        self.uncertainty_quantiles = torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf)
+
+    def encode(self, history, mask):
+        return torch.zeros(2, 1, 2, 4)
+
+    def decode(self, tokens, history, mask, plans, positions_only=False):
+        B, N, H, D = plans.shape
+        mean = torch.zeros(2, B, N, 2, 1, H, 2)
+        far = torch.ones(B, N, dtype=torch.bool)
+        if self.cut_in is not None:
+            far = plans[:, :, 0, 0] <= self.cut_in
+        if self.always_collide:
+            far = torch.zeros(B, N, dtype=torch.bool)
+        mean[:, :, :, 1, :, :, 0] = torch.where(far, 500.0, 0.0)[None, :, :, None, None]
+        reward = (1 - 4 * (plans - self.target).square().sum(-1))[None].expand(2, B, N, H)
+        return {"mean": mean, "log_std": torch.full_like(mean, -5.0), "logits": torch.zeros(2, B, N, 2, 1),
+                "reward": reward}
+
+
+def _still_scene() -> tuple[torch.Tensor, torch.Tensor]:
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    history[:, :, 6:8] = torch.tensor([5.0, 2.0])
+    history[1, :, 0] = 500.0
+    return history, mask
+
+
+@pytest.mark.parametrize("search", ["mppi", "cem"])
+def test_continuous_planner_finds_the_known_best_plan(search: str):
+    model = FakeContinuousModel([0.6, -0.3])
+    settings = PlannerConfig(budget=1024, iterations=8, continuous_search=search, progress_weight=0.0,
+                             mppi_temperature=0.05)
+    decision = plan_scene(model, *_still_scene(), settings, gen())
+    assert decision.plan.shape == (4, 2) and decision.plan.dtype == torch.float32
+    assert (decision.plan - torch.tensor([0.6, -0.3])).abs().max() < 0.1
+    assert decision.fallback == "" and decision.collision_prob == 0.0
+    assert decision.evaluated >= 1024 and decision.candidates.shape == (len(decision.scores["cost"]), 4, 2)
+
+
+def test_continuous_planner_keeps_a_good_warm_start():
+    """One MPPI iteration of 8 samples cannot find the optimum from scratch, but its first sample is the warm
+    start (the previous plan shifted), so a warm start at the optimum is kept or improved on."""
+    model = FakeContinuousModel([0.6, -0.3])
+    settings = PlannerConfig(budget=8, iterations=1, progress_weight=0.0)
+    target = torch.tensor([0.6, -0.3]).expand(4, 2)
+    cold = plan_scene(model, *_still_scene(), settings, gen())
+    warm = plan_scene(model, *_still_scene(), settings, gen(), warm_start=target.clone())
+    assert (warm.plan - target).abs().max() < 0.05 < (cold.plan - target).abs().max()
+
+
+def test_continuous_planner_respects_the_chance_constraint_and_falls_back():
+    """Reward pulls the first acceleration to 0.8, but above 0.5 the other car cuts in: the chance constraint
+    keeps the chosen plan at or below 0.5. When every plan collides, the planner falls back and names the least
+    risky plan."""
+    settings = PlannerConfig(budget=1024, iterations=8, progress_weight=0.0, chance_epsilon=0.05,
+                             mppi_temperature=0.05)
+    decision = plan_scene(FakeContinuousModel([0.8, 0.0], cut_in=0.5), *_still_scene(), settings, gen())
+    assert decision.fallback == "" and decision.plan[0, 0] <= 0.5 and decision.plan[0, 0] > 0.3
+    unconstrained = plan_scene(FakeContinuousModel([0.8, 0.0], cut_in=0.5), *_still_scene(),
+                               replace(settings, chance_epsilon=1.0, collision_cost=0.0), gen())
+    assert unconstrained.plan[0, 0] > 0.6
+    trapped = plan_scene(FakeContinuousModel([0.8, 0.0], always_collide=True), *_still_scene(), settings, gen())
+    assert trapped.fallback == "no_plan_within_collision_limit" and trapped.least_risk.shape == (4, 2)
