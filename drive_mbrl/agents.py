@@ -6,7 +6,8 @@
   steps, so episodes last and the data holds varied, sustained ego actions for the forecaster to learn from.
 - `idm`: the ego is driven by highway-env's own IDM (longitudinal) and MOBIL (lane change) behaviour model: on
   reset the ego's controller is replaced by an `IDMVehicle` at the same state, route and target speed. The recorded
-  action is the meta-action inferred from the ego's motion (`infer_meta_action`).
+  action is the meta-action inferred from the ego's motion (`infer_meta_action`), or in a continuous-action
+  scenario its applied acceleration and steering (`scenarios.continuous_action_of`).
 
 Later agents (planner, learned policy, exploration) plug in through `make_agent`: anything with `drives_itself`,
 `reset(env, seed)` and `act(obs, env) -> int` (the `Agent` protocol in types.py) works. Agents get the live env;
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from drive_mbrl.errors import ConfigError
+from drive_mbrl.scenarios import is_continuous
 from drive_mbrl.types import Agent
 
 BUILTIN_AGENTS = ("random", "slower", "idm", "explore")
@@ -36,23 +38,35 @@ SPEED_CHANGE_THRESHOLD = 1.0
 """[m/s] change of the ego's speed over one policy step above which an inferred action is FASTER / SLOWER."""
 
 
+def meta_actions(env: Any) -> dict[str, int]:
+    """The scenario's meta-action indexes by name, for agents that drive meta-actions; a clear error in a
+    continuous-action scenario."""
+    if is_continuous(env):
+        raise ConfigError("this scenario takes continuous actions and this agent drives meta-actions: use "
+                          "agent=idm, random or mpc there")
+    return env.unwrapped.action_type.actions_indexes
+
+
 def _action_index(env: Any, name: str) -> int:
-    actions = env.unwrapped.action_type.actions_indexes
+    actions = meta_actions(env)
     if name not in actions:
         raise ConfigError(f"this scenario's action space has no {name} action (it has {', '.join(actions)})")
     return int(actions[name])
 
 
 class RandomAgent:
-    """Uniform random discrete actions."""
+    """Uniform random actions: discrete meta-actions, or uniform over a continuous action box."""
 
     drives_itself = False
 
     def reset(self, env: Any, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
 
-    def act(self, obs: np.ndarray, env: Any) -> int:
-        return int(self._rng.integers(env.action_space.n))
+    def act(self, obs: np.ndarray, env: Any) -> int | np.ndarray:
+        space = env.action_space
+        if is_continuous(env):  # uniform over the box
+            return self._rng.uniform(space.low, space.high).astype(np.float32)
+        return int(self._rng.integers(space.n))
 
 
 class ExploreAgent:
@@ -62,7 +76,7 @@ class ExploreAgent:
 
     def reset(self, env: Any, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
-        names = env.unwrapped.action_type.actions_indexes
+        names = meta_actions(env)
         self._actions = np.array([names[n] for n in EXPLORE_WEIGHTS if n in names])
         weights = np.array([w for n, w in EXPLORE_WEIGHTS.items() if n in names])
         self._p = weights / weights.sum()
@@ -101,12 +115,17 @@ class IDMAgent:
 
         base = env.unwrapped
         ego = base.vehicle
-        idm = IDMVehicle.create_from(ego)
+        if hasattr(ego, "target_lane_index"):
+            idm = IDMVehicle.create_from(ego)
+        else:  # a continuous-action ego is a plain kinematic Vehicle: keep its lane and its speed at the start
+            idm = IDMVehicle(base.road, ego.position, ego.heading, ego.speed, target_lane_index=ego.lane_index,
+                             target_speed=ego.speed)
         base.road.vehicles[base.road.vehicles.index(ego)] = idm
         base.controlled_vehicles[base.controlled_vehicles.index(ego)] = idm
-        self._idle = _action_index(env, "IDLE")
+        # Ignored by the simulator either way: the IDM vehicle decides for itself.
+        self._idle = np.zeros(env.action_space.shape, np.float32) if is_continuous(env) else _action_index(env, "IDLE")
 
-    def act(self, obs: np.ndarray, env: Any) -> int:
+    def act(self, obs: np.ndarray, env: Any) -> int | np.ndarray:
         return self._idle
 
 

@@ -532,12 +532,13 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError(f"heads={cfg.heads} must divide width={cfg.width}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy_dt, actions = dataset_rates(cfg.dataset[0])
+    policy_dt, actions, action_dim = dataset_rates(cfg.dataset[0])
     if cfg.init:
         model_cfg = load_forecaster(cfg.init)[0].config
     else:
         model_cfg = ForecasterConfig(agents=cfg.agents, history_len=cfg.history_len, horizon=cfg.horizon,
-                                     num_actions=actions, members=cfg.members, modes=cfg.modes, width=cfg.width,
+                                     num_actions=actions, action_dim=action_dim, members=cfg.members,
+                                     modes=cfg.modes, width=cfg.width,
                                      heads=cfg.heads, blocks=cfg.blocks, plan_fusion=cfg.plan_fusion,
                                      decoder_width=cfg.decoder_width, policy_dt=policy_dt,
                                      neighbours=cfg.neighbours, pad_history=cfg.pad_history)
@@ -787,8 +788,10 @@ def _with_checkpoint_scenario(cfg: Any) -> Any:
 
     from drive_mbrl.scenarios import available_scenarios, load_scenario
 
-    env_id = json.loads((Path(cfg.checkpoint) / "meta.json").read_text()).get("data", {}).get("scenario")
-    names = [n for n in available_scenarios() if load_scenario(n).env_id == env_id]
+    meta = json.loads((Path(cfg.checkpoint) / "meta.json").read_text())
+    env_id, continuous = meta.get("data", {}).get("scenario"), bool(meta.get("model", {}).get("action_dim", 0))
+    names = [n for n in available_scenarios() if load_scenario(n).env_id == env_id
+             and (load_scenario(n).env_config.get("action", {}).get("type") == "ContinuousAction") == continuous]
     return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import DataError
 from drive_mbrl.rollout import EpisodeJob, EpisodeRunner, recording_stride
-from drive_mbrl.scenarios import Scenario, action_names, env_timing, make_env, reset_env
+from drive_mbrl.scenarios import Scenario, action_names, env_timing, is_continuous, make_env, reset_env
 from drive_mbrl.types import EPISODE_FIELDS, NONDETERMINISTIC_FIELDS, STATE_FIELDS, STATE_UNITS, Episode
 
 MANIFEST = "manifest.json"
@@ -175,6 +175,7 @@ def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, ma
         stride = recording_stride(sim_hz, policy_hz, record_hz)
         resolved = json.loads(json.dumps(env.unwrapped.config, default=str))
         names = action_names(env)
+        continuous = is_continuous(env)
     finally:
         env.close()
     return {
@@ -187,6 +188,7 @@ def build_manifest(scenario: Scenario, agent: str, seed: int, record_hz: int, ma
         "agent_options": json.loads(agent_options) if agent_options else {},
         "action_inferred": agent == "idm",
         "action_names": names,
+        "action_space": "continuous" if continuous else "discrete",
         "seed": seed,
         "seed_rule": "episode i is reset with seed + i",
         "record_hz": record_hz,

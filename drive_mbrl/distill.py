@@ -269,6 +269,9 @@ class DaggerAgent:
         self._expert_action, self._costs = -1, None
 
     def reset(self, env: Any, seed: int) -> None:
+        from drive_mbrl.agents import meta_actions
+
+        meta_actions(env)  # distillation labels meta-actions
         if self.learner:
             self.learner.reset(env, seed)
         self.expert.reset(env, seed)

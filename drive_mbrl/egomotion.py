@@ -1,4 +1,5 @@
-"""The ego's own motion under candidate meta-action plans: highway-env's MDPVehicle controller, vectorised in torch.
+"""The ego's own motion under candidate plans: highway-env's MDPVehicle controller under meta-actions, or its
+kinematic bicycle under continuous actions (`rollout_ego_continuous`), vectorised in torch.
 
 A planner knows its own vehicle: a meta-action only moves set-points (FASTER / SLOWER pick the next of the discrete
 target speeds from the current speed, LANE_LEFT / LANE_RIGHT the neighbouring lane), and highway-env's proportional
@@ -146,6 +147,47 @@ def rollout_ego_on_path(state: EgoState, path: torch.Tensor, step: float, plans:
     start, end = path[i], path[i + 1]  # (N, H, 2)
     tangent = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-9)
     return torch.cat([start + frac * (end - start), speed[..., None] * tangent], dim=-1).to(torch.float32)
+
+
+def rollout_ego_continuous(speed: float, length: float, plans: torch.Tensor,
+                           ranges: tuple[tuple[float, float] | None, tuple[float, float] | None],
+                           frames_per_step: int, sim_dt: float, speed_limits: tuple[float, float] = (-MAX_SPEED,
+                                                                                                     MAX_SPEED)
+                           ) -> torch.Tensor:
+    """The ego under continuous action plans (highway-env's ContinuousAction), each action held for its policy
+    step: `Vehicle.step`'s kinematic bicycle integrated at the simulation rate, from the ego at the decision (the
+    origin of the ego frame, heading along x). Exact on any road shape: there is no controller and no lane.
+
+    speed [m/s] and length [m] of the ego; plans: (N, H, D) in [-1, 1]; ranges: (acceleration [m/s^2], steering
+    [rad]) ranges that [-1, 1] maps onto, in the plan's column order, None for a component the plans lack (held at
+    0); speed_limits [m/s]: `Vehicle.clip_actions`' MIN_SPEED and MAX_SPEED. Returns (N, H, 4): x, y [m] and vx, vy
+    [m/s] in the ego frame at the end of each plan step."""
+    N, H, _ = plans.shape
+    plans = plans.to(torch.float64).clamp(-1.0, 1.0)
+    controls, column = [], 0
+    for span in ranges:
+        if span is None:
+            controls.append(plans.new_zeros(N, H))
+        else:  # ContinuousAction.get_action's map of [-1, 1] onto the range
+            lo, hi = span
+            controls.append(lo + (plans[..., column] + 1.0) / 2.0 * (hi - lo))
+            column += 1
+    acceleration, steering = controls
+    beta = torch.atan(0.5 * torch.tan(steering))  # (N, H) slip angle of each step's held steering
+    x, y, heading = (plans.new_zeros(N) for _ in range(3))
+    v = plans.new_full((N,), float(speed))
+    out = []
+    for h in range(H):
+        for _ in range(frames_per_step):
+            a = acceleration[:, h]
+            a = torch.where(v > speed_limits[1], torch.minimum(a, speed_limits[1] - v),
+                            torch.where(v < speed_limits[0], torch.maximum(a, speed_limits[0] - v), a))
+            x = x + v * torch.cos(heading + beta[:, h]) * sim_dt
+            y = y + v * torch.sin(heading + beta[:, h]) * sim_dt
+            heading = heading + v * torch.sin(beta[:, h]) / (length / 2) * sim_dt
+            v = v + a * sim_dt
+        out.append(torch.stack([x, y, v * torch.cos(heading), v * torch.sin(heading)], -1))
+    return torch.stack(out, 1).to(torch.float32)
 
 
 _TAN_MAX_STEERING = math.tan(MAX_STEERING_ANGLE)

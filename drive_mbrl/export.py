@@ -398,6 +398,9 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
                           "kinematic (straight lanes), or without the planner graph (planner_scenes=0)")
     checkpoint = Path(checkpoint).resolve()
     model, meta = load_forecaster(checkpoint, "cpu")
+    if model.config.action_dim:
+        raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions: bundles hold meta-action "
+                          "graphs only so far (continuous planning runs in torch, `agent=mpc`)")
     datasets = list(datasets or [s["path"] for s in meta["data"]["sources"]])
     scenes = load_scenes(datasets, model.config, meta["history_dt"])[0]
     manifest = read_manifest(Path(datasets[0]))

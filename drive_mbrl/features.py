@@ -54,8 +54,8 @@ class Scenes:
     agent_mask: np.ndarray
     """(B, A) bool: slot holds a track present at the decision frame."""
     actions: np.ndarray
-    """(B, H) int64 ego meta-actions over the horizon; -1 after the episode ended. (A forecaster with
-    `action_dim` D takes (B, H, D) float actions, NaN after the end; the datasets hold meta-actions only so far.)"""
+    """(B, H) int64 ego meta-actions over the horizon, -1 after the episode ended; from a continuous-action dataset
+    (B, H, D) float32 actions in [-1, 1], NaN after the end (for a forecaster with `action_dim` D)."""
     future: np.ndarray
     """(B, A, H, len(TARGET_FEATURES)) float32 true future in the decision's ego frame; NaN where unknown."""
     future_mask: np.ndarray
@@ -181,7 +181,8 @@ def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> S
         clipped = np.minimum(steps, episode.steps - 1)
         rows.append({
             "history": hist, "agent_mask": track >= 0, "track": track, "lane": lane,
-            "actions": np.where(valid, episode.action[clipped], -1),
+            "actions": (np.where(valid[:, None], episode.action[clipped], np.nan).astype(np.float32)
+                        if episode.action.ndim == 2 else np.where(valid, episode.action[clipped], -1)),
             "future": future, "future_mask": fmask,
             "reward": np.where(valid, episode.reward[clipped], np.nan).astype(np.float32),
             "crash": valid & episode.crashed[clipped], "step_valid": valid,

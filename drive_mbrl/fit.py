@@ -262,9 +262,9 @@ def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -
             raise DataError(f"history_dt={history_dt} is not a multiple of dataset {path}'s dt {manifest['dt']}")
         if abs(manifest["policy_dt"] - config.policy_dt) > 1e-9:
             raise DataError(f"dataset {path} has policy dt {manifest['policy_dt']}, the model {config.policy_dt}")
-        if len(manifest["action_names"]) != config.num_actions:
-            raise DataError(f"dataset {path} has {len(manifest['action_names'])} actions, the model "
-                            f"{config.num_actions}: use datasets of one scenario")
+        if manifest_actions(manifest) != (config.num_actions, config.action_dim):
+            raise DataError(f"dataset {path} has (meta-actions, continuous action dims) {manifest_actions(manifest)}, "
+                            f"the model ({config.num_actions}, {config.action_dim}): use datasets of one scenario")
         if not episodes:
             raise DataError(f"dataset {path} holds no episodes")
         scenes = dataset_scenes(episodes, scene_spec(config, stride, history_dt), manifest)
@@ -276,9 +276,16 @@ def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -
     return merged, {"scenario": reference[0], "dt": reference[1], "policy_dt": reference[2], "sources": sources}
 
 
-def dataset_rates(path: str) -> tuple[float, int]:
-    """(policy_dt [s], number of actions) of a dataset, read from its manifest."""
+def manifest_actions(manifest: dict) -> tuple[int, int]:
+    """(number of meta-actions, continuous action dims) of a dataset: (n, 0) for meta-actions, (0, D) for continuous
+    actions (datasets from before the manifest's `action_space` are discrete)."""
+    names = manifest["action_names"]
+    return (0, len(names)) if manifest.get("action_space", "discrete") == "continuous" else (len(names), 0)
+
+
+def dataset_rates(path: str) -> tuple[float, int, int]:
+    """(policy_dt [s], number of meta-actions, continuous action dims) of a dataset, read from its manifest."""
     from drive_mbrl.data import read_manifest
 
     manifest = read_manifest(Path(path))
-    return float(manifest["policy_dt"]), len(manifest["action_names"])
+    return (float(manifest["policy_dt"]), *manifest_actions(manifest))

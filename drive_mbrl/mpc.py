@@ -65,9 +65,10 @@ class MPCAgent:
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         c = self.model.config
-        if c.action_dim:
-            raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions (action_dim {c.action_dim}): "
-                              "planning.plan_continuous plans them, but agent=mpc drives discrete meta-actions only")
+        if c.action_dim and (self.settings.ego_model == "route" or self.settings.policy):
+            raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions: plan them with "
+                              "planner.ego_model=kinematic or learned (the route ego model follows meta-actions) "
+                              "and without planner.policy (the reactive policy drives meta-actions)")
         self.spec = scene_spec(c, 1, self.meta["history_dt"])
         self.fault = fault
         self.policy = None
@@ -86,14 +87,27 @@ class MPCAgent:
     def reset(self, env: Any, seed: int) -> None:
         import torch
 
+        from drive_mbrl.scenarios import action_names, env_timing, is_continuous
+
+        self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
+        self._warm: Any = None
+        self.last_fallback = ""
+        self._continuous = is_continuous(env)
+        if self._continuous or self.model.config.action_dim:
+            self._names = action_names(env)
+            if not self._continuous or len(self._names) != self.model.config.action_dim:
+                raise ConfigError(f"the forecaster was trained for {self.model.config.action_dim or 'meta'}-"
+                                  f"dimensional actions, this scenario takes {self._names}: use a checkpoint trained "
+                                  "on this scenario")
+            sim_hz, policy_hz = env_timing(env)
+            self._frames_per_step, self._sim_dt = sim_hz // policy_hz, 1.0 / sim_hz
+            return
         names = env.unwrapped.action_type.actions_indexes
         if env.action_space.n != self.model.config.num_actions:
             raise ConfigError(f"the forecaster was trained for {self.model.config.num_actions} actions, this "
                               f"scenario has {env.action_space.n}: use a checkpoint trained on this scenario")
         if self.policy is not None:
             self.policy.reset(env, seed)
-        from drive_mbrl.scenarios import action_names, env_timing
-
         self._fallback_action = int(names["SLOWER"])
         self._names = action_names(env)
         sim_hz, policy_hz = env_timing(env)
@@ -102,9 +116,6 @@ class MPCAgent:
         if self.settings.ego_model == "route" and {"LANE_LEFT", "LANE_RIGHT"} & set(names):
             raise ConfigError("planner.ego_model=route keeps the ego on its route's lane centres, but this scenario's "
                               "actions change lanes: use planner.ego_model=kinematic (straight lanes) or learned")
-        self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
-        self._warm: Any = None
-        self.last_fallback = ""
 
     def attach_tracks(self, recorder: Any) -> None:
         """Called by the episode loop after each reset with its track recorder (the planner's perception)."""
@@ -123,7 +134,7 @@ class MPCAgent:
         self._track, self._ego_pose = track, arrays["state"][-1, 0, [X, Y, HEADING]].astype(np.float64)
         return history, track >= 0
 
-    def act(self, obs: Any, env: Any) -> int:
+    def act(self, obs: Any, env: Any) -> int | np.ndarray:
         import torch
 
         from drive_mbrl.planning import plan_scene
@@ -132,7 +143,9 @@ class MPCAgent:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
         ego_path = None
-        if self.settings.ego_model in ("kinematic", "route"):
+        if self._continuous and self.settings.ego_model == "kinematic":
+            ego_path = continuous_ego_path(env, self._frames_per_step, self._sim_dt, self.device)
+        elif self.settings.ego_model in ("kinematic", "route"):
             from drive_mbrl.egomotion import rollout_ego, rollout_ego_on_path
 
             state = ego_state(env)
@@ -162,7 +175,10 @@ class MPCAgent:
         elif decision.fallback:
             if self.settings.fallback == "policy" and proposal is not None:
                 return int(proposal.argmax())
-            return self._fallback_action
+            return braking_control(env) if self._continuous else self._fallback_action
+        if self._continuous:  # the next search starts from this plan shifted, its last action held
+            self._warm = torch.cat([plan[1:], plan[-1:]])
+            return plan[0].cpu().numpy().astype(np.float32)
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
         return int(plan[0])
 
@@ -176,9 +192,11 @@ def decision_log(decision: Any, track: np.ndarray, ego_pose: np.ndarray, top: in
 
     track: (A,) int64 track id of each agent slot (-1 empty); ego_pose: (3,) x, y [m], heading [rad] of the ego in
     the world frame at the decision (the origin of the ego frame: x forward, y to the right). Returns
-        plan (H,) int8 the chosen plan; least_risk (H,) int8 (-1 when not computed)
-        cand_plan (C, H) int8, cand_cost / cand_risk / cand_collision_prob (C,) float32: the best `top` distinct
-            candidates by cost (+inf: rejected by the chance constraint); rows -1 / NaN when fewer were scored
+        plan (H,) int8 the chosen plan; least_risk (H,) int8 (-1 when not computed); for continuous actions
+            (H, D) float32 each (NaN when not computed)
+        cand_plan (C, H) int8 ((C, H, D) float32), cand_cost / cand_risk / cand_collision_prob (C,) float32: the
+            best `top` distinct candidates by cost (+inf: rejected by the chance constraint); rows -1 / NaN when
+            fewer were scored
         cost, collision_prob, disagreement [m], spread [m]: () float32 of the chosen plan
         track (A,) int32, ego_pose (3,) float64
         future_mean (A, K, H, 2) float32 and future_std (A, K, H, 2) float16 [m]: ego-frame positions per mode
@@ -186,22 +204,25 @@ def decision_log(decision: Any, track: np.ndarray, ego_pose: np.ndarray, top: in
             float16 [m] (epistemic: std across members of the expected position, norm over x, y), see
             `representative_futures`; NaN in empty slots.
     """
-    H = decision.plan.shape[0]
+    # Meta-action plans are stored as int8 (-1: none); continuous plans (H, D) as float32 (NaN: none).
+    continuous = decision.plan.is_floating_point()
+    dtype, none = (np.float32, np.nan) if continuous else (np.int8, -1)
+    shape = tuple(decision.plan.shape)
     scores = {k: v.detach().cpu().numpy() for k, v in decision.scores.items()}
     plans = decision.candidates.detach().cpu().numpy()
     order = np.argsort(scores["cost"], kind="stable")
     _, first = np.unique(plans[order], axis=0, return_index=True)  # first (cheapest) occurrence of each plan
     keep = order[np.sort(first)[:top]]
-    cand_plan = np.full((top, H), -1, np.int8)
+    cand_plan = np.full((top, *shape), none, dtype)
     cand_plan[: len(keep)] = plans[keep]
     cand = {}
     for name in ("cost", "risk", "collision_prob"):
         cand["cand_" + name] = np.full(top, np.nan, np.float32)
         cand["cand_" + name][: len(keep)] = scores[name][keep]
-    least_risk = decision.least_risk.cpu().numpy() if decision.least_risk is not None else np.full(H, -1)
+    least_risk = decision.least_risk.cpu().numpy() if decision.least_risk is not None else np.full(shape, none)
     mask = track >= 0
     return {
-        "plan": decision.plan.cpu().numpy().astype(np.int8), "least_risk": least_risk.astype(np.int8),
+        "plan": decision.plan.cpu().numpy().astype(dtype), "least_risk": least_risk.astype(dtype),
         "cand_plan": cand_plan, **cand,
         **{name: np.float32(getattr(decision, name)) for name in ("cost", "collision_prob", "disagreement",
                                                                     "spread")},
@@ -298,6 +319,39 @@ def ego_values(env: Any) -> dict[str, Any]:
                                                                      int(ego.lane_index[2]) + 1),
                 lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
                 target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
+
+
+def continuous_ego_path(env: Any, frames_per_step: int, sim_dt: float, device: Any) -> Any:
+    """plans (P, H, D) -> (P, H, 4) the ego's own motion under continuous plans from its state now
+    (`egomotion.rollout_ego_continuous` with the env's action ranges and speed limits)."""
+    from drive_mbrl.egomotion import rollout_ego_continuous
+
+    ego, action_type = env.unwrapped.vehicle, env.unwrapped.action_type
+    ranges = (tuple(action_type.acceleration_range) if action_type.longitudinal else None,
+              tuple(action_type.steering_range) if action_type.lateral else None)
+    speed, length, limits = float(ego.speed), float(ego.LENGTH), (float(ego.MIN_SPEED), float(ego.MAX_SPEED))
+    return lambda plans: rollout_ego_continuous(speed, length, plans.cpu(), ranges, frames_per_step, sim_dt,
+                                                limits).to(device)
+
+
+BRAKING_SPEED = 20.0
+"""[m/s] the continuous fallback brakes no lower than this (the meta-actions' lowest target speed on highway)."""
+
+
+def braking_control(env: Any) -> np.ndarray:
+    """The continuous-action fallback, SLOWER's counterpart: shed up to 5 m/s over the next second but not below
+    `BRAKING_SPEED`, with the wheel turned to line the ego up with its lane (no lane change under way). Returns the
+    ContinuousAction vector (D,) float32 in [-1, 1] (acceleration, steering, as the action type has them)."""
+    base = env.unwrapped
+    ego = base.vehicle
+    policy_dt = 1.0 / base.config["policy_frequency"]
+    target = max(ego.speed - 5.0, min(ego.speed, BRAKING_SPEED))
+    lane = base.road.network.get_lane(ego.lane_index)
+    along = lane.local_coordinates(ego.position)[0]
+    error = (ego.heading - lane.heading_at(along) + np.pi) % (2 * np.pi) - np.pi
+    from drive_mbrl.scenarios import to_continuous_action
+
+    return to_continuous_action(env, {"acceleration": (target - ego.speed) / policy_dt, "steering": -error})
 
 
 def ego_state(env: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from drive_mbrl.agents import meta_actions
 from drive_mbrl.mpc import planner_config
 
 
@@ -30,7 +31,7 @@ class OracleAgent:
         self.last_fallback = ""
 
     def reset(self, env: Any, seed: int) -> None:
-        self._actions = list(range(env.action_space.n))
+        self._actions = list(range(len(meta_actions(env))))
 
     def action_values(self, env: Any, depth: int) -> list[float]:
         """Best discounted return of each first action over `depth` steps from this simulator state."""

@@ -778,7 +778,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     """
     c = model.config
     if getattr(c, "action_dim", 0):
-        return plan_continuous(model, history, agent_mask, settings, generator, warm_start, fault)
+        return plan_continuous(model, history, agent_mask, settings, generator, warm_start, fault, ego_path)
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
@@ -800,15 +800,15 @@ over 4 x 2 actions, 8 iterations of 128: 0.41-0.49 off at a floor of 1e-3, 0.01-
 
 def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                     generator: torch.Generator, warm_start: torch.Tensor | None = None,
-                    fault: Fault | None = None) -> Decision:
+                    fault: Fault | None = None, ego_path: EgoPath | None = None) -> Decision:
     """Plan continuous action sequences (H, D), each action in [-1, 1], for a forecaster with `action_dim` D:
     MPPI or CEM (`settings.continuous_search`; `settings.budget` plans split over `settings.iterations`, spread
     `continuous_std`), warm-started from `warm_start` (H, D) (the previous plan shifted; default zeros). Every
     plan is scored by `score_plans` through every member and mode with fresh draws from `generator`; the chosen
     plan is the search's, checked like a discrete one (chance constraint, calibrated uncertainty: `fallback_reason`).
-    least_risk is the scored plan of least collision probability (ties: the higher expected return).
-
-    The ego's own motion is the forecaster's (no kinematic ego path for continuous actions yet).
+    least_risk is the scored plan of least collision probability (ties: the higher expected return). ego_path:
+    plans (P, H, D) -> (P, H, >=2) the ego's own positions (`egomotion.rollout_ego_continuous`), replacing the
+    forecaster's ego prediction; None: the forecaster's.
     """
     c = model.config
     H, D, dev = c.horizon, c.action_dim, history.device
@@ -820,6 +820,8 @@ def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor,
         out = model.decode(tokens, history[None], agent_mask[None], plans[None].to(history.dtype),
                            positions_only=True)
         out = {k: v[:, 0] for k, v in out.items()}
+        if ego_path is not None:
+            out = _with_ego_path(out, ego_path(plans))
         if fault is not None:
             out = fault(out)
         scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)

@@ -155,8 +155,10 @@ class PolicyAgent:
         self._env: Any = None
 
     def reset(self, env: Any, seed: int) -> None:
+        from drive_mbrl.agents import meta_actions
+
         self._env = env
-        if env.action_space.n != self.net.config.num_actions:
+        if len(meta_actions(env)) != self.net.config.num_actions:
             raise ConfigError(f"the policy was trained for {self.net.config.num_actions} actions, this scenario "
                               f"has {env.action_space.n}: use a policy trained on this scenario")
 

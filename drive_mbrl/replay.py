@@ -279,14 +279,16 @@ class SceneView:
         speed = float(np.hypot(*ep.state[frame, EGO_TRACK, [VX, VY]]))
         lines = [f"t {frame * float(self.replay.manifest['dt']):5.1f} s  speed {speed:4.1f} m/s"]
         if s >= 0:
-            action = names[ep.action[s]] if ep.action[s] < len(names) else str(ep.action[s])
-            lines.append(f"step {s}: {action}" + (f"  FALLBACK {ep.fallback[s]}" if ep.fallback[s] else ""))
+            lines.append(f"step {s}: {_action_text(ep.action[s], names)}"
+                         + (f"  FALLBACK {ep.fallback[s]}" if ep.fallback[s] else ""))
         if self.replay.planned and s >= 0:
             log = ep.step_log
             lines.append(f"P(collision) {float(log['collision_prob'][s]):.3f}  cost {float(log['cost'][s]):+.2f}")
             for c, plan in enumerate(log["cand_plan"][s][:3]):
-                if plan[0] >= 0:
-                    acts = " ".join(_short(names[a]) if a < len(names) else str(a) for a in plan)
+                if not np.isnan(plan).any() if plan.dtype.kind == "f" else plan[0] >= 0:  # unused rows: NaN / -1
+                    shown = plan[:2] if plan.ndim == 2 else plan  # continuous plans: their first two actions
+                    acts = " ".join(_action_text(a, names, short=True) for a in shown) + (" …" if len(shown) < len(
+                        plan) else "")
                     lines.append(f"#{c + 1} {acts}  cost {float(log['cand_cost'][s, c]):+.2f} "
                                  f"P {float(log['cand_collision_prob'][s, c]):.2f}")
         return "\n".join(lines)
@@ -325,6 +327,20 @@ class SceneView:
 def _short(action: str) -> str:
     """A meta-action name in at most 5 letters: LANE_LEFT -> LEFT, FASTER -> FASTE."""
     return action.replace("LANE_", "")[:5]
+
+
+def _action_text(action: Any, names: list[str], short: bool = False) -> str:
+    """A recorded action as text: a meta-action's name (`_short` when short), or a continuous action's
+    components (`acceleration +0.21 steering -0.05`; short: `+0.21/-0.05`)."""
+    action = np.asarray(action)
+    if action.ndim:
+        if short:
+            return "/".join(f"{v:+.2f}" for v in action)
+        return " ".join(f"{n} {v:+.2f}" for n, v in zip(names, action, strict=False))
+    i = int(action)
+    if i >= len(names) or i < 0:
+        return str(i)
+    return _short(names[i]) if short else names[i]
 
 
 def _gif_writer(fps: float) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 
 from drive_mbrl.agents import infer_meta_action, make_agent
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.scenarios import Scenario, env_timing, make_env, reset_env
+from drive_mbrl.scenarios import Scenario, continuous_action_of, env_timing, is_continuous, make_env, reset_env
 from drive_mbrl.tracking import TrackRecorder
 from drive_mbrl.types import Agent, Episode
 
@@ -101,6 +101,7 @@ class EpisodeRunner:
         frames_per_step = sim_hz // policy_hz // stride
 
         obs, _ = reset_env(env, job.seed)
+        continuous = is_continuous(env)  # after the reset, which (re)builds the action type from the config
         agent.reset(env, job.seed)
         recorder.attach(env)
         if hasattr(agent, "attach_tracks"):  # planners read the scene from the recording of this very episode
@@ -112,17 +113,20 @@ class EpisodeRunner:
         done = False
         while not done:
             ego = env.unwrapped.vehicle
-            lane_before, speed_before = ego.target_lane_index, float(ego.speed)
+            lane_before = None if continuous else ego.target_lane_index  # for infer_meta_action
+            speed_before = float(ego.speed)
             decision_frame.append(recorder.frames - 1)
             start = time.perf_counter()
-            action = int(agent.act(obs, env))
+            action = agent.act(obs, env)
+            action = np.asarray(action, np.float32) if continuous else int(action)
             decision_ms.append((time.perf_counter() - start) * 1e3)
             fallback.append(getattr(agent, "last_fallback", ""))
             if hasattr(agent, "step_log"):
                 logs.append(agent.step_log())
             obs, reward, term, trunc, info = env.step(action)
             if agent.drives_itself:
-                action = infer_meta_action(env, lane_before, ego.target_lane_index, speed_before, float(ego.speed))
+                action = continuous_action_of(env) if continuous else infer_meta_action(
+                    env, lane_before, ego.target_lane_index, speed_before, float(ego.speed))
             terms = info.get("rewards", {})
             component_names = component_names or sorted(terms)
             actions.append(action)
@@ -137,7 +141,8 @@ class EpisodeRunner:
         return Episode(
             index=job.index, seed=job.seed, **tracks,
             decision_frame=np.asarray(decision_frame, dtype=np.int32),
-            action=np.asarray(actions, dtype=np.int64),
+            action=(np.asarray(actions, np.float32).reshape(len(actions), -1) if continuous
+                    else np.asarray(actions, dtype=np.int64)),
             reward=np.asarray(rewards, dtype=np.float64),
             reward_components=np.asarray(components, dtype=np.float64).reshape(len(actions), -1),
             reward_component_names=np.asarray(component_names or [], dtype=str),

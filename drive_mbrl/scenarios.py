@@ -190,10 +190,41 @@ def env_timing(env: Any) -> tuple[int, int]:
     return int(config["simulation_frequency"]), int(config["policy_frequency"])
 
 
+def is_continuous(env: Any) -> bool:
+    """Whether the env takes continuous actions (highway-env's ContinuousAction) rather than meta-actions."""
+    return not hasattr(env.unwrapped.action_type, "actions")
+
+
 def action_names(env: Any) -> list[str]:
-    """Meta-action names indexed by the discrete action the env accepts."""
-    actions = env.unwrapped.action_type.actions
+    """Meta-action names indexed by the discrete action the env accepts; for continuous actions, the names of the
+    action vector's components (`acceleration`, `steering`, each scaled to [-1, 1] over its range)."""
+    action_type = env.unwrapped.action_type
+    if is_continuous(env):
+        return [name for name, on in (("acceleration", action_type.longitudinal), ("steering", action_type.lateral))
+                if on]
+    actions = action_type.actions
     return [actions[i] for i in range(len(actions))]
+
+
+def to_continuous_action(env: Any, control: dict[str, float]) -> Any:
+    """A control {acceleration [m/s^2], steering [rad]} as the ContinuousAction vector (D,) float32 in [-1, 1]
+    that makes the env apply it: the inverse of ContinuousAction.get_action's linear map of [-1, 1] onto each
+    range, clipped (a missing entry counts as 0)."""
+    import numpy as np
+
+    action_type = env.unwrapped.action_type
+    values = [2.0 * (float(control.get(name, 0.0)) - lo) / (hi - lo) - 1.0
+              for name, on, (lo, hi) in (("acceleration", action_type.longitudinal, action_type.acceleration_range),
+                                         ("steering", action_type.lateral, action_type.steering_range)) if on]
+    return np.clip(np.asarray(values, np.float32), -1.0, 1.0)
+
+
+def continuous_action_of(env: Any) -> Any:
+    """The ego's last applied control (`Vehicle.action`, set by whatever drives it, such as highway-env's IDM) as a
+    ContinuousAction vector (`to_continuous_action`): how a self-driving ego's actions are recorded in a
+    continuous scenario. Controls beyond the action's ranges are clipped (highway-env's IDM brakes at up to 6
+    m/s^2, the action range ends at 5), and the control of a policy step's last frame stands for the step."""
+    return to_continuous_action(env, getattr(env.unwrapped.vehicle, "action", None) or {})
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ class Episode:
     decision_frame: np.ndarray
     """(S,) int32 frame index at which each policy step was decided."""
     action: np.ndarray
-    """(S,) int64 discrete meta-action executed at each policy step (see the manifest's action names)."""
+    """(S,) int64 discrete meta-action executed at each policy step (see the manifest's action names); in a
+    continuous-action scenario (S, D) float32, each component in [-1, 1] (the manifest names them)."""
     reward: np.ndarray
     """(S,) float64 env reward of each step."""
     reward_components: np.ndarray
@@ -134,4 +135,5 @@ class Agent(Protocol):
         """Prepare for a new episode on a freshly reset env; `seed` seeds any randomness of the agent."""
 
     def act(self, obs: np.ndarray, env: Any) -> int:
-        """Return the discrete meta-action index to execute at this policy step."""
+        """Return the discrete meta-action index to execute at this policy step (a (D,) float array in [-1, 1] in a
+        continuous-action scenario)."""

@@ -1,0 +1,149 @@
+"""Continuous-action driving (`scenarios/highway_continuous.yaml`, highway-env's ContinuousAction): action vectors
+against highway-env's own map, what the rule agents record, the braking fallback by hand, and the planner driving
+on a forecaster trained on continuous actions (smoke)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drive_mbrl.agents import make_agent
+from drive_mbrl.data import RunSpec, collect, load_dataset
+from drive_mbrl.errors import ConfigError
+from drive_mbrl.mpc import braking_control
+from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+from drive_mbrl.scenarios import (
+    action_names,
+    is_continuous,
+    load_scenario,
+    make_env,
+    reset_env,
+    to_continuous_action,
+)
+
+SCENARIO = load_scenario("highway_continuous")
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = make_env(SCENARIO)
+    reset_env(env, 0)
+    yield env
+    env.close()
+
+
+def test_action_vectors_round_trip_through_highway_envs_map(env):
+    """to_continuous_action inverts ContinuousAction.get_action (acceleration in [-5, 5] m/s^2, steering in
+    [-45, 45] degrees, each onto [-1, 1])."""
+    assert is_continuous(env) and action_names(env) == ["acceleration", "steering"]
+    action_type = env.unwrapped.action_type
+    rng = np.random.default_rng(0)
+    for a in rng.uniform(-1.0, 1.0, (20, 2)).astype(np.float32):
+        np.testing.assert_allclose(to_continuous_action(env, action_type.get_action(a)), a, atol=1e-6)
+    assert to_continuous_action(env, {"acceleration": 2.5, "steering": math.pi / 8}).tolist() == [0.5, 0.5]
+    assert to_continuous_action(env, {"acceleration": -50.0}).tolist() == [-1.0, 0.0]  # clipped; no steering: 0
+
+
+def test_idm_records_the_control_it_applied_and_random_spans_the_box(tmp_path: Path):
+    """The idm ego's recorded acceleration is the one the simulator applied in the step's last frame (clipped to
+    the action range): the ego's speed changes by exactly acceleration x frame time there (highway-env's
+    kinematics). Meta-action agents are refused with a message."""
+    collect(RunSpec(SCENARIO, "idm", 2, 0, max_steps=8), tmp_path / "idm")
+    collect(RunSpec(SCENARIO, "random", 2, 0, max_steps=8), tmp_path / "random")
+    manifest, episodes = load_dataset(tmp_path / "idm")
+    assert manifest["action_space"] == "continuous" and manifest["action_names"] == ["acceleration", "steering"]
+    dt = manifest["dt"]
+    for episode in episodes:
+        assert episode.action.shape == (episode.steps, 2) and episode.action.dtype == np.float32
+        speed = np.hypot(episode.state[:, 0, 2], episode.state[:, 0, 3])
+        end = episode.decision_frame[1:]  # the last frame of each step but the last
+        applied = (speed[end] - speed[end - 1]) / dt
+        crashed = episode.crashed[:-1]
+        # IDM may brake harder than the action range's 5 m/s^2 (it did here: 6): the recorded vector is clipped.
+        np.testing.assert_allclose(5.0 * episode.action[:-1, 0][~crashed], np.clip(applied[~crashed], -5, 5),
+                                   atol=1e-3)
+    _, episodes = load_dataset(tmp_path / "random")
+    actions = np.concatenate([e.action for e in episodes])
+    assert np.abs(actions).max() <= 1.0 and actions.std(0).min() > 0.3
+    env = make_env(SCENARIO)
+    reset_env(env, 0)
+    for name in ("slower", "explore", "oracle"):
+        with pytest.raises(ConfigError, match="continuous actions"):
+            make_agent(name).reset(env, 0)
+    env.close()
+
+
+def test_kinematic_ego_path_matches_the_simulator():
+    """rollout_ego_continuous against highway-env itself: the ego's positions and velocities at the end of each
+    step of a held-action plan, in the decision's ego frame, equal the simulated ones (an ego alone on the road, so
+    nothing hits it)."""
+    from drive_mbrl.egomotion import rollout_ego_continuous
+    from drive_mbrl.features import to_ego_frame
+    from drive_mbrl.mpc import continuous_ego_path
+
+    alone = load_scenario("highway_continuous")
+    alone = type(alone)(**{**alone.__dict__, "env_config": {**alone.env_config, "vehicles_count": 0}})
+    env = make_env(alone)
+    reset_env(env, 3)
+    ego = env.unwrapped.vehicle
+    plan = torch.tensor([[0.8, 0.05], [-0.6, -0.1], [0.3, 0.08], [-1.0, 0.0]])
+    origin = np.array([ego.position[0], ego.position[1], 0, 0, ego.heading, 0, 0])
+    predicted = continuous_ego_path(env, 5, 0.2, "cpu")(plan[None])[0]
+    simulated = []
+    for action in plan.numpy():
+        env.step(action)
+        world = np.array([*ego.position, *ego.velocity, ego.heading, 0, 0])
+        simulated.append(to_ego_frame(world, origin)[:4])
+    np.testing.assert_allclose(predicted.numpy(), np.array(simulated), atol=1e-3)
+    assert np.abs(np.array(simulated)[:, 1]).max() > 1.0  # the plan turned the ego noticeably
+    # Without a steering column the ego drives straight along x.
+    straight = rollout_ego_continuous(25.0, 5.0, torch.zeros(1, 3, 1), ((-5.0, 5.0), None), 5, 0.2)
+    np.testing.assert_allclose(straight[0, :, :2].numpy(), [[25.0, 0.0], [50.0, 0.0], [75.0, 0.0]], atol=1e-4)
+    env.close()
+
+
+def test_braking_control_by_hand(env):
+    """Shed 5 m/s over the 1-s step but not below 20 m/s, and turn the wheel against the heading error: at 28 m/s
+    aligned with the lane, full braking (-5 m/s^2 = -1); at 22 m/s, -2 m/s^2 (-0.4); at 20 m/s, none; 0.1 rad off
+    the lane, -0.1 rad of steering (-0.1 / (pi / 4))."""
+    ego = env.unwrapped.vehicle
+    lane = env.unwrapped.road.network.get_lane(ego.lane_index)
+    ego.heading = lane.heading_at(lane.local_coordinates(ego.position)[0])
+    for speed, acceleration in ((28.0, -1.0), (22.0, -0.4), (20.0, 0.0), (15.0, 0.0)):
+        ego.speed = speed
+        np.testing.assert_allclose(braking_control(env), [acceleration, 0.0], atol=1e-5)
+    ego.heading += 0.1
+    np.testing.assert_allclose(braking_control(env)[1], -0.1 / (math.pi / 4), atol=1e-5)
+
+
+def test_smoke_mpc_plans_continuous_actions_on_a_forecaster_trained_on_them(tmp_path: Path):
+    """collect (idm, random) -> a forecaster whose action_dim comes from the datasets -> agent=mpc drives: the
+    actions are (S, 2) vectors in [-1, 1] and the step log holds continuous plans. A smoke test: nothing about how
+    well it drives."""
+    from drive_mbrl.fit import TrainSettings, dataset_rates, fit, load_scenes, split_by_episode
+    from drive_mbrl.forecaster import ForecasterConfig
+
+    for agent in ("idm", "random"):
+        collect(RunSpec(SCENARIO, agent, 2, 0, max_steps=10), tmp_path / agent)
+    policy_dt, num_actions, action_dim = dataset_rates(str(tmp_path / "idm"))
+    assert (num_actions, action_dim) == (0, 2)
+    config = ForecasterConfig(agents=4, history_len=3, horizon=3, num_actions=num_actions, action_dim=action_dim,
+                              members=2, modes=2, width=16, heads=2, blocks=1, decoder_width=16,
+                              plan_fusion="late", policy_dt=policy_dt)
+    scenes, sources = load_scenes([str(tmp_path / "idm"), str(tmp_path / "random")], config, history_dt=0.2)
+    assert scenes.actions.shape[1:] == (3, 2) and scenes.actions.dtype == np.float32
+    train, val = split_by_episode(scenes.episode, 0.25, 0)
+    torch.manual_seed(0)
+    fit(scenes.subset(train), scenes.subset(val), config, TrainSettings(epochs=1, batch_size=16, seed=0),
+        tmp_path / "ck", {"data": sources, "history_dt": 0.2}, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="ego_model=kinematic or learned"):
+        make_agent("mpc", {"checkpoint": str(tmp_path / "ck"), "planner": {"ego_model": "route"}})
+    agent = make_agent("mpc", {"checkpoint": str(tmp_path / "ck"),
+                               "planner": {**SCENARIO.planner, "budget": 32, "threads": 1}})
+    episode = EpisodeRunner().run(EpisodeJob(SCENARIO, "mpc", 0, 5, max_steps=3), agent)
+    assert episode.action.shape == (episode.steps, 2) and np.abs(episode.action).max() <= 1.0
+    assert episode.step_log["plan"].shape == (episode.steps, 3, 2) and episode.step_log["plan"].dtype == np.float32
