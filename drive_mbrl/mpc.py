@@ -142,9 +142,15 @@ class MPCAgent:
         if self._recorder is None:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
-        ego_path = None
-        if self._continuous and self.settings.ego_model == "kinematic":
-            ego_path = continuous_ego_path(env, self._frames_per_step, self._sim_dt, self.device)
+        ego_path = plan_cost = None
+        if self._continuous:
+            from drive_mbrl.planning import offroad_costs
+
+            own = continuous_ego_path(env, self._frames_per_step, self._sim_dt, self.device)
+            road = road_frame(env)
+            plan_cost = lambda plans: offroad_costs(own(plans), road, self.settings)  # noqa: E731
+            if self.settings.ego_model == "kinematic":
+                ego_path = own
         elif self.settings.ego_model in ("kinematic", "route"):
             from drive_mbrl.egomotion import rollout_ego, rollout_ego_on_path
 
@@ -166,7 +172,7 @@ class MPCAgent:
                 proposal = torch.softmax(logits, -1).to(self.device)
             decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
                                   torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault, ego_path, proposal)
+                                  self._warm, self.fault, ego_path, proposal, plan_cost)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
@@ -321,6 +327,20 @@ def ego_values(env: Any) -> dict[str, Any]:
                 target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
 
 
+def road_frame(env: Any) -> tuple[float, float, float, float]:
+    """The ego against its road, for `planning.offroad_costs`: its offset from its lane's centre [m] (+ right), its
+    heading relative to the lane [rad], and the left and right edges of the road (every lane of its edge) relative
+    to that lane centre [m]. Straight roads; duck-typed on highway-env's lanes."""
+    base = env.unwrapped
+    ego, network = base.vehicle, base.road.network
+    lane = network.get_lane(ego.lane_index)
+    s, lateral = lane.local_coordinates(ego.position)
+    width, index = float(lane.width_at(s)), int(ego.lane_index[2])
+    lanes = max(reachable_lanes(network, ego.lane_index), index + 1)
+    heading = (float(ego.heading) - float(lane.heading_at(s)) + np.pi) % (2 * np.pi) - np.pi
+    return float(lateral), heading, -(index + 0.5) * width, (lanes - index - 0.5) * width
+
+
 def continuous_ego_path(env: Any, frames_per_step: int, sim_dt: float, device: Any) -> Any:
     """plans (P, H, D) -> (P, H, 4) the ego's own motion under continuous plans from its state now
     (`egomotion.rollout_ego_continuous` with the env's action ranges and speed limits)."""
@@ -346,9 +366,7 @@ def braking_control(env: Any) -> np.ndarray:
     ego = base.vehicle
     policy_dt = 1.0 / base.config["policy_frequency"]
     target = max(ego.speed - 5.0, min(ego.speed, BRAKING_SPEED))
-    lane = base.road.network.get_lane(ego.lane_index)
-    along = lane.local_coordinates(ego.position)[0]
-    error = (ego.heading - lane.heading_at(along) + np.pi) % (2 * np.pi) - np.pi
+    error = road_frame(env)[1]
     from drive_mbrl.scenarios import to_continuous_action
 
     return to_continuous_action(env, {"acceleration": (target - ego.speed) / policy_dt, "steering": -error})

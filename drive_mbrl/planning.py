@@ -466,6 +466,22 @@ def dead_end_costs(positions: torch.Tensor, size: torch.Tensor, agent_mask: torc
     return torch.where(leader, charge, torch.zeros_like(charge)).amax(2)
 
 
+def offroad_costs(path: torch.Tensor, road: tuple[float, float, float, float], settings: PlannerConfig
+                  ) -> torch.Tensor:
+    """The off-road charge of each plan for an ego that can leave the road (continuous steering): leaving it ends
+    the reward (highway-env pays nothing off the road), so it is charged like a collision, collision_cost x
+    gamma^h at the first step h whose end finds the ego's centre outside the road (straight road model).
+
+    path: (P, H, >=2) the ego's positions [m] in the decision's ego frame; road: the ego's offset from its lane
+    centre [m] (+ right), its heading relative to the lane [rad], and the road's left and right edges relative to
+    that lane centre [m] (`mpc.road_frame`). Returns (P,)."""
+    lateral, heading, left, right = road
+    across = lateral + path[..., 0] * math.sin(heading) + path[..., 1] * math.cos(heading)  # (P, H) lane frame
+    off = (across < left) | (across > right)
+    first = off.to(torch.int64).argmax(-1).to(path.dtype)
+    return torch.where(off.any(-1), settings.collision_cost * settings.gamma ** first, torch.zeros_like(first))
+
+
 def sample_costs(positions: torch.Tensor, reward: torch.Tensor, history_last: torch.Tensor,
                  agent_mask: torch.Tensor, settings: PlannerConfig, plans: torch.Tensor | None = None,
                  policy_dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -593,6 +609,8 @@ Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """Optional hook applied to the forecaster's outputs before scoring (fault injection in tests)."""
 EgoPath = Callable[[torch.Tensor], torch.Tensor]
 """plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`)."""
+PlanCost = Callable[[torch.Tensor], torch.Tensor]
+"""plans (P, H[, D]) -> (P,) an extra cost per plan, known without the forecaster (`offroad_costs`)."""
 FALLBACK_REASONS = ("", "model_output_not_finite", "spread_too_wide", "members_disagree",
                     "no_plan_within_collision_limit")
 """`plan_step`'s reason codes (index) and names; '' (0): the plan is used."""
@@ -761,7 +779,7 @@ def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tens
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
                fault: Fault | None = None, ego_path: EgoPath | None = None,
-               proposal: torch.Tensor | None = None) -> Decision:
+               proposal: torch.Tensor | None = None, plan_cost: PlanCost | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits (`plan_step`, with its
@@ -774,11 +792,13 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
     draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
     action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
-    enumerated). A model with continuous actions (`action_dim` > 0) is planned by `plan_continuous`.
+    enumerated). A model with continuous actions (`action_dim` > 0) is planned by `plan_continuous` (which also
+    takes `plan_cost`).
     """
     c = model.config
     if getattr(c, "action_dim", 0):
-        return plan_continuous(model, history, agent_mask, settings, generator, warm_start, fault, ego_path)
+        return plan_continuous(model, history, agent_mask, settings, generator, warm_start, fault, ego_path,
+                               plan_cost)
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
@@ -800,7 +820,8 @@ over 4 x 2 actions, 8 iterations of 128: 0.41-0.49 off at a floor of 1e-3, 0.01-
 
 def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                     generator: torch.Generator, warm_start: torch.Tensor | None = None,
-                    fault: Fault | None = None, ego_path: EgoPath | None = None) -> Decision:
+                    fault: Fault | None = None, ego_path: EgoPath | None = None,
+                    plan_cost: PlanCost | None = None) -> Decision:
     """Plan continuous action sequences (H, D), each action in [-1, 1], for a forecaster with `action_dim` D:
     MPPI or CEM (`settings.continuous_search`; `settings.budget` plans split over `settings.iterations`, spread
     `continuous_std`), warm-started from `warm_start` (H, D) (the previous plan shifted; default zeros). Every
@@ -808,7 +829,8 @@ def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor,
     plan is the search's, checked like a discrete one (chance constraint, calibrated uncertainty: `fallback_reason`).
     least_risk is the scored plan of least collision probability (ties: the higher expected return). ego_path:
     plans (P, H, D) -> (P, H, >=2) the ego's own positions (`egomotion.rollout_ego_continuous`), replacing the
-    forecaster's ego prediction; None: the forecaster's.
+    forecaster's ego prediction; None: the forecaster's. plan_cost: plans (P, H, D) -> (P,) a cost added to each
+    plan's (such as `offroad_costs` of its ego path).
     """
     c = model.config
     H, D, dev = c.horizon, c.action_dim, history.device
@@ -825,6 +847,8 @@ def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor,
         if fault is not None:
             out = fault(out)
         scores = score_plans(out, last, agent_mask, settings, generator, plans, c.policy_dt)
+        if plan_cost is not None:
+            scores["cost"] = scores["cost"] + plan_cost(plans).to(scores["cost"])
         scored.append((plans, scores, out))
         return scores["cost"]
 

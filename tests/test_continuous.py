@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from drive_mbrl.agents import make_agent
+from drive_mbrl.config import PlannerConfig
 from drive_mbrl.data import RunSpec, collect, load_dataset
 from drive_mbrl.errors import ConfigError
 from drive_mbrl.mpc import braking_control
@@ -104,6 +105,26 @@ def test_kinematic_ego_path_matches_the_simulator():
     straight = rollout_ego_continuous(25.0, 5.0, torch.zeros(1, 3, 1), ((-5.0, 5.0), None), 5, 0.2)
     np.testing.assert_allclose(straight[0, :, :2].numpy(), [[25.0, 0.0], [50.0, 0.0], [75.0, 0.0]], atol=1e-4)
     env.close()
+
+
+def test_offroad_costs_by_hand(env):
+    """Lane 1 of 3 lanes of 4 m, the ego 0.5 m right of its lane centre: the road spans -6 .. +6 m of the lane
+    centre. A path drifting right to 5.4 m stays on it; one reaching 5.6 m (6.1 m across) leaves it at step 2:
+    10 x 0.9^2 = 8.1. Turned 0.1 rad to the right, 55 m ahead is 0.5 + 55 sin 0.1 = 5.99 m across (on), 56 m
+    is 6.09 m (off, at the first step: 10). The road frame of a real ego: its lane's edges, its heading."""
+    from drive_mbrl.mpc import road_frame
+    from drive_mbrl.planning import offroad_costs
+
+    settings = PlannerConfig(collision_cost=10.0, gamma=0.9)
+    path = torch.tensor([[[10.0, 0.0], [20.0, 3.0], [30.0, 5.4]], [[10.0, 0.0], [20.0, 3.0], [30.0, 5.6]]])
+    road = (0.5, 0.0, -6.0, 6.0)
+    np.testing.assert_allclose(offroad_costs(path, road, settings).numpy(), [0.0, 8.1], rtol=1e-6)
+    turned = torch.tensor([[[55.0, 0.0]], [[56.0, 0.0]]])
+    np.testing.assert_allclose(offroad_costs(turned, (0.5, 0.1, -6.0, 6.0), settings).numpy(), [0.0, 10.0])
+    lateral, heading, left, right = road_frame(env)
+    lanes = len(env.unwrapped.road.network.all_side_lanes(env.unwrapped.vehicle.lane_index))
+    index = env.unwrapped.vehicle.lane_index[2]
+    assert (left, right) == (-(index + 0.5) * 4.0, (lanes - index - 0.5) * 4.0) and abs(lateral) < 2.0
 
 
 def test_braking_control_by_hand(env):
