@@ -9,6 +9,10 @@ when no plan passes the chance constraint, SLOWER (`planner.fallback=slower`, de
 plan, shifted by one step, warm-starts the next search; with `planner.policy` the reactive policy also proposes a
 share of the candidates.
 
+In a continuous-action scenario (a forecaster with `action_dim` > 0) it plans (H, D) action sequences
+(`planning.plan_continuous`) with the ego's kinematic bicycle under each plan (`continuous_ego_path`) and a charge
+for leaving the road (`road_frame`, `planning.offroad_costs`); its braking fallback is `braking_control`.
+
 After each step the episode loop stores `step_log()`: the chosen plan, the best `LOG_CANDIDATES` distinct candidates
 with their cost, risk and collision probability, and the predicted futures of the scene's agents under the chosen
 plan (per mode, with uncertainty and mode probabilities) in the decision's ego frame, with the ego pose and the track
