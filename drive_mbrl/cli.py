@@ -790,8 +790,8 @@ def _with_checkpoint_scenario(cfg: Any) -> Any:
 
     meta = json.loads((Path(cfg.checkpoint) / "meta.json").read_text())
     env_id, continuous = meta.get("data", {}).get("scenario"), bool(meta.get("model", {}).get("action_dim", 0))
-    names = [n for n in available_scenarios() if load_scenario(n).env_id == env_id
-             and (load_scenario(n).env_config.get("action", {}).get("type") == "ContinuousAction") == continuous]
+    names = [n for n in available_scenarios()
+             if load_scenario(n).env_id == env_id and load_scenario(n).continuous_actions == continuous]
     return replace(cfg, scenario=names[0]) if len(names) == 1 else cfg
 
 

@@ -867,12 +867,7 @@ def plan_continuous(model: Any, history: torch.Tensor, agent_mask: torch.Tensor,
     # The search's plan is one of the scored rows (its best, or MPPI's final mean, scored last).
     match = (plans == result.plan).flatten(1).all(1).nonzero()
     i = int(match[-1]) if len(match) else int(torch.argmin(scores["cost"]))
-    j, offset = i, 0
-    for p, _, out in scored:  # the forecaster's outputs under the chosen plan
-        if j < offset + len(p):
-            future = {k: out[k][:, j - offset] for k in ("mean", "log_std", "logits")}
-            break
-        offset += len(p)
+    future = {k: torch.cat([out[k] for _, _, out in scored], dim=1)[:, i] for k in ("mean", "log_std", "logits")}
     best = {k: scores[k][i] for k in ("cost", "disagreement", "spread")}
     summary = {"finite": scores["finite"].any(), "spread": scores["spread"].min(),
                "disagreement": scores["disagreement"].min()}

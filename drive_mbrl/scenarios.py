@@ -60,6 +60,11 @@ class Scenario:
             "perception_range": self.perception_range,
         }
 
+    @property
+    def continuous_actions(self) -> bool:
+        """Whether the scenario's env takes continuous actions (its env_config sets highway-env's ContinuousAction)."""
+        return (self.env_config.get("action") or {}).get("type") == "ContinuousAction"
+
 
 def available_scenarios() -> list[str]:
     """Names of the scenarios shipped in scenarios/."""

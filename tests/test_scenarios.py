@@ -22,9 +22,8 @@ def test_the_required_scenarios_are_shipped():
 @pytest.mark.parametrize("name", available_scenarios())
 def test_scenario_records_tracks_with_stable_ids(name):
     scenario = load_scenario(name)
-    continuous = scenario.env_config.get("action", {}).get("type") == "ContinuousAction"
-    episode = EpisodeRunner().run(EpisodeJob(scenario, "idm" if continuous else "slower", index=0, seed=7,
-                                             max_steps=4))
+    agent = "idm" if scenario.continuous_actions else "slower"  # slower drives meta-actions only
+    episode = EpisodeRunner().run(EpisodeJob(scenario, agent, index=0, seed=7, max_steps=4))
     frames, tracks, features = episode.state.shape
     assert features == len(STATE_FIELDS) and tracks >= 2, "the ego and at least one other vehicle are tracked"
     assert episode.present[:, 0].all(), "the ego is present in every frame"
