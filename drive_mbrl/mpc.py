@@ -347,15 +347,23 @@ def road_frame(env: Any) -> tuple[float, float, float, float]:
 
 def continuous_ego_path(env: Any, frames_per_step: int, sim_dt: float, device: Any) -> Any:
     """plans (P, H, D) -> (P, H, 4) the ego's own motion under continuous plans from its state now
-    (`egomotion.rollout_ego_continuous` with the env's action ranges and speed limits)."""
+    (`egomotion.rollout_ego_continuous` with the env's action ranges and speed limits). The last call's result is
+    kept: the planner asks for the same plans twice (the ego's futures and the off-road charge)."""
     from drive_mbrl.egomotion import rollout_ego_continuous
 
     ego, action_type = env.unwrapped.vehicle, env.unwrapped.action_type
     ranges = (tuple(action_type.acceleration_range) if action_type.longitudinal else None,
               tuple(action_type.steering_range) if action_type.lateral else None)
     speed, length, limits = float(ego.speed), float(ego.LENGTH), (float(ego.MIN_SPEED), float(ego.MAX_SPEED))
-    return lambda plans: rollout_ego_continuous(speed, length, plans.cpu(), ranges, frames_per_step, sim_dt,
-                                                limits).to(device)
+    last: list[Any] = [None, None]  # plans, their path
+
+    def path(plans: Any) -> Any:
+        if last[0] is not plans:
+            last[:] = [plans, rollout_ego_continuous(speed, length, plans.cpu(), ranges, frames_per_step, sim_dt,
+                                                     limits).to(device)]
+        return last[1]
+
+    return path
 
 
 BRAKING_SPEED = 20.0
