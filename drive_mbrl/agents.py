@@ -3,7 +3,9 @@
 - `random`: uniform random meta-actions from a seeded generator.
 - `slower`: always SLOWER (a safe, slow floor).
 - `explore`: random meta-actions weighted towards keeping speed and lane (`EXPLORE_WEIGHTS`), each held for 1-3
-  steps, so episodes last and the data holds varied, sustained ego actions for the forecaster to learn from.
+  steps, so episodes last and the data holds varied, sustained ego actions for the forecaster to learn from. In a
+  continuous-action scenario (where uniform random control leaves the road within seconds) the ego is highway-env's
+  IDM instead, with a random target speed and random lane changes (`ContinuousExplore`), recorded like `idm`.
 - `idm`: the ego is driven by highway-env's own IDM (longitudinal) and MOBIL (lane change) behaviour model: on
   reset the ego's controller is replaced by an `IDMVehicle` at the same state, route and target speed. The recorded
   action is the meta-action inferred from the ego's motion (`infer_meta_action`), or in a continuous-action
@@ -16,6 +18,7 @@ protocol in types.py) works. Agents get the live env; only the `idm` agent touch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,25 +72,84 @@ class RandomAgent:
         return int(self._rng.integers(space.n))
 
 
+@dataclass(frozen=True)
+class ContinuousExplore:
+    """How `explore` drives in a continuous-action scenario: highway-env's IDM follows a random target speed and
+    random target lanes (MOBIL off), so the recorded acceleration and steering vary far more than under `idm`
+    while the ego stays on the road."""
+
+    speed_range: tuple[float, float] = (15.0, 35.0)
+    """[m/s] target speeds, drawn uniformly."""
+    hold_steps: tuple[int, int] = (2, 6)
+    """Policy steps each target speed is held for (drawn uniformly, both ends included)."""
+    lane_change_p: float = 0.2
+    """Per policy step: probability of a change of target lane to a random neighbouring lane."""
+
+
+CONTINUOUS_EXPLORE = ContinuousExplore()
+
+
+def _install_idm(env: Any) -> Any:
+    """Replace the ego's controller by highway-env's `IDMVehicle` at the same state; returns it."""
+    from highway_env.vehicle.behavior import IDMVehicle
+
+    base = env.unwrapped
+    ego = base.vehicle
+    if hasattr(ego, "target_lane_index"):
+        idm = IDMVehicle.create_from(ego)
+    else:  # a continuous-action ego is a plain kinematic Vehicle: keep its lane and its speed at the start
+        idm = IDMVehicle(base.road, ego.position, ego.heading, ego.speed, target_lane_index=ego.lane_index,
+                         target_speed=ego.speed)
+    base.road.vehicles[base.road.vehicles.index(ego)] = idm
+    base.controlled_vehicles[base.controlled_vehicles.index(ego)] = idm
+    return idm
+
+
 class ExploreAgent:
-    """Weighted random meta-actions (`EXPLORE_WEIGHTS`), each held for 1 to 3 policy steps."""
+    """Weighted random meta-actions (`EXPLORE_WEIGHTS`), each held for 1 to 3 policy steps; in a continuous-action
+    scenario IDM with random target speeds and lanes (`ContinuousExplore`; the agent then drives itself)."""
 
     drives_itself = False
 
+    def __init__(self, continuous: ContinuousExplore = CONTINUOUS_EXPLORE):
+        self.continuous = continuous
+
     def reset(self, env: Any, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
+        self.drives_itself = is_continuous(env)
+        if self.drives_itself:
+            self._idm = _install_idm(env)
+            self._idm.enable_lane_change = False
+            self._idle = np.zeros(env.action_space.shape, np.float32)
+            self._left = 0
+            return
         names = meta_actions(env)
         self._actions = np.array([names[n] for n in EXPLORE_WEIGHTS if n in names])
         weights = np.array([w for n, w in EXPLORE_WEIGHTS.items() if n in names])
         self._p = weights / weights.sum()
         self._held, self._left = 0, 0
 
-    def act(self, obs: np.ndarray, env: Any) -> int:
+    def act(self, obs: np.ndarray, env: Any) -> int | np.ndarray:
+        if self.drives_itself:
+            return self._steer_idm(env)
         if self._left == 0:
             self._held = int(self._rng.choice(self._actions, p=self._p))
             self._left = int(self._rng.integers(1, 4))
         self._left -= 1
         return self._held
+
+    def _steer_idm(self, env: Any) -> np.ndarray:
+        """Draw the IDM ego's next target speed and lane; the returned action is ignored by the simulator."""
+        c, idm = self.continuous, self._idm
+        if self._left == 0:
+            idm.target_speed = float(self._rng.uniform(*c.speed_range))
+            self._left = int(self._rng.integers(c.hold_steps[0], c.hold_steps[1] + 1))
+        self._left -= 1
+        if self._rng.random() < c.lane_change_p:
+            lanes = env.unwrapped.road.network.side_lanes(idm.lane_index)
+            if lanes:
+                idm.target_lane_index = lanes[int(self._rng.integers(len(lanes)))]
+        return self._idle
 
 
 class ConstantAgent:
@@ -111,17 +173,7 @@ class IDMAgent:
     drives_itself = True
 
     def reset(self, env: Any, seed: int) -> None:
-        from highway_env.vehicle.behavior import IDMVehicle
-
-        base = env.unwrapped
-        ego = base.vehicle
-        if hasattr(ego, "target_lane_index"):
-            idm = IDMVehicle.create_from(ego)
-        else:  # a continuous-action ego is a plain kinematic Vehicle: keep its lane and its speed at the start
-            idm = IDMVehicle(base.road, ego.position, ego.heading, ego.speed, target_lane_index=ego.lane_index,
-                             target_speed=ego.speed)
-        base.road.vehicles[base.road.vehicles.index(ego)] = idm
-        base.controlled_vehicles[base.controlled_vehicles.index(ego)] = idm
+        _install_idm(env)
         # Ignored by the simulator either way: the IDM vehicle decides for itself.
         self._idle = np.zeros(env.action_space.shape, np.float32) if is_continuous(env) else _action_index(env, "IDLE")
 

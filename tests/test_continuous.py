@@ -49,15 +49,9 @@ def test_action_vectors_round_trip_through_highway_envs_map(env):
     assert to_continuous_action(env, {"acceleration": -50.0}).tolist() == [-1.0, 0.0]  # clipped; no steering: 0
 
 
-def test_idm_records_the_control_it_applied_and_random_spans_the_box(tmp_path: Path):
-    """The idm ego's recorded acceleration is the one the simulator applied in the step's last frame (clipped to
-    the action range): the ego's speed changes by exactly acceleration x frame time there (highway-env's
-    kinematics). Meta-action agents are refused with a message."""
-    collect(RunSpec(SCENARIO, "idm", 2, 0, max_steps=8), tmp_path / "idm")
-    collect(RunSpec(SCENARIO, "random", 2, 0, max_steps=8), tmp_path / "random")
-    manifest, episodes = load_dataset(tmp_path / "idm")
-    assert manifest["action_space"] == "continuous" and manifest["action_names"] == ["acceleration", "steering"]
-    dt = manifest["dt"]
+def _assert_applied_acceleration_recorded(episodes: list, dt: float) -> None:
+    """Each step's recorded acceleration is the one the simulator applied in its last frame, clipped to the action
+    range: the ego's speed changes by exactly acceleration x frame time there (highway-env's kinematics)."""
     for episode in episodes:
         assert episode.action.shape == (episode.steps, 2) and episode.action.dtype == np.float32
         speed = np.hypot(episode.state[:, 0, 2], episode.state[:, 0, 3])
@@ -67,15 +61,39 @@ def test_idm_records_the_control_it_applied_and_random_spans_the_box(tmp_path: P
         # IDM may brake harder than the action range's 5 m/s^2 (it did here: 6): the recorded vector is clipped.
         np.testing.assert_allclose(5.0 * episode.action[:-1, 0][~crashed], np.clip(applied[~crashed], -5, 5),
                                    atol=1e-3)
+
+
+def test_idm_records_the_control_it_applied_and_random_spans_the_box(tmp_path: Path):
+    """The idm ego's recorded acceleration is the one the simulator applied in the step's last frame (clipped to
+    the action range): the ego's speed changes by exactly acceleration x frame time there (highway-env's
+    kinematics). Meta-action agents are refused with a message."""
+    collect(RunSpec(SCENARIO, "idm", 2, 0, max_steps=8), tmp_path / "idm")
+    collect(RunSpec(SCENARIO, "random", 2, 0, max_steps=8), tmp_path / "random")
+    manifest, episodes = load_dataset(tmp_path / "idm")
+    assert manifest["action_space"] == "continuous" and manifest["action_names"] == ["acceleration", "steering"]
+    _assert_applied_acceleration_recorded(episodes, manifest["dt"])
     _, episodes = load_dataset(tmp_path / "random")
     actions = np.concatenate([e.action for e in episodes])
     assert np.abs(actions).max() <= 1.0 and actions.std(0).min() > 0.3
     env = make_env(SCENARIO)
     reset_env(env, 0)
-    for name in ("slower", "explore", "oracle"):
+    for name in ("slower", "oracle"):
         with pytest.raises(ConfigError, match="continuous actions"):
             make_agent(name).reset(env, 0)
     env.close()
+
+
+def test_explore_drives_idm_to_random_target_speeds_in_a_continuous_scenario(tmp_path: Path):
+    """`explore` on continuous actions: IDM with random target speeds and lanes, recorded like idm (the applied
+    control), and on the same seeds its speed and acceleration vary more than idm's own."""
+    spread = {}
+    for agent in ("idm", "explore"):
+        collect(RunSpec(SCENARIO, agent, 2, 0, max_steps=15), tmp_path / agent)
+        manifest, episodes = load_dataset(tmp_path / agent)
+        _assert_applied_acceleration_recorded(episodes, manifest["dt"])
+        speed = np.concatenate([np.hypot(e.state[:, 0, 2], e.state[:, 0, 3]) for e in episodes])
+        spread[agent] = (np.ptp(speed), np.concatenate([e.action[:, 0] for e in episodes]).std())
+    assert spread["explore"][0] > 1.5 * spread["idm"][0] and spread["explore"][1] > 1.5 * spread["idm"][1]
 
 
 def test_kinematic_ego_path_matches_the_simulator():
