@@ -220,11 +220,13 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
 
 def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str, envs: list[int], steps: int,
-                 real_steps: int, repeats: int, decisions: int, planner: Any, seed: int) -> dict[str, Any]:
+                 real_steps: int, repeats: int, decisions: int, planner: Any, seed: int,
+                 imagination: str = "") -> dict[str, Any]:
     """Issue-5 speed figures on the same cores, one torch thread: imagined transitions/s of the imagination env
-    (per batch size) against real env steps/s of `imagination.PolicyEnv` (highway-env plus perception, random
-    actions), alternating repeats; and the decision latency of the reactive policy (batch 1, torch eager)
-    against the MPC planner's on the same recorded scenes."""
+    (per batch size; its forecaster is `imagination`, default `checkpoint`) against real env steps/s of
+    `imagination.PolicyEnv` (highway-env plus perception, random actions), alternating repeats; and the decision
+    latency of the reactive policy (batch 1, torch eager) against the MPC planner's (on `checkpoint`) on the same
+    recorded scenes."""
     import numpy as np
     import torch
 
@@ -240,7 +242,8 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
 
     torch.set_num_threads(1)
     net, _ = load_policy(policy)
-    config = ImaginationConfig(checkpoint, tuple(dataset), agents=net.config.agents, seed=seed)
+    imagination = imagination or checkpoint
+    config = ImaginationConfig(imagination, tuple(dataset), agents=net.config.agents, seed=seed)
     probe = ImaginationEnv(config, 1)
     starts = (probe.starts_hist.numpy(), probe.starts_lane.numpy(), probe.starts_target)
     imagined: dict[int, list[float]] = {n: [] for n in envs}
@@ -287,7 +290,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             "planner_ms_p50": float(np.percentile(planner_ms, 50)),
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),
             "planner_over_policy": float(np.percentile(planner_ms, 50)) * 1e3 / p50,
-            "planner_budget": planner.budget, "threads": 1}
+            "planner_budget": planner.budget, "threads": 1, "imagination_checkpoint": imagination}
 
 
 def bench_replay(run: str, episode: int, steps: int, repeats: int, dpi: int) -> dict[str, Any]:

@@ -384,6 +384,8 @@ class BenchPolicyConfig:
 
     policy: str = opt("", "policy folder; required")
     checkpoint: str = opt("", "forecaster checkpoint (imagination and planner); required")
+    imagination: str = opt("", "a separate forecaster for the imagination env (e.g. a small horizon-1 model fitted "
+                           "for Dyna); empty = checkpoint")
     dataset: list[str] = opt([], "recorded episodes: start states and latency scenes; required")
     scenario: str = opt("highway", "scenario of the real env")
     envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20)
