@@ -434,7 +434,8 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
                                      "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
-                                     "crash_head": cfg.crash_head, "set_points": policy.set_points,
+                                     "crash_head": cfg.crash_head, "ego_model": cfg.imagined_ego,
+                                     "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:
         raise C.ConfigError("no envs: set real >= 1 or (mode=dyna) imagined >= 1")

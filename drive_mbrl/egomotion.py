@@ -107,23 +107,33 @@ def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Te
             target_lane = torch.minimum(torch.clamp(target_lane + shift, min=0.0), lanes - 1)
         centre = (target_lane - lane) * lane_width  # target lane centre, lateral [m]
         for _ in range(frames_per_step):
-            lateral_speed = -KP_LATERAL * (y - centre)
-            heading_cmd = _asin((lateral_speed / _not_zero(v)).clamp(-1, 1)).clamp(-math.pi / 4, math.pi / 4)
-            rate = KP_HEADING * _wrap(heading_cmd - psi)
-            sin_beta, cos_beta = _slip(half / _not_zero(v) * rate)
-            accel = KP_A * (target_v - v)
-            accel = torch.where(v > MAX_SPEED, torch.minimum(accel, MAX_SPEED - v), accel)
-            cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
-            x = x + v * (cos_psi * cos_beta - sin_psi * sin_beta) * sim_dt  # v cos(psi + beta) dt
-            y = y + v * (sin_psi * cos_beta + cos_psi * sin_beta) * sim_dt
-            psi = psi + v * sin_beta / half * sim_dt
-            v = v + accel * sim_dt
+            x, y, psi, v = controller_frame(x, y, psi, v, target_v, centre, half, sim_dt)
         steps.append(torch.stack([x, y - lateral, v * torch.cos(psi), v * torch.sin(psi)], dim=-1))
     out = torch.stack(steps, dim=1)  # (N, H, 4) lane frame, origin at the ego (lateral offset removed)
     # Lane frame -> ego frame: rotated by the lane's heading.
     c, s = torch.cos(lane_heading), torch.sin(lane_heading)
     rot = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
     return torch.cat([out[..., :2] @ rot.T, out[..., 2:] @ rot.T], dim=-1).to(torch.float32)
+
+
+def controller_frame(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, v: torch.Tensor, target_v: torch.Tensor,
+                     centre: torch.Tensor, half: torch.Tensor | float, sim_dt: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One simulation frame of highway-env's ControlledVehicle on a straight lane: the lateral and heading
+    controllers steer towards the lateral position `centre`, the speed controller towards `target_v`, and the
+    kinematic bicycle (wheelbase 2 `half`) moves the vehicle by `sim_dt` [s]. All in a lane frame (x along the lane,
+    y to its right [m]; psi [rad] relative to the lane; v [m/s]); broadcasts over any batch shape."""
+    lateral_speed = -KP_LATERAL * (y - centre)
+    heading_cmd = _asin((lateral_speed / _not_zero(v)).clamp(-1, 1)).clamp(-math.pi / 4, math.pi / 4)
+    rate = KP_HEADING * _wrap(heading_cmd - psi)
+    sin_beta, cos_beta = _slip(half / _not_zero(v) * rate)
+    accel = KP_A * (target_v - v)
+    accel = torch.where(v > MAX_SPEED, torch.minimum(accel, MAX_SPEED - v), accel)
+    cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
+    x = x + v * (cos_psi * cos_beta - sin_psi * sin_beta) * sim_dt  # v cos(psi + beta) dt
+    y = y + v * (sin_psi * cos_beta + cos_psi * sin_beta) * sim_dt
+    psi = psi + v * sin_beta / half * sim_dt
+    return x, y, psi, v + accel * sim_dt
 
 
 def rollout_ego_on_path(state: EgoState, path: torch.Tensor, step: float, plans: torch.Tensor,

@@ -11,7 +11,10 @@ Imagination, per step and env (all envs in one batched forecaster call):
   2. the rollout's own member (drawn at reset: trajectory sampling, as in PETS) and one mode per agent (drawn by
      its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
      filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
-     lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges);
+     lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges).
+     With `ego_model="kinematic"` the ego's own frames come instead from highway-env's controller and kinematic
+     bicycle under the meta-action (`egomotion.controller_frame`, the equations the planner's ego uses): the model
+     cannot then imagine the ego braking or swerving on its own, which the policy would otherwise learn to exploit;
   3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too); the
      rollout ends in a crash (terminated) when the ego's box overlaps another agent's at any new frame, or with the
      probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
@@ -126,6 +129,10 @@ class ImaginationConfig:
     seed: int = 0
     device: str = "cpu"
     """Where the model and the envs' state live: cpu, cuda, or auto (CUDA when present)."""
+    ego_model: str = "learned"
+    """The ego's own motion: `learned` (the forecaster's prediction for the ego) or `kinematic` (highway-env's
+    controllers under the meta-action on straight lanes, as the planner's default ego; needs the scenario's
+    `lanes_count`)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -168,6 +175,24 @@ def ego_controls(datasets: tuple[str, ...] | list[str]) -> tuple[list[str], tupl
     if "IDLE" not in names:
         raise ValueError(f"dataset {datasets[0]} has no IDLE action ({names})")
     return names, scenario_target_speeds(manifest.get("env_config_resolved", {}))
+
+
+def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int, int, float]:
+    """What the kinematic ego needs of the first dataset's scenario (its manifest): the number of lanes, the
+    simulation frames per policy step and the simulation step [s]; a clear error where the scenario has no
+    `lanes_count` (not a straight multi-lane road)."""
+    from pathlib import Path
+
+    from drive_mbrl.data import read_manifest
+
+    manifest = read_manifest(Path(datasets[0]))
+    lanes = manifest.get("env_config_resolved", {}).get("lanes_count")
+    if lanes is None:
+        raise ValueError(f"ego_model=kinematic needs a straight multi-lane road (lanes_count in the scenario's env "
+                         f"config), and {datasets[0]}'s scenario {manifest['scenario']} has none: use "
+                         f"ego_model=learned")
+    sim_hz = int(manifest["simulation_hz"])
+    return int(lanes), round(sim_hz * float(manifest["policy_dt"])), 1.0 / sim_hz
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -225,6 +250,13 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.names, self.target_speeds = ego_controls(config.datasets)
         self.idle = self.names.index("IDLE")
+        if config.ego_model not in ("learned", "kinematic"):
+            raise ValueError(f"ego_model must be learned or kinematic, got {config.ego_model!r}")
+        if config.ego_model == "kinematic":
+            self.lanes, self.frames_per_step, self.sim_dt = ego_road(config.datasets)
+            if self.frames_per_step % self.sub:
+                raise ValueError(f"{self.frames_per_step} simulation frames per step cannot be stored as {self.sub} "
+                                 f"frames: choose a history_dt that divides the simulation step")
         self.gen = torch.Generator(device=dev).manual_seed(config.seed)
         B, A, W = num_envs, self.A, self.W
         self.pos = torch.zeros(B, A, W, 2, device=dev)
@@ -234,6 +266,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.size = torch.zeros(B, A, 2, device=dev)
         self.lane_dir = torch.zeros(B, A, device=dev)
         self.lane = torch.zeros(B, dtype=torch.long, device=dev)
+        self.target_lane = torch.zeros(B, dtype=torch.long, device=dev)
+        """The ego's target lane (kinematic ego): its lane at the start, moved by LANE_LEFT / LANE_RIGHT."""
         self.target = np.zeros(B, np.float64)
         self.member = torch.zeros(B, dtype=torch.long, device=dev)
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
@@ -250,6 +284,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.size[envs] = h[:, :, -1, LEN:WID + 1]
         self.lane_dir[envs] = torch.atan2(h[:, :, -1, SIN_LANE], h[:, :, -1, COS_LANE])
         self.lane[envs] = self.starts_lane[pick]
+        self.target_lane[envs] = self.starts_lane[pick]
         self.target[envs.cpu().numpy()] = self.starts_target[pick.cpu().numpy()]
         self.member[envs] = torch.randint(self.model.config.members, (len(envs),), generator=self.gen,
                                           device=self.dev)
@@ -322,6 +357,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         v1 = rotate(nxt[..., 2:], yaw[:, None])
         s = torch.arange(1, self.sub + 1, dtype=torch.float32, device=self.dev) / self.sub
         pos, vel = hermite(self.pos[:, :, -1], self.vel[:, :, -1], p1, v1, s, mc.policy_dt)  # (B, A, sub, 2)
+        if self.config.ego_model == "kinematic":
+            ego_pos, ego_vel = self._kinematic_ego(actions, heading[:, 0, -1])
+            pos, vel = torch.cat([ego_pos[:, None], pos[:, 1:]], 1), torch.cat([ego_vel[:, None], vel[:, 1:]], 1)
         normal = torch.stack([-torch.sin(self.lane_dir), torch.cos(self.lane_dir)], -1)  # (B, A, 2) to the right
         lateral = ((pos - self.pos[:, :, -1:]) * normal[:, :, None]).sum(-1)
         offset = self.offset[:, :, -1:] + lateral  # (B, A, sub)
@@ -350,6 +388,35 @@ class ImaginationEnv(gym.vector.VectorEnv):
         infos = {"crashed": crash & ~restart, "unsure": unsure & ~restart}
         return (self._observe(), reward.cpu().numpy().astype(np.float32), terminated.cpu().numpy(),
                 truncated.cpu().numpy(), infos)
+
+    def _kinematic_ego(self, actions: torch.Tensor, heading: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ego's next `sub` stored frames under meta-actions (B,) from highway-env's controllers on its straight
+        lane (`egomotion.controller_frame`), after moving its target lane; heading (B,) [rad] its heading now in the
+        reference frame. Uses the set-point `self.target` already moved by the action. Returns positions and
+        velocities (B, sub, 2) in the reference frame."""
+        from drive_mbrl.egomotion import controller_frame
+
+        index = {name: i for i, name in enumerate(self.names)}
+        shift = (actions == index.get("LANE_RIGHT", -1)).long() - (actions == index.get("LANE_LEFT", -1)).long()
+        self.target_lane = (self.target_lane + shift).clamp(0, self.lanes - 1)
+        lane_dir = self.lane_dir[:, 0]
+        x = torch.zeros_like(lane_dir)
+        y0 = self.offset[:, 0, -1]
+        y, v = y0, self.vel[:, 0, -1].norm(dim=-1)
+        psi = torch.remainder(heading - lane_dir + torch.pi, 2 * torch.pi) - torch.pi
+        centre = (self.target_lane - self.lane).to(x.dtype) * self.config.lane_width
+        target_v = torch.as_tensor(self.target, dtype=x.dtype, device=self.dev)
+        half = self.size[:, 0, 0] / 2
+        frames = []
+        every = self.frames_per_step // self.sub
+        for f in range(1, self.frames_per_step + 1):
+            x, y, psi, v = controller_frame(x, y, psi, v, target_v, centre, half, self.sim_dt)
+            if f % every == 0:
+                frames.append(torch.stack([x, y - y0, v * torch.cos(psi), v * torch.sin(psi)], -1))
+        lane_frame = torch.stack(frames, 1)  # (B, sub, 4): travel along / across the lane, velocity
+        angle = lane_dir[:, None]
+        return (rotate(lane_frame[..., :2], angle) + self.pos[:, 0, -1:, :],
+                rotate(lane_frame[..., 2:], angle))
 
     def _overlap(self, pos: torch.Tensor, vel: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B,) the ego's box overlaps a present agent's at any of the new frames (boxes aligned with the ego)."""
