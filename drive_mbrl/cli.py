@@ -430,6 +430,12 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
         if model.config.agents < policy.agents:
             raise C.ConfigError(f"the policy observes {policy.agents} slots, the forecaster only predicts "
                                 f"{model.config.agents}: use agents<={model.config.agents} or another forecaster")
+        from drive_mbrl.imagination import ego_road
+
+        if cfg.imagined_ego == "kinematic" and ego_road(cfg.dataset)[0] is None:
+            raise C.ConfigError(f"imagined_ego=kinematic needs a straight multi-lane road (lanes_count in the "
+                                f"scenario's env config) and {cfg.dataset[0]}'s scenario has none: use "
+                                f"imagined_ego=auto or learned")
         env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,

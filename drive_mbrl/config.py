@@ -353,9 +353,9 @@ class RLConfig:
                                    "quantile", choices=UNCERTAINTY_LEVELS)
     uncertainty_penalty: float = opt(0.0, "reward penalty per unit of disagreement / limit", lo=0.0, hi=1e6)
     crash_head: bool = opt(True, "imagined crashes also drawn from the forecaster's crash probability")
-    imagined_ego: str = opt("learned", "the imagined ego's own motion: learned (the forecaster's) or kinematic "
-                            "(highway-env's controllers under the meta-action; straight multi-lane roads)",
-                            choices=("learned", "kinematic"))
+    imagined_ego: str = opt("auto", "the imagined ego's own motion: learned (the forecaster's), kinematic "
+                            "(highway-env's controllers under the meta-action; straight multi-lane roads) or auto "
+                            "(kinematic where the scenario sets lanes_count)", choices=("auto", "learned", "kinematic"))
     real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
     imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
     iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)

@@ -12,9 +12,10 @@ Imagination, per step and env (all envs in one batched forecaster call):
      its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
      filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
      lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges).
-     With `ego_model="kinematic"` the ego's own frames come instead from highway-env's controller and kinematic
-     bicycle under the meta-action (`egomotion.controller_frame`, the equations the planner's ego uses): the model
-     cannot then imagine the ego braking or swerving on its own, which the policy would otherwise learn to exploit;
+     With `ego_model="kinematic"` (`auto`, the default, picks it where the road has `lanes_count`) the ego's own
+     frames come instead from highway-env's controller and kinematic bicycle under the meta-action
+     (`egomotion.controller_frame`, the equations the planner's ego uses): the model cannot then imagine the ego
+     braking or swerving on its own, which the policy would otherwise learn to exploit;
   3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too); the
      rollout ends in a crash (terminated) when the ego's box overlaps another agent's at any new frame, or with the
      probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
@@ -129,10 +130,10 @@ class ImaginationConfig:
     seed: int = 0
     device: str = "cpu"
     """Where the model and the envs' state live: cpu, cuda, or auto (CUDA when present)."""
-    ego_model: str = "learned"
-    """The ego's own motion: `learned` (the forecaster's prediction for the ego) or `kinematic` (highway-env's
+    ego_model: str = "auto"
+    """The ego's own motion: `learned` (the forecaster's prediction for the ego), `kinematic` (highway-env's
     controllers under the meta-action on straight lanes, as the planner's default ego; needs the scenario's
-    `lanes_count`)."""
+    `lanes_count`) or `auto` (kinematic where the scenario has `lanes_count`, else learned)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -177,22 +178,18 @@ def ego_controls(datasets: tuple[str, ...] | list[str]) -> tuple[list[str], tupl
     return names, scenario_target_speeds(manifest.get("env_config_resolved", {}))
 
 
-def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int, int, float]:
-    """What the kinematic ego needs of the first dataset's scenario (its manifest): the number of lanes, the
-    simulation frames per policy step and the simulation step [s]; a clear error where the scenario has no
-    `lanes_count` (not a straight multi-lane road)."""
+def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int | None, int, float]:
+    """What the kinematic ego needs of the first dataset's scenario (its manifest): the number of lanes (None when
+    the scenario sets no `lanes_count`: not a straight multi-lane road), the simulation frames per policy step and
+    the simulation step [s]."""
     from pathlib import Path
 
     from drive_mbrl.data import read_manifest
 
     manifest = read_manifest(Path(datasets[0]))
     lanes = manifest.get("env_config_resolved", {}).get("lanes_count")
-    if lanes is None:
-        raise ValueError(f"ego_model=kinematic needs a straight multi-lane road (lanes_count in the scenario's env "
-                         f"config), and {datasets[0]}'s scenario {manifest['scenario']} has none: use "
-                         f"ego_model=learned")
     sim_hz = int(manifest["simulation_hz"])
-    return int(lanes), round(sim_hz * float(manifest["policy_dt"])), 1.0 / sim_hz
+    return None if lanes is None else int(lanes), round(sim_hz * float(manifest["policy_dt"])), 1.0 / sim_hz
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -250,13 +247,17 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.names, self.target_speeds = ego_controls(config.datasets)
         self.idle = self.names.index("IDLE")
-        if config.ego_model not in ("learned", "kinematic"):
-            raise ValueError(f"ego_model must be learned or kinematic, got {config.ego_model!r}")
-        if config.ego_model == "kinematic":
-            self.lanes, self.frames_per_step, self.sim_dt = ego_road(config.datasets)
-            if self.frames_per_step % self.sub:
-                raise ValueError(f"{self.frames_per_step} simulation frames per step cannot be stored as {self.sub} "
-                                 f"frames: choose a history_dt that divides the simulation step")
+        if config.ego_model not in ("auto", "learned", "kinematic"):
+            raise ValueError(f"ego_model must be auto, learned or kinematic, got {config.ego_model!r}")
+        self.lanes, self.frames_per_step, self.sim_dt = ego_road(config.datasets)
+        if config.ego_model == "kinematic" and self.lanes is None:
+            raise ValueError(f"ego_model=kinematic needs a straight multi-lane road (lanes_count in the scenario's "
+                             f"env config), and {config.datasets[0]}'s scenario has none: use ego_model=learned")
+        self.ego_model = "learned" if config.ego_model == "learned" or self.lanes is None else "kinematic"
+        """The ego's motion in effect (`ImaginationConfig.ego_model` with auto resolved)."""
+        if self.ego_model == "kinematic" and self.frames_per_step % self.sub:
+            raise ValueError(f"{self.frames_per_step} simulation frames per step cannot be stored as {self.sub} "
+                             f"frames: choose a history_dt that divides the simulation step")
         self.gen = torch.Generator(device=dev).manual_seed(config.seed)
         B, A, W = num_envs, self.A, self.W
         self.pos = torch.zeros(B, A, W, 2, device=dev)
@@ -357,7 +358,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         v1 = rotate(nxt[..., 2:], yaw[:, None])
         s = torch.arange(1, self.sub + 1, dtype=torch.float32, device=self.dev) / self.sub
         pos, vel = hermite(self.pos[:, :, -1], self.vel[:, :, -1], p1, v1, s, mc.policy_dt)  # (B, A, sub, 2)
-        if self.config.ego_model == "kinematic":
+        if self.ego_model == "kinematic":
             ego_pos, ego_vel = self._kinematic_ego(actions, heading[:, 0, -1])
             pos, vel = torch.cat([ego_pos[:, None], pos[:, 1:]], 1), torch.cat([ego_vel[:, None], vel[:, 1:]], 1)
         normal = torch.stack([-torch.sin(self.lane_dir), torch.cos(self.lane_dir)], -1)  # (B, A, 2) to the right

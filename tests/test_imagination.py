@@ -131,7 +131,7 @@ def test_kinematic_ego_follows_the_recorded_ego_under_its_recorded_actions(tiny_
     from drive_mbrl.features import EGO_TRACK
 
     config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, horizon=50, crash_head=False,
-                               ego_model="kinematic")
+                               ego_model="kinematic")  # also auto's choice on highway
     _, episodes = load_dataset(recorded)
     env = ImaginationEnv(config, num_envs=1)
     hist, lanes, target = start_states([str(recorded)], env.A, env.W, env.frame_dt, pad=True)
@@ -159,6 +159,19 @@ def test_kinematic_ego_follows_the_recorded_ego_under_its_recorded_actions(tiny_
             np.testing.assert_allclose(env.pos[0, 0, -1].numpy(), expected, atol=2e-3)
             checked += 1
     assert checked >= 10 and len({int(a) for e in episodes for a in e.action}) >= 3
+
+
+def test_auto_ego_model_is_kinematic_only_on_roads_with_lanes(tiny_checkpoint: Path, recorded: Path, tmp_path: Path):
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.scenarios import load_scenario
+
+    assert ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), 1).ego_model \
+        == "kinematic"
+    collect(RunSpec(load_scenario("merge"), "idm", 1, 0, max_steps=3), tmp_path / "merge")
+    merge = (str(tmp_path / "merge"),)
+    assert ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4), 1).ego_model == "learned"
+    with pytest.raises(ValueError, match="lanes_count"):
+        ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4, ego_model="kinematic"), 1)
 
 
 def test_policy_env_observation_matches_the_episode_loop():
