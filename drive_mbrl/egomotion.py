@@ -102,9 +102,8 @@ def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Te
             new_v = speeds[(speed_to_index(v, speeds) + step).clamp(0, speeds.shape[0] - 1)]
             target_v = torch.where(step != 0, new_v, target_v)
         if "LANE_LEFT" in index or "LANE_RIGHT" in index:
-            shift = (a == index.get("LANE_RIGHT", -1)).to(dt) - (a == index.get("LANE_LEFT", -1)).to(dt)
-            # highway-env moves the target lane (not the occupied one) by one, clipped to the road's lanes.
-            target_lane = torch.minimum(torch.clamp(target_lane + shift, min=0.0), lanes - 1)
+            target_lane = torch.minimum(torch.clamp(target_lane + lane_shift(a, action_names).to(dt), min=0.0),
+                                        lanes - 1)
         centre = (target_lane - lane) * lane_width  # target lane centre, lateral [m]
         for _ in range(frames_per_step):
             x, y, psi, v = controller_frame(x, y, psi, v, target_v, centre, half, sim_dt)
@@ -114,6 +113,14 @@ def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Te
     c, s = torch.cos(lane_heading), torch.sin(lane_heading)
     rot = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
     return torch.cat([out[..., :2] @ rot.T, out[..., 2:] @ rot.T], dim=-1).to(torch.float32)
+
+
+def lane_shift(actions: torch.Tensor, action_names: list[str]) -> torch.Tensor:
+    """How each meta-action moves the ego's target lane, int64 like `actions`: +1 for LANE_RIGHT, -1 for LANE_LEFT,
+    0 otherwise. highway-env moves the target lane (not the occupied one) by one; callers clip it to the road."""
+    index = {name: i for i, name in enumerate(action_names)}
+    right, left = index.get("LANE_RIGHT", -1), index.get("LANE_LEFT", -1)
+    return (actions == right).to(torch.int64) - (actions == left).to(torch.int64)
 
 
 def controller_frame(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, v: torch.Tensor, target_v: torch.Tensor,

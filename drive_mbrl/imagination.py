@@ -395,11 +395,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
         lane (`egomotion.controller_frame`), after moving its target lane; heading (B,) [rad] its heading now in the
         reference frame. Uses the set-point `self.target` already moved by the action. Returns positions and
         velocities (B, sub, 2) in the reference frame."""
-        from drive_mbrl.egomotion import controller_frame
+        from drive_mbrl.egomotion import controller_frame, lane_shift
 
-        index = {name: i for i, name in enumerate(self.names)}
-        shift = (actions == index.get("LANE_RIGHT", -1)).long() - (actions == index.get("LANE_LEFT", -1)).long()
-        self.target_lane = (self.target_lane + shift).clamp(0, self.lanes - 1)
+        self.target_lane = (self.target_lane + lane_shift(actions, self.names)).clamp(0, self.lanes - 1)
         lane_dir = self.lane_dir[:, 0]
         x = torch.zeros_like(lane_dir)
         y0 = self.offset[:, 0, -1]
