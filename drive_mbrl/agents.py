@@ -13,7 +13,8 @@
 
 Later agents (planner, learned policy, exploration) plug in through `make_agent`: anything with `drives_itself`,
 `reset(env, seed)` and `act(obs, env) -> int` (a (D,) float array in a continuous-action scenario; the `Agent`
-protocol in types.py) works. Agents get the live env; only the `idm` agent touches highway-env classes, lazily.
+protocol in types.py) works. Agents get the live env; only `idm` and continuous `explore` (`_install_idm`) touch
+highway-env classes, lazily.
 """
 
 from __future__ import annotations
