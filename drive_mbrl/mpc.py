@@ -313,21 +313,28 @@ def reachable_lanes(network: Any, lane_index: tuple) -> int:
     return count
 
 
+def _on_lane(env: Any) -> dict[str, Any]:
+    """The ego against its lane (any highway-env vehicle on straight lanes): its offset from the lane centre
+    `lateral` [m] (+ right), its `heading` relative to the lane [rad] (not wrapped), the lane's number, width [m]
+    and the road's lane count (every lane reachable on its edge)."""
+    base = env.unwrapped
+    ego, network = base.vehicle, base.road.network
+    lane = network.get_lane(ego.lane_index)
+    s, lateral = lane.local_coordinates(ego.position)
+    index = int(ego.lane_index[2])
+    return dict(lateral=float(lateral), heading=float(ego.heading) - float(lane.heading_at(s)), lane=index,
+                lanes=max(reachable_lanes(network, ego.lane_index), index + 1), lane_width=float(lane.width_at(s)))
+
+
 def ego_values(env: Any) -> dict[str, Any]:
     """The ego's own set-points and lane from the simulator (what the ego knows about itself), as the fields of
     `egomotion.EgoState` (torch-free, for the onboard runner too). Duck-typed on highway-env's MDPVehicle and
     straight lanes."""
-    base = env.unwrapped
-    ego = base.vehicle
-    network = base.road.network
-    lane = network.get_lane(ego.lane_index)
-    s, lateral = lane.local_coordinates(ego.position)
-    lane_heading = float(lane.heading_at(s))
-    return dict(speed=float(ego.speed), heading=float(ego.heading) - lane_heading, lateral=float(lateral),
-                lane_heading=lane_heading - float(ego.heading), lane=int(ego.lane_index[2]),
-                target_lane=int(ego.target_lane_index[2]), lanes=max(reachable_lanes(network, ego.lane_index),
-                                                                     int(ego.lane_index[2]) + 1),
-                lane_width=float(lane.width_at(s)), target_speed=float(ego.target_speed),
+    ego = env.unwrapped.vehicle
+    lane = _on_lane(env)
+    return dict(speed=float(ego.speed), heading=lane["heading"], lateral=lane["lateral"],
+                lane_heading=-lane["heading"], lane=lane["lane"], target_lane=int(ego.target_lane_index[2]),
+                lanes=lane["lanes"], lane_width=lane["lane_width"], target_speed=float(ego.target_speed),
                 target_speeds=tuple(float(v) for v in ego.target_speeds), length=float(ego.LENGTH))
 
 
@@ -335,14 +342,10 @@ def road_frame(env: Any) -> tuple[float, float, float, float]:
     """The ego against its road, for `planning.offroad_costs`: its offset from its lane's centre [m] (+ right), its
     heading relative to the lane [rad], and the left and right edges of the road (every lane of its edge) relative
     to that lane centre [m]. Straight roads; duck-typed on highway-env's lanes."""
-    base = env.unwrapped
-    ego, network = base.vehicle, base.road.network
-    lane = network.get_lane(ego.lane_index)
-    s, lateral = lane.local_coordinates(ego.position)
-    width, index = float(lane.width_at(s)), int(ego.lane_index[2])
-    lanes = max(reachable_lanes(network, ego.lane_index), index + 1)
-    heading = (float(ego.heading) - float(lane.heading_at(s)) + np.pi) % (2 * np.pi) - np.pi
-    return float(lateral), heading, -(index + 0.5) * width, (lanes - index - 0.5) * width
+    lane = _on_lane(env)
+    width, index = lane["lane_width"], lane["lane"]
+    heading = (lane["heading"] + np.pi) % (2 * np.pi) - np.pi
+    return lane["lateral"], heading, -(index + 0.5) * width, (lane["lanes"] - index - 0.5) * width
 
 
 def continuous_ego_path(env: Any, frames_per_step: int, sim_dt: float, device: Any) -> Any:
