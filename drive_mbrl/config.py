@@ -77,6 +77,11 @@ class PlannerConfig:
                          "controller (exact on straight lanes), `route` drives the ego along its planned route's "
                          "lane centres at the controller's speeds (any road shape; actions without lane changes), "
                          "`learned` takes the forecaster's prediction", choices=("kinematic", "route", "learned"))
+    reward: str = opt("learned", "the ego's reward in the objective: `learned` (the forecaster's reward head), "
+                      "`kinematic` (highway-env's HighwayEnv reward on the kinematic ego's speed and target lane: "
+                      "exact for a step without a collision; highway-v0 / highway-fast-v0 with "
+                      "planner.ego_model=kinematic), `auto` (kinematic where it applies, else learned)",
+                      choices=("auto", "learned", "kinematic"))
     progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
                                  "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)

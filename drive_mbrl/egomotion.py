@@ -51,6 +51,9 @@ class EgoState:
     """[m] the ego's length (the bicycle model's wheelbase is half of it)."""
 
 
+EGO_PATH_CHANNELS = ("x", "y", "vx", "vy", "lane_speed", "target_lane")
+"""Channels of `rollout_ego`'s path: x, y [m] and vx, vy [m/s] in the decision's ego frame, the speed along the
+lane [m/s] (v cos of the heading relative to the lane) and the target lane id (0 = leftmost)."""
 EGO_FIELDS = ("speed", "heading", "lateral", "lane_heading", "lane", "target_lane", "lanes", "lane_width",
               "target_speed", "length")
 """Order of `ego_vector`: EgoState's scalar fields (lane numbers as floats), the target speeds go separately."""
@@ -74,7 +77,9 @@ def rollout_ego(state: EgoState, plans: torch.Tensor, action_names: list[str], f
                 sim_dt: float) -> torch.Tensor:
     """Positions and velocities of the ego at the end of each plan step, in the ego frame at the decision.
 
-    plans: (N, H) int64 meta-action indices into `action_names`. Returns (N, H, 4): x, y [m] and vx, vy [m/s].
+    plans: (N, H) int64 meta-action indices into `action_names`. Returns (N, H, 6), `EGO_PATH_CHANNELS`: x, y [m]
+    and vx, vy [m/s] in the ego frame, the speed along the lane [m/s] and the target lane (what highway-env's
+    reward reads: `highway_reward`).
     """
     ego, speeds = ego_vector(state)
     return rollout_ego_tensors(ego.to(plans.device), speeds.to(plans.device), plans, action_names, frames_per_step,
@@ -84,7 +89,8 @@ def rollout_ego(state: EgoState, plans: torch.Tensor, action_names: list[str], f
 def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Tensor, action_names: list[str],
                         frames_per_step: int, sim_dt: float) -> torch.Tensor:
     """`rollout_ego` on the ego's state as tensors (`ego_vector`): ego (len(EGO_FIELDS),) and target speeds (S,),
-    float64. Tensor-only with no data-dependent Python control flow, so it traces into an ONNX graph."""
+    float64. Tensor-only with no data-dependent Python control flow, so it traces into an ONNX graph. Returns (N, H,
+    len(EGO_PATH_CHANNELS))."""
     N, H = plans.shape
     dt = torch.float64
     v0, psi0, lateral, lane_heading, lane, lane0, lanes, lane_width, target_v0, length = ego.to(dt).unbind(0)
@@ -107,12 +113,55 @@ def rollout_ego_tensors(ego: torch.Tensor, speeds: torch.Tensor, plans: torch.Te
         centre = (target_lane - lane) * lane_width  # target lane centre, lateral [m]
         for _ in range(frames_per_step):
             x, y, psi, v = controller_frame(x, y, psi, v, target_v, centre, half, sim_dt)
-        steps.append(torch.stack([x, y - lateral, v * torch.cos(psi), v * torch.sin(psi)], dim=-1))
-    out = torch.stack(steps, dim=1)  # (N, H, 4) lane frame, origin at the ego (lateral offset removed)
+        steps.append(torch.stack([x, y - lateral, v * torch.cos(psi), v * torch.sin(psi), target_lane], dim=-1))
+    out = torch.stack(steps, dim=1)  # (N, H, 5) lane frame, origin at the ego (lateral offset removed)
     # Lane frame -> ego frame: rotated by the lane's heading.
     c, s = torch.cos(lane_heading), torch.sin(lane_heading)
     rot = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
-    return torch.cat([out[..., :2] @ rot.T, out[..., 2:] @ rot.T], dim=-1).to(torch.float32)
+    return torch.cat([out[..., :2] @ rot.T, out[..., 2:4] @ rot.T, out[..., 2:3], out[..., 4:]],
+                     dim=-1).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class HighwayReward:
+    """highway-env's `HighwayEnv` reward (highway-v0, highway-fast-v0; 1.10-1.12) as its config sets it: per policy
+    step high_speed x clip((forward speed - low) / (high - low), 0, 1) + right_lane x lane / (lanes - 1)
+    (+ collision when crashed), mapped from [collision, high_speed + right_lane] onto [0, 1] when normalised, and
+    x 1 on the road."""
+
+    speed_range: tuple[float, float]
+    """[m/s] `reward_speed_range`."""
+    high_speed: float
+    right_lane: float
+    collision: float
+    normalize: bool
+
+
+HIGHWAY_REWARD_ENVS = ("highway-v0", "highway-fast-v0")
+
+
+def highway_reward_spec(env_id: str, config: dict) -> HighwayReward | None:
+    """The reward of a highway env from its id and resolved config (the env's `config`, or a manifest's
+    `env_config_resolved`); None for any other env (merge, roundabout, intersection pay other terms)."""
+    if env_id not in HIGHWAY_REWARD_ENVS:
+        return None
+    low, high = config["reward_speed_range"]
+    return HighwayReward((float(low), float(high)), float(config["high_speed_reward"]),
+                         float(config["right_lane_reward"]), float(config["collision_reward"]),
+                         bool(config.get("normalize_reward", True)))
+
+
+def highway_reward(path: torch.Tensor, spec: HighwayReward, lanes: torch.Tensor | float) -> torch.Tensor:
+    """The reward the env pays at the end of each plan step if the ego does not crash in it, from the ego's own
+    path (N, H, 6) (`rollout_ego`: its speed along the lane and its target lane, as HighwayEnv's `_rewards` reads
+    them) on a road of `lanes` lanes. Returns (N, H) float32."""
+    low, high = spec.speed_range
+    speed = ((path[..., 4] - low) / (high - low)).clamp(0.0, 1.0)
+    lane = path[..., 5] / torch.clamp(torch.as_tensor(lanes, dtype=path.dtype) - 1, min=1.0)
+    reward = spec.high_speed * speed + spec.right_lane * lane
+    if spec.normalize:
+        reward = (reward - spec.collision) / (spec.high_speed + spec.right_lane - spec.collision)
+    return reward.to(torch.float32)
 
 
 def lane_shift(actions: torch.Tensor, action_names: list[str]) -> torch.Tensor:

@@ -291,7 +291,11 @@ def export_planner(model: Forecaster, folder: Path, scenes: Scenes, settings: Pl
     frames_per_step = int(resolved["simulation_frequency"]) // int(resolved["policy_frequency"])
     sim_dt, lanes, names = 1.0 / int(resolved["simulation_frequency"]), int(resolved.get("lanes_count", 3)), \
         list(manifest["action_names"])
-    graph = PlannerGraph(model, settings, names, frames_per_step, sim_dt).eval()
+    from drive_mbrl.mpc import ego_reward_spec
+
+    reward = ego_reward_spec(manifest["scenario"]["env_id"], resolved, settings,
+                             manifest.get("action_space") == "continuous")
+    graph = PlannerGraph(model, settings, names, frames_per_step, sim_dt, reward).eval()
     contract = planner_contract(model, settings)
     warm = np.full(model.config.horizon, names.index("IDLE"))
     example = planner_inputs(model, settings, scenes.history[0], scenes.agent_mask[0], warm,
@@ -308,7 +312,7 @@ def export_planner(model: Forecaster, folder: Path, scenes: Scenes, settings: Pl
                           f"{counts['independent']}, torch vs torch {counts['torch_self']}); no bundle was written")
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
-             **planner_description(settings, names, frames_per_step, sim_dt),
+             **planner_description(settings, names, frames_per_step, sim_dt, reward),
              **contract}
     return entry, figures
 

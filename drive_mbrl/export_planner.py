@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from drive_mbrl.config import PlannerConfig
-from drive_mbrl.egomotion import EGO_FIELDS, EgoState, ego_vector, rollout_ego_tensors
+from drive_mbrl.egomotion import EGO_FIELDS, EgoState, HighwayReward, ego_vector, highway_reward, rollout_ego_tensors
 from drive_mbrl.features import HIST_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
 from drive_mbrl.onboard import tensor_spec
@@ -40,9 +40,9 @@ class PlannerGraph(nn.Module):
     float32 uniform, gauss (I, P, E, A, M, 2) float32 normal -> PLANNER_OUTPUTS (see `planner_contract`)."""
 
     def __init__(self, model: Forecaster, settings: PlannerConfig, action_names: list[str], frames_per_step: int,
-                 sim_dt: float):
+                 sim_dt: float, reward: HighwayReward | None = None):
         super().__init__()
-        self.model, self.settings, self.names = model, settings, list(action_names)
+        self.model, self.settings, self.names, self.reward = model, settings, list(action_names), reward
         self.frames_per_step, self.sim_dt = frames_per_step, sim_dt
         self.kinematic = settings.ego_model == "kinematic"
         self.slower = self.names.index("SLOWER")
@@ -52,12 +52,16 @@ class PlannerGraph(nn.Module):
         """Inputs in the order of `planner_contract` (exhaustive search has no warm_start and candidates)."""
         feeds = dict(zip(self.input_names, inputs, strict=True))
         H = self.model.config.horizon
-        ego_path = None
+        ego_path = ego_reward = None
         if self.kinematic:
             ego_path = self._ego_path(feeds["ego"], feeds["target_speeds"])
+            if self.reward is not None:
+                lanes = feeds["ego"][EGO_FIELDS.index("lanes")]
+                ego_reward = lambda path: highway_reward(path, self.reward, lanes)  # noqa: E731
         noise = StepNoise(feeds.get("candidates", torch.zeros(1, 0, H)), feeds["modes"], feeds["gauss"])
         warm = feeds.get("warm_start", torch.zeros(H, dtype=torch.int64))
-        step = plan_step(self.model, feeds["history"], feeds["agent_mask"], self.settings, noise, warm, ego_path)
+        step = plan_step(self.model, feeds["history"], feeds["agent_mask"], self.settings, noise, warm, ego_path,
+                         ego_reward=ego_reward)
         step["action"] = executed_action(step, self.settings.fallback, self.slower)
         return tuple(step[k] for k in PLANNER_OUTPUTS)
 
@@ -136,9 +140,11 @@ def planner_contract(model: Forecaster, settings: PlannerConfig) -> dict[str, li
 
 
 def planner_description(settings: PlannerConfig, action_names: list[str], frames_per_step: int,
-                        sim_dt: float) -> dict[str, Any]:
-    """Contract fields of the planner graph beside its inputs and outputs."""
+                        sim_dt: float, reward: HighwayReward | None = None) -> dict[str, Any]:
+    """Contract fields of the planner graph beside its inputs and outputs (ego_reward: the HighwayReward baked into
+    the graph, null where it scores the forecaster's learned reward)."""
     return {"settings": asdict(settings), "fallback_reasons": list(FALLBACK_REASONS),
+            "ego_reward": None if reward is None else asdict(reward),
             "ego_fields": list(EGO_FIELDS), "frames_per_step": frames_per_step, "sim_dt": sim_dt,
             "slower_action": action_names.index("SLOWER"), "idle_action": action_names.index("IDLE")}
 

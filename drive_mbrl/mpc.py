@@ -97,6 +97,8 @@ class MPCAgent:
         self._warm: Any = None
         self.last_fallback = ""
         self._continuous = is_continuous(env)
+        self._reward = ego_reward_spec(getattr(env.unwrapped.spec, "id", "") or getattr(env.spec, "id", ""),
+                                       env.unwrapped.config, self.settings, self._continuous)
         if self._continuous or self.model.config.action_dim:
             self._names = action_names(env)
             if not self._continuous or len(self._names) != self.model.config.action_dim:
@@ -146,7 +148,7 @@ class MPCAgent:
         if self._recorder is None:
             raise RuntimeError("MPCAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         history, mask = self.scene()
-        ego_path = plan_cost = None
+        ego_path = plan_cost = ego_reward = None
         if self._continuous:
             from drive_mbrl.planning import offroad_costs
 
@@ -162,6 +164,10 @@ class MPCAgent:
             if self.settings.ego_model == "kinematic":
                 ego_path = lambda plans: rollout_ego(state, plans, self._names,  # noqa: E731
                                                      self._frames_per_step, self._sim_dt)
+                if self._reward is not None:
+                    from drive_mbrl.egomotion import highway_reward
+
+                    ego_reward = lambda path: highway_reward(path, self._reward, state.lanes)  # noqa: E731
             else:  # as far as the ego can drive within the horizon and the lookahead
                 reach = max(*state.target_speeds, state.speed, 1.0) * (self.model.config.horizon +
                                                                        self.settings.lookahead + 1) * \
@@ -176,7 +182,7 @@ class MPCAgent:
                 proposal = torch.softmax(logits, -1).to(self.device)
             decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
                                   torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault, ego_path, proposal, plan_cost)
+                                  self._warm, self.fault, ego_path, proposal, plan_cost, ego_reward)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
@@ -324,6 +330,24 @@ def _on_lane(env: Any) -> dict[str, Any]:
     index = int(ego.lane_index[2])
     return dict(lateral=float(lateral), heading=float(ego.heading) - float(lane.heading_at(s)), lane=index,
                 lanes=max(reachable_lanes(network, ego.lane_index), index + 1), lane_width=float(lane.width_at(s)))
+
+
+def ego_reward_spec(env_id: str, env_config: dict[str, Any], settings: PlannerConfig, continuous: bool) -> Any:
+    """The `egomotion.HighwayReward` the planner scores the ego's steps with (`planner.reward`) on the env
+    `env_id` with its resolved config, or None for the forecaster's learned reward. `kinematic` where it cannot
+    apply is an error; `auto` then falls back to learned."""
+    from drive_mbrl.egomotion import highway_reward_spec
+
+    if settings.reward == "learned":
+        return None
+    spec = highway_reward_spec(env_id, env_config)
+    usable = spec is not None and settings.ego_model == "kinematic" and not continuous
+    if settings.reward == "kinematic" and not usable:
+        raise ConfigError(f"planner.reward=kinematic scores highway-env's HighwayEnv reward (highway-v0, "
+                          f"highway-fast-v0) on the kinematic ego under meta-actions; this scenario runs {env_id} "
+                          f"with {'continuous' if continuous else 'meta'} actions and planner.ego_model="
+                          f"{settings.ego_model}: use planner.reward=learned (or auto)")
+    return spec if usable else None
 
 
 def ego_values(env: Any) -> dict[str, Any]:

@@ -609,6 +609,9 @@ Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """Optional hook applied to the forecaster's outputs before scoring (fault injection in tests)."""
 EgoPath = Callable[[torch.Tensor], torch.Tensor]
 """plans (P, H) -> (P, H, >=2) the ego's own positions under each plan (`egomotion.rollout_ego`)."""
+EgoReward = Callable[[torch.Tensor], torch.Tensor]
+"""an `EgoPath`'s path (P, H, C) -> (P, H) the reward of each step without a collision (`egomotion.highway_reward`),
+replacing the forecaster's learned reward in every member."""
 PlanCost = Callable[[torch.Tensor], torch.Tensor]
 """plans (P, H[, D]) -> (P,) an extra cost per plan, known without the forecaster (`offroad_costs`)."""
 FALLBACK_REASONS = ("", "model_output_not_finite", "spread_too_wide", "members_disagree",
@@ -672,18 +675,20 @@ def _refit(probs: torch.Tensor, plans: torch.Tensor, costs: torch.Tensor, elites
 
 def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
               noise: StepNoise, warm_start: torch.Tensor, ego_path: EgoPath | None = None,
-              fault: Fault | None = None, proposal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              fault: Fault | None = None, proposal: torch.Tensor | None = None,
+              ego_reward: EgoReward | None = None) -> dict[str, torch.Tensor]:
     """One planning step as a tensor function of the scene and the noise, with no data-dependent Python control
     flow: what `plan_scene` runs and what export.py traces into ONNX.
 
     Search (`search_shape`): every plan at once, or categorical CEM for I iterations of P candidates (the first
     population holds warm_start (H,) and the constant plans; duplicates are scored once; the best plan seen in any
     iteration wins, ties to the first). Each distinct plan is scored by `score_plans` with its row of `noise`.
-    proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior).
-    Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into FALLBACK_REASONS, in the order of
-    `plan_scene`), least_risk (H,) (the plan of least collision probability, ties to the higher expected return),
-    collision_prob, disagreement, spread, expected_return (of the plan), evaluated (plans scored),
-    action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf: none),
+    proposal: see `plan_scene` (the greedy plan joins the first population, which CEM draws from the prior);
+    ego_reward: see `plan_scene`. Returns 0-d tensors unless noted: plan (H,) int64, cost, reason (index into
+    FALLBACK_REASONS, in the order of `plan_scene`), least_risk (H,) (the plan of least collision probability, ties
+    to the higher expected return), collision_prob, disagreement, spread, expected_return (of the plan), evaluated
+    (plans scored), action_costs (num_actions,) (the least cost of any scored plan starting with each action; +inf:
+    none),
     future_mean, future_log_std (E, A, K, H, 2) and future_logits (E, A, K) (the forecaster's outputs under the
     plan, as scored), candidates (P, H) and scores (name -> (P,)) of every plan scored in any iteration.
     """
@@ -714,7 +719,10 @@ def plan_step(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, setti
         out = model.decode(tokens, history[None], agent_mask[None], plans[None], positions_only=True)
         out = {k: v[:, 0] for k, v in out.items()}
         if ego_path is not None:
-            out = _with_ego_path(out, ego_path(plans))
+            path = ego_path(plans)
+            out = _with_ego_path(out, path)
+            if ego_reward is not None:
+                out["reward"] = ego_reward(path).to(out["reward"])[None].expand_as(out["reward"])
         if fault is not None:
             out = fault(out)
         draws = (noise.modes[it, :rows].transpose(0, 1), noise.gauss[it, :rows].transpose(0, 1))
@@ -779,7 +787,8 @@ def fallback_reason(best: dict[str, torch.Tensor], summary: dict[str, torch.Tens
 def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, settings: PlannerConfig,
                generator: torch.Generator, warm_start: torch.Tensor | None = None,
                fault: Fault | None = None, ego_path: EgoPath | None = None,
-               proposal: torch.Tensor | None = None, plan_cost: PlanCost | None = None) -> Decision:
+               proposal: torch.Tensor | None = None, plan_cost: PlanCost | None = None,
+               ego_reward: EgoReward | None = None) -> Decision:
     """Choose an action sequence for one scene: encode it once, score candidate plans through every member and
     mode (`score_plans`), search (exhaustive when num_actions ** H <= budget, categorical CEM beyond), then check
     the chosen plan against the chance constraint and the calibrated uncertainty limits (`plan_step`, with its
@@ -792,8 +801,9 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     proposal: (num_actions,) a reactive policy's action probabilities in this scene — CEM's first population then
     draws a `settings.policy_share` of its plans from them (the rest uniformly) and always holds the policy's greedy
     action over the horizon as a candidate (TD-MPC2-style policy proposals; irrelevant when every plan is
-    enumerated). A model with continuous actions (`action_dim` > 0) is planned by `plan_continuous` (which also
-    takes `plan_cost`).
+    enumerated); ego_reward: the ego's path under a plan -> the reward of each of its steps (`EgoReward`, needs
+    ego_path), in place of the forecaster's reward head. A model with continuous actions (`action_dim` > 0) is
+    planned by `plan_continuous` (which also takes `plan_cost`).
     """
     c = model.config
     if getattr(c, "action_dim", 0):
@@ -803,7 +813,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
         warm_start = torch.zeros(c.horizon, dtype=torch.int64, device=history.device)
-    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal)
+    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal, ego_reward)
     reason = FALLBACK_REASONS[int(step["reason"])]
     least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
     return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),

@@ -152,6 +152,7 @@ def test_agent_onnx_acts_as_the_torch_planner_given_its_inputs(tiny_bundle: Path
     import torch
 
     from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.egomotion import HighwayReward
     from drive_mbrl.export_planner import PLANNER_OUTPUTS, PlannerGraph
     from drive_mbrl.fit import load_forecaster
     from drive_mbrl.onboard import OnnxAgent
@@ -161,8 +162,10 @@ def test_agent_onnx_acts_as_the_torch_planner_given_its_inputs(tiny_bundle: Path
     agent = OnnxAgent(str(tiny_bundle), graph="planner")
     spec = agent.graph.spec
     model, _ = load_forecaster(tiny_checkpoint, "cpu")
+    reward = spec["ego_reward"] and HighwayReward(**{**spec["ego_reward"],
+                                                     "speed_range": tuple(spec["ego_reward"]["speed_range"])})
     torch_graph = PlannerGraph(model, PlannerConfig(**spec["settings"]), agent.bundle.contract["actions"],
-                               spec["frames_per_step"], spec["sim_dt"])
+                               spec["frames_per_step"], spec["sim_dt"], reward)
     names = [t["name"] for t in spec["inputs"]]
     steps: list[tuple[int, int]] = []
     act = agent.act

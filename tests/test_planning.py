@@ -416,6 +416,25 @@ def test_plan_scene_finds_the_known_best_plan(budget: int):
     assert decision.collision_prob == 0.0
 
 
+def test_ego_reward_replaces_the_learned_reward():
+    """With `ego_reward` the planner scores the ego's own reward (here 1 per step for the plan [0, 0, 2, 2, 2],
+    read from the path's last channel) instead of the forecaster's (1 per step for [3, 1, 4, 1, 0])."""
+    model = FakeModel([3, 1, 4, 1, 0])
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    history[:, :, 6:8] = torch.tensor([5.0, 2.0])
+    own = torch.tensor([0, 0, 2, 2, 2])
+
+    def ego_path(plans: torch.Tensor) -> torch.Tensor:  # the ego stays at the origin; channel 2 marks `own`
+        return torch.stack([torch.zeros_like(plans), torch.zeros_like(plans), (plans == own)], -1).float()
+
+    settings = PlannerConfig(budget=5 ** 5, progress_weight=0.0)  # every plan
+    decision = plan_scene(model, history, mask, settings, gen(), ego_path=ego_path,
+                          ego_reward=lambda path: path[..., 2])
+    assert decision.plan.tolist() == own.tolist()
+    assert decision.expected_return == pytest.approx(sum(0.9 ** h for h in range(5)), rel=1e-6)
+    assert plan_scene(model, history, mask, settings, gen(), ego_path=ego_path).plan.tolist() == [3, 1, 4, 1, 0]
+
+
 def test_policy_proposals_find_the_plan_the_policy_knows_on_a_tiny_budget():
     """The best plan repeats action 2 except its last step (return 4.10 against 3.44 for holding 2). With 64
     candidates in one CEM iteration uniform sampling draws it with probability 64 / 5**5 = 2 %; a policy that puts
@@ -522,11 +541,13 @@ def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_che
 
 
 def test_kinematic_ego_matches_highway_env_exactly():
-    """egomotion.rollout_ego against the simulator itself: the ego alone on the road follows random plans."""
+    """egomotion.rollout_ego against the simulator itself: the ego alone on the road follows random plans, and
+    egomotion.highway_reward on its path is the reward the env pays at each step."""
     import copy
 
-    from drive_mbrl.egomotion import rollout_ego
-    from drive_mbrl.mpc import ego_state
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.egomotion import highway_reward, rollout_ego
+    from drive_mbrl.mpc import ego_reward_spec, ego_state
     from drive_mbrl.scenarios import action_names, env_timing, load_scenario, make_env, reset_env
 
     env = make_env(load_scenario("highway"))
@@ -535,17 +556,24 @@ def test_kinematic_ego_matches_highway_env_exactly():
         names, (sim_hz, policy_hz) = action_names(env), env_timing(env)
         rng = np.random.default_rng(0)
         plans = torch.as_tensor(rng.integers(0, len(names), (6, 5)))
-        predicted = rollout_ego(ego_state(env), plans, names, sim_hz // policy_hz, 1 / sim_hz)
+        state = ego_state(env)
+        predicted = rollout_ego(state, plans, names, sim_hz // policy_hz, 1 / sim_hz)
+        spec = ego_reward_spec(env.unwrapped.spec.id, env.unwrapped.config, PlannerConfig(reward="kinematic"),
+                               continuous=False)
+        rewards = highway_reward(predicted, spec, state.lanes)
+        paid = np.zeros(rewards.shape)
         for n, plan in enumerate(plans.tolist()):
             twin = copy.deepcopy(env.unwrapped)
             ego = twin.vehicle
             twin.road.vehicles = [ego]
             origin, c, s = ego.position.copy(), math.cos(ego.heading), math.sin(ego.heading)
             for h, action in enumerate(plan):
-                twin.step(action)
+                paid[n, h] = twin.step(action)[1]
                 dx, dy = ego.position - origin
                 np.testing.assert_allclose(predicted[n, h, :2].numpy(), [c * dx + s * dy, -s * dx + c * dy],
                                            atol=1e-4)
+        np.testing.assert_allclose(rewards.numpy(), paid, atol=1e-5)
+        assert paid.std() > 0.02  # the plans differ in speed and lane, so the rewards do
     finally:
         env.close()
 
