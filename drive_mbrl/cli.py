@@ -430,17 +430,24 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
         if model.config.agents < policy.agents:
             raise C.ConfigError(f"the policy observes {policy.agents} slots, the forecaster only predicts "
                                 f"{model.config.agents}: use agents<={model.config.agents} or another forecaster")
-        from drive_mbrl.imagination import ego_road
+        from drive_mbrl.imagination import dataset_reward, ego_road
 
-        if cfg.imagined_ego == "kinematic" and ego_road(cfg.dataset)[0] is None:
+        lanes = ego_road(cfg.dataset)[0]
+        if cfg.imagined_ego == "kinematic" and lanes is None:
             raise C.ConfigError(f"imagined_ego=kinematic needs a straight multi-lane road (lanes_count in the "
                                 f"scenario's env config) and {cfg.dataset[0]}'s scenario has none: use "
                                 f"imagined_ego=auto or learned")
+        if cfg.imagined_reward == "kinematic" and (lanes is None or cfg.imagined_ego == "learned"
+                                                   or dataset_reward(cfg.dataset) is None):
+            raise C.ConfigError(f"imagined_reward=kinematic needs the kinematic imagined ego on a highway-v0 / "
+                                f"highway-fast-v0 scenario with meta-actions ({cfg.dataset[0]}'s scenario, "
+                                f"imagined_ego={cfg.imagined_ego}): use imagined_reward=auto or learned")
         env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
                                      "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
                                      "crash_head": cfg.crash_head, "ego_model": cfg.imagined_ego,
+                                     "reward": cfg.imagined_reward,
                                      "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:
@@ -778,9 +785,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _empty_dataset(path: Path) -> bool:
+    """A dataset folder with its manifest and no episode yet (what an episode loop that failed at once leaves)."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {"manifest.json", "episodes"} and \
+        not any((path / "episodes").iterdir() if (path / "episodes").is_dir() else ())
+
+
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote at start-up (a failed run leaves no dir)."""
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    """Remove a run directory that holds nothing but what Hydra wrote at start-up, and at most a dataset folder
+    without episodes (a failed run leaves no dir)."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" or _empty_dataset(p)
+                                for p in run_dir.iterdir()):
         import shutil
 
         shutil.rmtree(run_dir)

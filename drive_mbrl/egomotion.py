@@ -151,14 +151,18 @@ def highway_reward_spec(env_id: str, config: dict) -> HighwayReward | None:
                          bool(config.get("normalize_reward", True)))
 
 
-def highway_reward(path: torch.Tensor, spec: HighwayReward, lanes: torch.Tensor | float) -> torch.Tensor:
-    """The reward the env pays at the end of each plan step if the ego does not crash in it, from the ego's own
-    path (N, H, 6) (`rollout_ego`: its speed along the lane and its target lane, as HighwayEnv's `_rewards` reads
-    them) on a road of `lanes` lanes. Returns (N, H) float32."""
+def highway_reward(lane_speed: torch.Tensor, target_lane: torch.Tensor, spec: HighwayReward,
+                   lanes: torch.Tensor | float, crashed: torch.Tensor | None = None) -> torch.Tensor:
+    """The reward the env pays at the end of a policy step, from what HighwayEnv's `_rewards` reads of the ego:
+    its speed along the lane [m/s] and its target lane id (0 = leftmost) at the end of the step (`rollout_ego`'s
+    channels 4 and 5), on a road of `lanes` lanes; crashed (same shape, bool): the step ends in a crash (without:
+    none does). Returns float32 of lane_speed's shape."""
     low, high = spec.speed_range
-    speed = ((path[..., 4] - low) / (high - low)).clamp(0.0, 1.0)
-    lane = path[..., 5] / torch.clamp(torch.as_tensor(lanes, dtype=path.dtype) - 1, min=1.0)
+    speed = ((lane_speed - low) / (high - low)).clamp(0.0, 1.0)
+    lane = target_lane / torch.clamp(torch.as_tensor(lanes, dtype=lane_speed.dtype) - 1, min=1.0)
     reward = spec.high_speed * speed + spec.right_lane * lane
+    if crashed is not None:
+        reward = reward + spec.collision * crashed.to(reward.dtype)
     if spec.normalize:
         reward = (reward - spec.collision) / (spec.high_speed + spec.right_lane - spec.collision)
     return reward.to(torch.float32)

@@ -16,7 +16,9 @@ Imagination, per step and env (all envs in one batched forecaster call):
      frames come instead from highway-env's controller and kinematic bicycle under the meta-action
      (`egomotion.controller_frame`, the equations the planner's ego uses): the model cannot then imagine the ego
      braking or swerving on its own, which the policy would otherwise learn to exploit;
-  3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too); the
+  3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too), or with the
+     kinematic ego on a highway scenario (`reward="auto"`, the default) highway-env's own reward formula on the
+     ego's speed and target lane (`egomotion.highway_reward`): the speed and lane terms are then exact; the
      rollout ends in a crash (terminated) when the ego's box overlaps another agent's at any new frame, or with the
      probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
      that the mean trajectories miss);
@@ -134,6 +136,10 @@ class ImaginationConfig:
     """The ego's own motion: `learned` (the forecaster's prediction for the ego), `kinematic` (highway-env's
     controllers under the meta-action on straight lanes, as the planner's default ego; needs the scenario's
     `lanes_count`) or `auto` (kinematic where the scenario has `lanes_count`, else learned)."""
+    reward: str = "auto"
+    """The reward: `learned` (the member's reward head), `kinematic` (highway-env's HighwayEnv reward on the
+    kinematic ego's speed and target lane, with the collision term on imagined crashes: `egomotion.highway_reward`;
+    needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario) or `auto` (kinematic where it applies)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -190,6 +196,20 @@ def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int | None, int, fl
     lanes = manifest.get("env_config_resolved", {}).get("lanes_count")
     sim_hz = int(manifest["simulation_hz"])
     return None if lanes is None else int(lanes), round(sim_hz * float(manifest["policy_dt"])), 1.0 / sim_hz
+
+
+def dataset_reward(datasets: tuple[str, ...] | list[str]) -> Any:
+    """The `egomotion.HighwayReward` of the first dataset's scenario (its manifest), or None where it is not a
+    highway env with meta-actions."""
+    from pathlib import Path
+
+    from drive_mbrl.data import read_manifest
+    from drive_mbrl.egomotion import highway_reward_spec
+
+    manifest = read_manifest(Path(datasets[0]))
+    if manifest.get("action_space") == "continuous":
+        return None
+    return highway_reward_spec(manifest["scenario"]["env_id"], manifest.get("env_config_resolved", {}))
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -255,6 +275,15 @@ class ImaginationEnv(gym.vector.VectorEnv):
                              f"env config), and {config.datasets[0]}'s scenario has none: use ego_model=learned")
         self.ego_model = "learned" if config.ego_model == "learned" or self.lanes is None else "kinematic"
         """The ego's motion in effect (`ImaginationConfig.ego_model` with auto resolved)."""
+        if config.reward not in ("auto", "learned", "kinematic"):
+            raise ValueError(f"reward must be auto, learned or kinematic, got {config.reward!r}")
+        spec = dataset_reward(config.datasets) if self.ego_model == "kinematic" else None
+        if config.reward == "kinematic" and spec is None:
+            raise ValueError(f"reward=kinematic needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario "
+                             f"with meta-actions ({config.datasets[0]}'s is not, or the ego is learned): use "
+                             f"reward=auto or learned")
+        self.reward_spec = None if config.reward == "learned" else spec
+        """The HighwayReward in effect, or None for the learned reward head."""
         if self.ego_model == "kinematic" and self.frames_per_step % self.sub:
             raise ValueError(f"{self.frames_per_step} simulation frames per step cannot be stored as {self.sub} "
                              f"frames: choose a history_dt that divides the simulation step")
@@ -269,6 +298,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.lane = torch.zeros(B, dtype=torch.long, device=dev)
         self.target_lane = torch.zeros(B, dtype=torch.long, device=dev)
         """The ego's target lane (kinematic ego): its lane at the start, moved by LANE_LEFT / LANE_RIGHT."""
+        self.lane_speed = torch.zeros(B, device=dev)
+        """[m/s] the kinematic ego's speed along its lane at the end of the last step."""
         self.target = np.zeros(B, np.float64)
         self.member = torch.zeros(B, dtype=torch.long, device=dev)
         self.t = torch.zeros(B, dtype=torch.long, device=dev)
@@ -369,6 +400,11 @@ class ImaginationEnv(gym.vector.VectorEnv):
         offset = offset - crossed * self.config.lane_width
         present = self.present[:, :, -1:].expand(-1, -1, self.sub)
         crash = self._overlap(pos, vel, present) | head_crash
+        if self.reward_spec is not None:
+            from drive_mbrl.egomotion import highway_reward
+
+            reward = highway_reward(self.lane_speed, self.target_lane.to(self.lane_speed.dtype), self.reward_spec,
+                                    float(self.lanes), crash)
         self.pos = torch.cat([self.pos[:, :, self.sub:], pos], dim=2)
         self.vel = torch.cat([self.vel[:, :, self.sub:], vel], dim=2)
         self.present = torch.cat([self.present[:, :, self.sub:], present], dim=2)
@@ -413,6 +449,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
             if f % every == 0:
                 frames.append(torch.stack([x, y - y0, v * torch.cos(psi), v * torch.sin(psi)], -1))
         lane_frame = torch.stack(frames, 1)  # (B, sub, 4): travel along / across the lane, velocity
+        self.lane_speed = lane_frame[:, -1, 2]
         angle = lane_dir[:, None]
         return (rotate(lane_frame[..., :2], angle) + self.pos[:, 0, -1:, :],
                 rotate(lane_frame[..., 2:], angle))

@@ -167,7 +167,8 @@ class MPCAgent:
                 if self._reward is not None:
                     from drive_mbrl.egomotion import highway_reward
 
-                    ego_reward = lambda path: highway_reward(path, self._reward, state.lanes)  # noqa: E731
+                    ego_reward = lambda path: highway_reward(path[..., 4], path[..., 5], self._reward,  # noqa: E731
+                                                              state.lanes)
             else:  # as far as the ego can drive within the horizon and the lookahead
                 reach = max(*state.target_speeds, state.speed, 1.0) * (self.model.config.horizon +
                                                                        self.settings.lookahead + 1) * \

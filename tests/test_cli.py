@@ -226,6 +226,15 @@ def test_scenario_planner_defaults_reach_the_agent_and_the_command_line_wins(tmp
     assert metrics["scenario_planner"] == {"ego_model": "learned"}
 
 
+def test_kinematic_reward_off_the_highway_is_refused_and_leaves_no_files(tmp_path: Path, tiny_checkpoint: Path):
+    result = run_cli("evaluate", "scenario=merge", "agent=mpc", f"checkpoint={tiny_checkpoint}", "episodes=1",
+                     "planner.reward=kinematic", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "planner.reward=kinematic scores highway-env's HighwayEnv reward" in result.stderr
+    assert "runs merge-v0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_takes_the_scenario_of_the_checkpoints_env_id(tiny_checkpoint: Path):
     from drive_mbrl.cli import _with_checkpoint_scenario
     from drive_mbrl.config import ExportConfig

@@ -126,7 +126,8 @@ def test_crash_is_a_box_overlap_with_the_ego(tiny_checkpoint: Path, recorded: Pa
 def test_kinematic_ego_follows_the_recorded_ego_under_its_recorded_actions(tiny_checkpoint: Path, recorded: Path):
     """`ego_model=kinematic`: started at an episode's first decision and stepped with the episode's own
     meta-actions (the `explore` agent's lane changes and speed changes), the imagined ego is where highway-env put
-    the real one at every step, in the start decision's ego frame: whatever the forecaster predicts for it."""
+    the real one at every step, in the start decision's ego frame: whatever the forecaster predicts for it; and
+    the imagined reward (`reward=auto`: highway-env's formula on the kinematic ego) is the one the env paid."""
     from drive_mbrl.data import load_dataset
     from drive_mbrl.features import EGO_TRACK
 
@@ -152,8 +153,9 @@ def test_kinematic_ego_follows_the_recorded_ego_under_its_recorded_actions(tiny_
         for step, end in enumerate(ends[:6]):
             if episode.crashed[step]:
                 break
-            _, _, term, trunc, _ = env.step(np.array([episode.action[step]]))
+            _, reward, term, trunc, _ = env.step(np.array([episode.action[step]]))
             assert not (term[0] or trunc[0])
+            assert reward[0] == pytest.approx(episode.reward[step], abs=1e-3)
             d = state[end, :2] - state[f0, :2]
             expected = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
             np.testing.assert_allclose(env.pos[0, 0, -1].numpy(), expected, atol=2e-3)
@@ -165,11 +167,14 @@ def test_auto_ego_model_is_kinematic_only_on_roads_with_lanes(tiny_checkpoint: P
     from drive_mbrl.data import RunSpec, collect
     from drive_mbrl.scenarios import load_scenario
 
-    assert ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), 1).ego_model \
-        == "kinematic"
+    highway = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), 1)
+    assert highway.ego_model == "kinematic" and highway.reward_spec is not None
     collect(RunSpec(load_scenario("merge"), "idm", 1, 0, max_steps=3), tmp_path / "merge")
     merge = (str(tmp_path / "merge"),)
-    assert ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4), 1).ego_model == "learned"
+    on_merge = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4), 1)
+    assert on_merge.ego_model == "learned" and on_merge.reward_spec is None
+    with pytest.raises(ValueError, match="reward=kinematic"):
+        ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4, reward="kinematic"), 1)
     with pytest.raises(ValueError, match="lanes_count"):
         ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4, ego_model="kinematic"), 1)
 

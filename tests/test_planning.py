@@ -560,7 +560,7 @@ def test_kinematic_ego_matches_highway_env_exactly():
         predicted = rollout_ego(state, plans, names, sim_hz // policy_hz, 1 / sim_hz)
         spec = ego_reward_spec(env.unwrapped.spec.id, env.unwrapped.config, PlannerConfig(reward="kinematic"),
                                continuous=False)
-        rewards = highway_reward(predicted, spec, state.lanes)
+        rewards = highway_reward(predicted[..., 4], predicted[..., 5], spec, state.lanes)
         paid = np.zeros(rewards.shape)
         for n, plan in enumerate(plans.tolist()):
             twin = copy.deepcopy(env.unwrapped)
