@@ -77,7 +77,7 @@ class PlannerConfig:
                          "controller (exact on straight lanes), `route` drives the ego along its planned route's "
                          "lane centres at the controller's speeds (any road shape; actions without lane changes), "
                          "`learned` takes the forecaster's prediction", choices=("kinematic", "route", "learned"))
-    reward: str = opt("learned", "the ego's reward in the objective: `learned` (the forecaster's reward head), "
+    reward: str = opt("auto", "the ego's reward in the objective: `learned` (the forecaster's reward head), "
                       "`kinematic` (highway-env's HighwayEnv reward on the kinematic ego's speed and target lane: "
                       "exact for a step without a collision; highway-v0 / highway-fast-v0 with "
                       "planner.ego_model=kinematic), `auto` (kinematic where it applies, else learned)",

@@ -106,7 +106,7 @@ def test_export_command_writes_a_bundle_and_names_a_missing_checkpoint(tiny_chec
 def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(tiny_bundle: Path,
                                                                                  tiny_checkpoint: Path):
     from drive_mbrl.config import PlannerConfig
-    from drive_mbrl.egomotion import rollout_ego
+    from drive_mbrl.egomotion import HighwayReward, highway_reward, rollout_ego
     from drive_mbrl.export_planner import executed_action, planner_inputs, scene_ego_state, step_noise
     from drive_mbrl.onboard import load_bundle
     from drive_mbrl.planning import StepNoise, plan_step
@@ -117,6 +117,8 @@ def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(
     spec = bundle.contract["graphs"]["planner"]
     settings = PlannerConfig(**spec["settings"])
     assert settings.budget == 64 and [t["shape"] for t in spec["inputs"] if t["name"] == "candidates"] == [[2, 32, 3]]
+    # planner.reward=auto on highway: the graph scores the ego with highway-env's reward formula, as torch does.
+    reward = HighwayReward(**{**spec["ego_reward"], "speed_range": tuple(spec["ego_reward"]["speed_range"])})
     graph, gen = bundle.graph("planner"), torch.Generator().manual_seed(7)
     for i, warm in zip([0, len(scenes) // 2, len(scenes) - 1], [[1, 1, 1], [3, 0, 1], [4, 4, 1]], strict=True):
         noise = step_noise(model, settings, gen)
@@ -126,7 +128,8 @@ def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(
         with torch.no_grad():
             step = plan_step(model, feeds["history"], feeds["agent_mask"], settings,
                              StepNoise(noise.candidates, noise.modes, noise.gauss), feeds["warm_start"],
-                             lambda plans, ego=ego: rollout_ego(ego, plans, bundle.contract["actions"], 5, 0.2))
+                             lambda plans, ego=ego: rollout_ego(ego, plans, bundle.contract["actions"], 5, 0.2),
+                             ego_reward=lambda path: highway_reward(path[..., 4], path[..., 5], reward, 3))
         assert int(got["action"]) == int(executed_action(step, settings.fallback, 4))
         assert got["plan"].tolist() == step["plan"].tolist() and int(got["evaluated"]) == int(step["evaluated"])
         assert got["cost"] == pytest.approx(float(step["cost"]), abs=1e-4)
