@@ -441,13 +441,17 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                                    or dataset_reward(cfg.dataset) is None):
             raise C.ConfigError(f"imagined_reward=kinematic needs the kinematic imagined ego on a highway-v0 / "
                                 f"highway-fast-v0 scenario with meta-actions ({cfg.dataset[0]}'s scenario, "
-                                f"imagined_ego={cfg.imagined_ego}): use imagined_reward=auto or learned")
+                                f"imagined_ego={cfg.imagined_ego}): use imagined_reward=learned")
+        if len(cfg.imagined_crash_margin) != 2:
+            raise C.ConfigError(f"imagined_crash_margin takes two margins [m] (longitudinal, lateral), got "
+                                f"{list(cfg.imagined_crash_margin)}")
         env_config["imagination"] = {"checkpoint": str(Path(cfg.checkpoint).resolve()),
                                      "datasets": [str(Path(d).resolve()) for d in cfg.dataset],
                                      "horizon": cfg.imagined_horizon, "uncertainty_level": cfg.uncertainty_level,
                                      "uncertainty_penalty": cfg.uncertainty_penalty, "agents": policy.agents,
                                      "crash_head": cfg.crash_head, "ego_model": cfg.imagined_ego,
                                      "reward": cfg.imagined_reward,
+                                     "crash_margin": tuple(float(m) for m in cfg.imagined_crash_margin),
                                      "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:

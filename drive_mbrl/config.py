@@ -361,10 +361,11 @@ class RLConfig:
     imagined_ego: str = opt("auto", "the imagined ego's own motion: learned (the forecaster's), kinematic "
                             "(highway-env's controllers under the meta-action; straight multi-lane roads) or auto "
                             "(kinematic where the scenario sets lanes_count)", choices=("auto", "learned", "kinematic"))
-    imagined_reward: str = opt("auto", "the imagined reward: learned (the forecaster's reward head), kinematic "
-                               "(highway-env's HighwayEnv reward on the kinematic ego's speed and target lane; "
-                               "highway scenarios) or auto (kinematic where the imagined ego is kinematic on a "
-                               "highway scenario)", choices=("auto", "learned", "kinematic"))
+    imagined_reward: str = opt("learned", "the imagined reward: learned (the forecaster's reward head: the safer "
+                               "policy) or kinematic (highway-env's HighwayEnv reward on the kinematic ego's speed "
+                               "and target lane; highway scenarios)", choices=("learned", "kinematic"))
+    imagined_crash_margin: list[float] = opt([0.0, 0.0], "[m] longitudinal and lateral margins added to the boxes "
+                                             "before an imagined ego counts as crashed", lo=0.0, hi=50.0)
     real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
     imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
     iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)

@@ -17,11 +17,11 @@ Imagination, per step and env (all envs in one batched forecaster call):
      (`egomotion.controller_frame`, the equations the planner's ego uses): the model cannot then imagine the ego
      braking or swerving on its own, which the policy would otherwise learn to exploit;
   3. reward = the chosen member's reward head (which learned highway-env's reward on crash steps too), or with the
-     kinematic ego on a highway scenario (`reward="auto"`, the default) highway-env's own reward formula on the
-     ego's speed and target lane (`egomotion.highway_reward`): the speed and lane terms are then exact; the
-     rollout ends in a crash (terminated) when the ego's box overlaps another agent's at any new frame, or with the
-     probability the member's crash head gives for this step (`crash_head`: the learned signal also sees crashes
-     that the mean trajectories miss);
+     kinematic ego on a highway scenario (`reward="kinematic"`) highway-env's own reward formula on the ego's speed
+     and target lane (`egomotion.highway_reward`); the rollout ends in a crash (terminated) when the ego's box
+     (grown by `crash_margin`) overlaps another agent's at any new frame, or with the probability the member's
+     crash head gives for this step (`crash_head`: the learned signal also sees crashes that the mean trajectories
+     miss);
   4. model uncertainty is not ignored: when the members disagree more than the calibrated `uncertainty_level`
      quantile (stored in the checkpoint by `fit`), the rollout is truncated there, and an optional penalty
      (`uncertainty_penalty` x disagreement / limit) is subtracted from the reward;
@@ -136,10 +136,15 @@ class ImaginationConfig:
     """The ego's own motion: `learned` (the forecaster's prediction for the ego), `kinematic` (highway-env's
     controllers under the meta-action on straight lanes, as the planner's default ego; needs the scenario's
     `lanes_count`) or `auto` (kinematic where the scenario has `lanes_count`, else learned)."""
-    reward: str = "auto"
-    """The reward: `learned` (the member's reward head), `kinematic` (highway-env's HighwayEnv reward on the
+    reward: str = "learned"
+    """The reward: `learned` (the member's reward head) or `kinematic` (highway-env's HighwayEnv reward on the
     kinematic ego's speed and target lane, with the collision term on imagined crashes: `egomotion.highway_reward`;
-    needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario) or `auto` (kinematic where it applies)."""
+    needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario). The learned head trains the safer policy
+    (2026-11-27): its reward is the expected one, crash risk included, where imagined crashes are rarer than real
+    ones; the exact formula makes PPO drive faster into crashes the imagination does not show."""
+    crash_margin: tuple[float, float] = (0.0, 0.0)
+    """[m] added to the sums of half lengths and half widths before the ego's box counts as overlapping another
+    (0: the boxes themselves)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -275,13 +280,13 @@ class ImaginationEnv(gym.vector.VectorEnv):
                              f"env config), and {config.datasets[0]}'s scenario has none: use ego_model=learned")
         self.ego_model = "learned" if config.ego_model == "learned" or self.lanes is None else "kinematic"
         """The ego's motion in effect (`ImaginationConfig.ego_model` with auto resolved)."""
-        if config.reward not in ("auto", "learned", "kinematic"):
-            raise ValueError(f"reward must be auto, learned or kinematic, got {config.reward!r}")
+        if config.reward not in ("learned", "kinematic"):
+            raise ValueError(f"reward must be learned or kinematic, got {config.reward!r}")
         spec = dataset_reward(config.datasets) if self.ego_model == "kinematic" else None
         if config.reward == "kinematic" and spec is None:
             raise ValueError(f"reward=kinematic needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario "
                              f"with meta-actions ({config.datasets[0]}'s is not, or the ego is learned): use "
-                             f"reward=auto or learned")
+                             f"reward=learned")
         self.reward_spec = None if config.reward == "learned" else spec
         """The HighwayReward in effect, or None for the learned reward head."""
         if self.ego_model == "kinematic" and self.frames_per_step % self.sub:
@@ -458,7 +463,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         """(B,) the ego's box overlaps a present agent's at any of the new frames (boxes aligned with the ego)."""
         yaw = torch.atan2(vel[:, 0, :, 1], vel[:, 0, :, 0])  # (B, sub)
         rel = rotate(pos[:, 1:] - pos[:, :1], -yaw[:, None])  # (B, A-1, sub, 2)
-        reach = (self.size[:, 1:] + self.size[:, :1]) / 2  # (B, A-1, 2)
+        reach = (self.size[:, 1:] + self.size[:, :1]) / 2 + torch.tensor(self.config.crash_margin,
+                                                                         device=self.dev)  # (B, A-1, 2)
         hit = (rel.abs() < reach[:, :, None]).all(-1) & present[:, 1:]
         return hit.any(-1).any(-1)
 

@@ -127,12 +127,12 @@ def test_kinematic_ego_follows_the_recorded_ego_under_its_recorded_actions(tiny_
     """`ego_model=kinematic`: started at an episode's first decision and stepped with the episode's own
     meta-actions (the `explore` agent's lane changes and speed changes), the imagined ego is where highway-env put
     the real one at every step, in the start decision's ego frame: whatever the forecaster predicts for it; and
-    the imagined reward (`reward=auto`: highway-env's formula on the kinematic ego) is the one the env paid."""
+    the imagined reward (`reward=kinematic`: highway-env's formula on the kinematic ego) is the one the env paid."""
     from drive_mbrl.data import load_dataset
     from drive_mbrl.features import EGO_TRACK
 
     config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, horizon=50, crash_head=False,
-                               ego_model="kinematic")  # also auto's choice on highway
+                               ego_model="kinematic", reward="kinematic")  # also auto's ego on highway
     _, episodes = load_dataset(recorded)
     env = ImaginationEnv(config, num_envs=1)
     hist, lanes, target = start_states([str(recorded)], env.A, env.W, env.frame_dt, pad=True)
@@ -168,7 +168,9 @@ def test_auto_ego_model_is_kinematic_only_on_roads_with_lanes(tiny_checkpoint: P
     from drive_mbrl.scenarios import load_scenario
 
     highway = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4), 1)
-    assert highway.ego_model == "kinematic" and highway.reward_spec is not None
+    assert highway.ego_model == "kinematic" and highway.reward_spec is None  # the learned reward by default
+    assert ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, reward="kinematic"),
+                          1).reward_spec is not None
     collect(RunSpec(load_scenario("merge"), "idm", 1, 0, max_steps=3), tmp_path / "merge")
     merge = (str(tmp_path / "merge"),)
     on_merge = ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4), 1)
