@@ -83,7 +83,7 @@ class PlannerConfig:
                       "planner.ego_model=kinematic), `auto` (kinematic where it applies, else learned)",
                       choices=("auto", "learned", "kinematic"))
     progress_weight: float = opt(0.02, "cost per m/s of the ego's predicted mean forward speed over the plan "
-                                 "(negative cost: a speed incentive beside the learned reward)", lo=0.0, hi=1e6)
+                                 "(negative cost: a speed incentive beside the reward)", lo=0.0, hi=1e6)
     comfort_weight: float = opt(0.0, "cost per change of action within a plan", lo=0.0, hi=1e6)
     margin_long: float = opt(1.0, "[m] added to the sum of half lengths before vehicles count as colliding", lo=0.0,
                              hi=50.0)

@@ -139,9 +139,9 @@ class ImaginationConfig:
     reward: str = "learned"
     """The reward: `learned` (the member's reward head) or `kinematic` (highway-env's HighwayEnv reward on the
     kinematic ego's speed and target lane, with the collision term on imagined crashes: `egomotion.highway_reward`;
-    needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario). The learned head trains the safer policy
-    (2026-11-27): its reward is the expected one, crash risk included, where imagined crashes are rarer than real
-    ones; the exact formula makes PPO drive faster into crashes the imagination does not show."""
+    needs the kinematic ego on a highway-v0 / highway-fast-v0 scenario). The learned head trained the safer policy
+    on highway (2026-11-27, three seeds: 1-4 % real crashes against 10-28 %): the exact formula pays PPO for speed
+    in full, and the crashes it then met on the real road were ones the imagination did not show."""
     crash_margin: tuple[float, float] = (0.0, 0.0)
     """[m] added to the sums of half lengths and half widths before the ego's box counts as overlapping another
     (0: the boxes themselves)."""
