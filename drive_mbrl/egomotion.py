@@ -140,10 +140,11 @@ class HighwayReward:
 HIGHWAY_REWARD_ENVS = ("highway-v0", "highway-fast-v0")
 
 
-def highway_reward_spec(env_id: str, config: dict) -> HighwayReward | None:
-    """The reward of a highway env from its id and resolved config (the env's `config`, or a manifest's
-    `env_config_resolved`); None for any other env (merge, roundabout, intersection pay other terms)."""
-    if env_id not in HIGHWAY_REWARD_ENVS:
+def highway_reward_spec(env_id: str, config: dict, continuous: bool = False) -> HighwayReward | None:
+    """The reward of a highway env with meta-actions from its id and resolved config (the env's `config`, or a
+    manifest's `env_config_resolved`); None for any other env (merge, roundabout, intersection pay other terms) and
+    for continuous actions (no kinematic meta-action ego to read it from)."""
+    if env_id not in HIGHWAY_REWARD_ENVS or continuous:
         return None
     low, high = config["reward_speed_range"]
     return HighwayReward((float(low), float(high)), float(config["high_speed_reward"]),
@@ -166,6 +167,13 @@ def highway_reward(lane_speed: torch.Tensor, target_lane: torch.Tensor, spec: Hi
     if spec.normalize:
         reward = (reward - spec.collision) / (spec.high_speed + spec.right_lane - spec.collision)
     return reward.to(torch.float32)
+
+
+def path_reward(path: torch.Tensor, spec: HighwayReward, lanes: torch.Tensor | float) -> torch.Tensor:
+    """`highway_reward` of each step of `rollout_ego`'s path (..., H, len(EGO_PATH_CHANNELS)) without crashes:
+    (..., H) float32 (a planner's `EgoReward`)."""
+    return highway_reward(path[..., EGO_PATH_CHANNELS.index("lane_speed")],
+                          path[..., EGO_PATH_CHANNELS.index("target_lane")], spec, lanes)
 
 
 def lane_shift(actions: torch.Tensor, action_names: list[str]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from drive_mbrl.config import PlannerConfig
-from drive_mbrl.egomotion import EGO_FIELDS, EgoState, HighwayReward, ego_vector, highway_reward, rollout_ego_tensors
+from drive_mbrl.egomotion import EGO_FIELDS, EgoState, HighwayReward, ego_vector, path_reward, rollout_ego_tensors
 from drive_mbrl.features import HIST_FEATURES, Scenes
 from drive_mbrl.forecaster import Forecaster
 from drive_mbrl.onboard import tensor_spec
@@ -57,7 +57,7 @@ class PlannerGraph(nn.Module):
             ego_path = self._ego_path(feeds["ego"], feeds["target_speeds"])
             if self.reward is not None:
                 lanes = feeds["ego"][EGO_FIELDS.index("lanes")]
-                ego_reward = lambda path: highway_reward(path[..., 4], path[..., 5], self.reward, lanes)  # noqa: E731
+                ego_reward = lambda path: path_reward(path, self.reward, lanes)  # noqa: E731
         noise = StepNoise(feeds.get("candidates", torch.zeros(1, 0, H)), feeds["modes"], feeds["gauss"])
         warm = feeds.get("warm_start", torch.zeros(H, dtype=torch.int64))
         step = plan_step(self.model, feeds["history"], feeds["agent_mask"], self.settings, noise, warm, ego_path,

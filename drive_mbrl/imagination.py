@@ -212,9 +212,8 @@ def dataset_reward(datasets: tuple[str, ...] | list[str]) -> Any:
     from drive_mbrl.egomotion import highway_reward_spec
 
     manifest = read_manifest(Path(datasets[0]))
-    if manifest.get("action_space") == "continuous":
-        return None
-    return highway_reward_spec(manifest["scenario"]["env_id"], manifest.get("env_config_resolved", {}))
+    return highway_reward_spec(manifest["scenario"]["env_id"], manifest.get("env_config_resolved", {}),
+                               manifest.get("action_space") == "continuous")
 
 
 def hermite(p0: torch.Tensor, v0: torch.Tensor, p1: torch.Tensor, v1: torch.Tensor, s: torch.Tensor,
@@ -289,6 +288,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
                              f"reward=learned")
         self.reward_spec = None if config.reward == "learned" else spec
         """The HighwayReward in effect, or None for the learned reward head."""
+        self.crash_margin = torch.tensor(config.crash_margin, device=dev)
         if self.ego_model == "kinematic" and self.frames_per_step % self.sub:
             raise ValueError(f"{self.frames_per_step} simulation frames per step cannot be stored as {self.sub} "
                              f"frames: choose a history_dt that divides the simulation step")
@@ -463,8 +463,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         """(B,) the ego's box overlaps a present agent's at any of the new frames (boxes aligned with the ego)."""
         yaw = torch.atan2(vel[:, 0, :, 1], vel[:, 0, :, 0])  # (B, sub)
         rel = rotate(pos[:, 1:] - pos[:, :1], -yaw[:, None])  # (B, A-1, sub, 2)
-        reach = (self.size[:, 1:] + self.size[:, :1]) / 2 + torch.tensor(self.config.crash_margin,
-                                                                         device=self.dev)  # (B, A-1, 2)
+        reach = (self.size[:, 1:] + self.size[:, :1]) / 2 + self.crash_margin  # (B, A-1, 2)
         hit = (rel.abs() < reach[:, :, None]).all(-1) & present[:, 1:]
         return hit.any(-1).any(-1)
 

@@ -165,10 +165,9 @@ class MPCAgent:
                 ego_path = lambda plans: rollout_ego(state, plans, self._names,  # noqa: E731
                                                      self._frames_per_step, self._sim_dt)
                 if self._reward is not None:
-                    from drive_mbrl.egomotion import highway_reward
+                    from drive_mbrl.egomotion import path_reward
 
-                    ego_reward = lambda path: highway_reward(path[..., 4], path[..., 5], self._reward,  # noqa: E731
-                                                              state.lanes)
+                    ego_reward = lambda path: path_reward(path, self._reward, state.lanes)  # noqa: E731
             else:  # as far as the ego can drive within the horizon and the lookahead
                 reach = max(*state.target_speeds, state.speed, 1.0) * (self.model.config.horizon +
                                                                        self.settings.lookahead + 1) * \
@@ -341,8 +340,8 @@ def ego_reward_spec(env_id: str, env_config: dict[str, Any], settings: PlannerCo
 
     if settings.reward == "learned":
         return None
-    spec = highway_reward_spec(env_id, env_config)
-    usable = spec is not None and settings.ego_model == "kinematic" and not continuous
+    spec = highway_reward_spec(env_id, env_config, continuous)
+    usable = spec is not None and settings.ego_model == "kinematic"
     if settings.reward == "kinematic" and not usable:
         raise ConfigError(f"planner.reward=kinematic scores highway-env's HighwayEnv reward (highway-v0, "
                           f"highway-fast-v0) on the kinematic ego under meta-actions; this scenario runs {env_id} "
