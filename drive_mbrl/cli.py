@@ -559,7 +559,8 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
                                      modes=cfg.modes, width=cfg.width,
                                      heads=cfg.heads, blocks=cfg.blocks, plan_fusion=cfg.plan_fusion,
                                      decoder_width=cfg.decoder_width, policy_dt=policy_dt,
-                                     neighbours=cfg.neighbours, pad_history=cfg.pad_history)
+                                     neighbours=cfg.neighbours, pad_history=cfg.pad_history,
+                                     residual=cfg.residual)
     scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
     train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
     train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))

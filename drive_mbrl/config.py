@@ -235,6 +235,11 @@ class FitConfig:
                            "own lane and the two beside it) as input features")
     pad_history: bool = opt(False, "fill absent history frames (young tracks, every track at an episode's start) by "
                             "extrapolating back at constant speed instead of zeros")
+    residual: str = opt("cv", "the physics prediction the model's means are a residual to: cv (constant velocity: "
+                        "a vehicle in a lane change is extrapolated across the road) or lane (constant velocity "
+                        "along each agent's lane, offset from the lane centre held: lane changes predicted far "
+                        "better, but the planner's settings were tuned on cv models; see docs/results.md)",
+                        choices=("cv", "lane"))
     heads: int = opt(4, "attention heads (must divide width)", lo=1, hi=64)
     epochs: int = opt(60, "maximum epochs", lo=1, hi=100000)
     batch_size: int = opt(256, "scenes per minibatch", lo=1, hi=1 << 20)

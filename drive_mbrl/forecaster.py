@@ -9,7 +9,7 @@ diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned 
     decode (once per scene x candidate plan):
       plan    = MLP(one-hot ego action sequence)                                                      (E, B, N, D)
       z_a     = MLP(LN(W_h token_a + W_p plan + (U_h token_a) * (U_p plan)))   each agent reads the plan (E,B,N,A,D')
-      heads   = K mode logits, K x H x 4 means (residual to constant velocity), K x H x 4 log-std; from the
+      heads   = K mode logits, K x H x 4 means (residual to a physics baseline: `residual`), K x H x 4 log-std; from the
                 ego's z: H rewards and H collision logits
 
 Splitting encode from decode is what makes planning cheap: a planner scores N candidate plans of one scene with
@@ -40,6 +40,24 @@ collapsing onto vehicles that drive exactly at constant speed (and then explodin
 
 
 
+_LANE = slice(HIST_FEATURES.index("cos_lane"), HIST_FEATURES.index("sin_lane") + 1)
+
+
+def physics_base(last: torch.Tensor, horizon: int, policy_dt: float, kind: str) -> torch.Tensor:
+    """The physics prediction each agent's predicted mean is a residual to (`ForecasterConfig.residual`).
+
+    last: (..., len(HIST_FEATURES)) every agent's de-normalised features at the decision (ego frame). Returns
+    (..., horizon, 4) x, y [m], vx, vy [m/s] at t = policy_dt, 2 policy_dt, ...: `cv` holds the velocity v;
+    `lane` holds its component along the lane direction u, (v . u) u, and so the offset from the lane centre
+    (positions as `features.physics_baselines`' `cv_lane_keeping`)."""
+    p, v = last[..., None, 0:2], last[..., None, 2:4]
+    if kind == "lane":
+        u = last[..., None, _LANE]
+        v = (v * u).sum(-1, keepdim=True) * u
+    t = torch.arange(1, horizon + 1, device=last.device, dtype=last.dtype)[:, None] * policy_dt  # (H, 1)
+    return torch.cat([p + v * t, v.expand(*v.shape[:-2], horizon, 2)], dim=-1)
+
+
 @dataclass(frozen=True)
 class ForecasterConfig:
     """Architecture of the forecaster (stored in checkpoints' meta.json)."""
@@ -64,7 +82,15 @@ class ForecasterConfig:
     decoder_width: int = 128
     """Width of the late-fusion decoder (64 trained far worse: validation NLL +1.2 vs -0.5 after 7 epochs)."""
     policy_dt: float = 1.0
-    """[s] between horizon steps (constant-velocity residual uses it)."""
+    """[s] between horizon steps (the physics baseline of the residual uses it)."""
+    residual: str = "cv"
+    """The physics prediction the mean is a residual to: `cv` (constant velocity, p + v t) or `lane` (constant
+    velocity along the agent's lane with its offset from the lane centre held, p + (v . u) t u with u the lane's
+    direction: `features.physics_baselines`' `cv_lane_keeping`). With `cv` a vehicle in a lane change is
+    extrapolated across the road (its lateral speed held for the whole horizon), and the head must learn to undo
+    up to 20 m of that from the few lane changes in the data; with `lane` it only learns the change itself (about
+    one lane width). `cv` is what checkpoints without this field were trained with, and `drive-mbrl fit`'s default
+    (`FitConfig.residual`)."""
     neighbours: bool = False
     """Give each agent token its lane neighbours (`lane_neighbours`: gap and closing speed of the nearest agent ahead
     and behind in its own lane and the two next to it) — the quantities IDM and MOBIL act on. Off by default: on
@@ -322,13 +348,9 @@ class Forecaster(nn.Module):
         out = out.reshape(E, B, N, A, -1)  # (E, B, N, A, K * (1 + 2 * H * T))
         logits = out[..., :K]
         rest = out[..., K:].reshape(E, B, N, A, K, 2, H, T)
-        # Residual on constant velocity from the last history frame (de-normalised ego-frame state).
-        last = history[:, :, -1, :4]  # (B, A, 4) x, y, vx, vy
-        t = torch.arange(1, H + 1, device=history.device, dtype=history.dtype) * c.policy_dt
-        cv = torch.cat([last[..., None, :2] + last[..., None, 2:4] * t[:, None],
-                        last[..., None, 2:4].expand(B, A, H, 2)], dim=-1)[..., :T]  # (B, A, H, T)
+        base = physics_base(history[:, :, -1], H, c.policy_dt, c.residual)[..., :T]  # (B, A, H, T)
         scale = self.target_scale[:T]
-        mean = torch.addcmul(cv[None, :, None, :, None], rest[..., 0, :, :], scale)
+        mean = torch.addcmul(base[None, :, None, :, None], rest[..., 0, :, :], scale)
         log_std = (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX) + self.std_scale.log()[:, None]
         ego = self.ego_head(z[:, :, :, 0])  # (E, B, N, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),

@@ -127,6 +127,31 @@ def test_physics_baselines_by_hand():
     np.testing.assert_allclose(pred["highway_env_constant_speed"], (math.sqrt(101.0), 0.5), rtol=1e-6)
 
 
+@pytest.mark.parametrize("residual, baseline", [("cv", "constant_velocity"), ("lane", "cv_lane_keeping")])
+def test_a_zero_residual_predicts_the_physics_baseline(residual: str, baseline: str):
+    # With the trajectory head zeroed the model predicts its physics base, which must be the validation's baseline
+    # on the same scenes: lanes turned at random angles, vehicles off their lane direction (mid lane change).
+    torch.manual_seed(0)
+    config = ForecasterConfig(**{**TINY.to_dict(), "residual": residual, "policy_dt": 0.5})
+    scenes = cv_scenes(6, config)
+    rng = np.random.default_rng(1)
+    psi = rng.uniform(-0.6, 0.6, scenes.lane.shape[:2]).astype(np.float32)
+    scenes.lane[..., 1] = psi
+    scenes.history[..., 9], scenes.history[..., 10] = np.cos(psi)[..., None], np.sin(psi)[..., None]
+    scenes.history[:, :, -1, 2:4] = rng.uniform(-5, 30, scenes.history.shape[:2] + (2,))
+    model = Forecaster(config).eval()
+    with torch.no_grad():
+        model.trajectory_head.weight.zero_()
+        model.trajectory_head.bias.zero_()
+        out = model(torch.from_numpy(scenes.history), torch.from_numpy(scenes.agent_mask),
+                    torch.from_numpy(scenes.actions))
+    expected = physics_baselines(scenes, policy_dt=0.5)[baseline]  # (B, A, H, 2)
+    for member in range(config.members):
+        for mode in range(config.modes):
+            np.testing.assert_allclose(out["mean"][member, :, :, mode, :, :2].numpy(), expected, rtol=1e-5,
+                                       atol=1e-4)
+
+
 def test_episode_scenes_are_in_the_ego_frame():
     # Ego at x = 10 t heading +x; a leader 20 m ahead in the lane to the right (y = 4), 2 m/s slower.
     xs = [[10.0 * t, 20.0 + 8.0 * t] for t in range(4)]
