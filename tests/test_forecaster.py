@@ -137,7 +137,8 @@ def test_a_zero_residual_predicts_the_physics_baseline(residual: str, baseline: 
     rng = np.random.default_rng(1)
     psi = rng.uniform(-0.6, 0.6, scenes.lane.shape[:2]).astype(np.float32)
     scenes.lane[..., 1] = psi
-    scenes.history[..., 9], scenes.history[..., 10] = np.cos(psi)[..., None], np.sin(psi)[..., None]
+    cos_lane, sin_lane = HIST_FEATURES.index("cos_lane"), HIST_FEATURES.index("sin_lane")
+    scenes.history[..., cos_lane], scenes.history[..., sin_lane] = np.cos(psi)[..., None], np.sin(psi)[..., None]
     scenes.history[:, :, -1, 2:4] = rng.uniform(-5, 30, scenes.history.shape[:2] + (2,))
     model = Forecaster(config).eval()
     with torch.no_grad():
