@@ -3,8 +3,9 @@
 Checkpoint folder layout (every file written atomically):
 
     meta.json   schema version, model config, scene spec, fit config, dataset manifest summary, split, history
-    best.pt     weights with the lowest validation NLL so far (what `load_forecaster` returns)
-    last.pt     weights + optimiser + RNG + epoch counters: `fit` resumes from it after an interrupt
+    best.pt     weights with the lowest validation NLL so far (what `load_forecaster` returns; with `ema` the
+                averaged weights)
+    last.pt     weights + averaged weights + optimiser + RNG + epoch counters: `fit` resumes from it after an interrupt
 
 A batch whose loss or gradient is not finite stops training with `NonFiniteLoss` after reporting the batch; the
 checkpoints of the last good epoch stay as they were. Library code: it returns metrics and reports progress
@@ -50,6 +51,14 @@ class TrainSettings:
     patience: int = 8
     """Stop after this many epochs without a better validation NLL."""
     seed: int = 0
+    ema: float = 0.0
+    """Averaging window [epochs] of an exponential moving average of the weights, which is what is validated and
+    checkpointed (0 = off, the raw weights): per-step decay 1 - 1 / (ema x steps per epoch)."""
+
+
+def ema_decay(window_epochs: float, steps_per_epoch: int) -> float:
+    """Per-step decay of a weight average whose window (1 / (1 - decay) steps) spans `window_epochs` epochs."""
+    return 1.0 - 1.0 / max(1.0, window_epochs * steps_per_epoch)
 
 
 def lr_factor(step: int, total_steps: int, warmup: float = 0.05, final: float = 0.05) -> float:
@@ -149,7 +158,13 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
         norm = normalisation(train)
         model = build_model(config, norm).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    total_steps = settings.epochs * max(1, -(-len(train) // settings.batch_size))
+    steps_per_epoch = max(1, -(-len(train) // settings.batch_size))
+    total_steps = settings.epochs * steps_per_epoch
+    average = None
+    if settings.ema > 0:
+        decay = ema_decay(settings.ema, steps_per_epoch)
+        average = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))  # buffers: constants, copied
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, total_steps))
     state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "stale": 0, "history": []}
     rng = np.random.default_rng(settings.seed)
@@ -162,6 +177,10 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
         model.load_state_dict(last["model"])
         optim.load_state_dict(last["optim"])
         sched.load_state_dict(last["sched"])
+        if average is not None:
+            if "average" not in last:
+                raise DataError(f"{out} holds training without a weight average (ema=0): resume it with ema=0")
+            average.load_state_dict(last["average"])
         state = last["state"]
         rng.bit_generator.state = last["rng"]
     meta = {"schema_version": SCHEMA_VERSION, "package_version": __version__, "model": config.to_dict(),
@@ -186,21 +205,24 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
                                     f"training stopped, the checkpoints in {out} are from the last good epoch")
             optim.step()
             sched.step()
+            if average is not None:
+                average.update_parameters(model)
             total += float(terms["total"].detach()) / config.members
             batches += 1
-        val_terms = evaluate_loss(model, val, device)
+        kept = model if average is None else average.module  # the weights validated and checkpointed
+        val_terms = evaluate_loss(kept, val, device)
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "train_loss": total / max(batches, 1),
                   **{f"val_{k}": v for k, v in val_terms.items()}}
         state["history"].append(record)
         if val_terms["nll"] < state["best_val"]:
             state.update(best_val=val_terms["nll"], best_epoch=state["epoch"], stale=0)
-            _save_torch(out / BEST, {"model": model.state_dict()})
+            _save_torch(out / BEST, {"model": kept.state_dict()})
         else:
             state["stale"] += 1
         _save_torch(out / LAST, {"model": model.state_dict(), "optim": optim.state_dict(),
-                                 "sched": sched.state_dict(), "state": state,
-                                 "rng": rng.bit_generator.state})
+                                 "sched": sched.state_dict(), "state": state, "rng": rng.bit_generator.state,
+                                 **({} if average is None else {"average": average.state_dict()})})
         if on_epoch:
             on_epoch(record)
     # Post-hoc calibration of the best weights' predicted spread on the validation split.

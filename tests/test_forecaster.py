@@ -192,8 +192,9 @@ def test_absent_history_frames_are_padded_at_constant_speed():
     assert not out[1].any()
 
 
-def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None, config: ForecasterConfig = TINY) -> dict:
-    settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0)
+def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None, config: ForecasterConfig = TINY,
+         ema: float = 0.0) -> dict:
+    settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0, ema=ema)
     return fit(scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200)), config, settings, tmp, {}, CPU,
                on_epoch)
 
@@ -232,6 +233,61 @@ def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
     b = torch.load(tmp_path / "resumed" / LAST, weights_only=False)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_resume_with_a_weight_average_continues_exactly(tmp_path: Path):
+    scenes = cv_scenes(200)
+    _fit(tmp_path / "straight", 4, scenes, ema=1.0)
+    with pytest.raises(Interrupt):
+        _fit(tmp_path / "resumed", 4, scenes, on_epoch=_interrupt_after(2), ema=1.0)
+    _fit(tmp_path / "resumed", 4, scenes, ema=1.0)
+    for name in (LAST, BEST):
+        a = torch.load(tmp_path / "straight" / name, weights_only=False)
+        b = torch.load(tmp_path / "resumed" / name, weights_only=False)
+        for part in ("model", "average") if name == LAST else ("model",):
+            for key in a[part]:
+                torch.testing.assert_close(a[part][key], b[part][key])
+
+
+def test_the_weight_average_is_an_exponential_average_of_the_steps(tmp_path: Path):
+    """A window of one step (decay 0) keeps the raw weights: the checkpoint equals training without an average.
+    A window of 1 epoch = 5 steps (decay 0.8) over one epoch of 5 steps: w_avg = 0.8^4 w_1 + sum_k 0.2 0.8^(5-k) w_k
+    (torch's EMA starts from the first step's weights), recomputed here from the weights after each step."""
+    from drive_mbrl.fit import ema_decay
+
+    assert ema_decay(1.0, 5) == pytest.approx(0.8) and ema_decay(0.1, 5) == 0.0 and ema_decay(2.0, 50) == 0.99
+    scenes = cv_scenes(200)
+    _fit(tmp_path / "raw", 3, scenes)
+    _fit(tmp_path / "window1", 3, scenes, ema=0.1)  # 0.1 epoch = 0.5 step: decay 0
+    for name in (BEST, LAST):
+        a = torch.load(tmp_path / "raw" / name, weights_only=False)["model"]
+        b = torch.load(tmp_path / "window1" / name, weights_only=False)["model"]
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # By hand: record the raw weights after every optimiser step of one epoch (5 batches of 32 of 160 scenes).
+    steps = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        steps.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+        return result
+
+    torch.optim.AdamW.step = recording_step
+    try:
+        _fit(tmp_path / "ema", 1, scenes, ema=1.0)
+    finally:
+        torch.optim.AdamW.step = original
+    assert len(steps) == 5
+    expected = [w.clone() for w in steps[0]]
+    for later in steps[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, later, strict=True)]
+    kept = torch.load(tmp_path / "ema" / LAST, weights_only=False)["average"]
+    names = [name for name, _ in Forecaster(TINY).named_parameters()]  # the optimiser's parameter order
+    assert len(names) == len(expected)
+    for name, want in zip(names, expected, strict=True):
+        torch.testing.assert_close(kept[f"module.{name}"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip_gives_the_same_predictions(tmp_path: Path):
