@@ -51,6 +51,8 @@ class TrainSettings:
     patience: int = 8
     """Stop after this many epochs without a better validation NLL."""
     seed: int = 0
+    mode_weight: float = 0.0
+    """Weight of the mode-classification term of the loss (`losses.forecaster_loss`'s `mode_weight`)."""
     ema: float = 0.0
     """Averaging window [epochs] of an exponential moving average of the weights, which is what is validated and
     checkpointed (0 = off, the raw weights): per-step decay 1 - 1 / (ema x steps per epoch)."""
@@ -195,7 +197,7 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
             batch = tensors(train.subset(order[start : start + settings.batch_size]), device)
             out_ = model(batch["history"], batch["agent_mask"], batch["actions"])
             terms = forecaster_loss(out_, batch["future"], batch["future_mask"], batch["reward"], batch["crash"],
-                                    batch["step_valid"])
+                                    batch["step_valid"], mode_weight=settings.mode_weight)
             optim.zero_grad(set_to_none=True)
             terms["total"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP * math.sqrt(config.members))

@@ -48,12 +48,12 @@ def huber(distance: torch.Tensor, delta: float = HUBER_DELTA) -> torch.Tensor:
 
 
 def best_mode_l2(target: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor,
-                 velocity_weight: float = 0.5) -> torch.Tensor:
+                 velocity_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Winner-takes-all error of the mode closest to the truth in position: per agent, the mean over known steps
     of the Huber loss of its position error [m] plus `velocity_weight` x that of its velocity error [m/s] (x 1 s).
     A squared error near the truth lets large, rare errors (the ego's lane changes) drive learning; the linear tail
     keeps crashes from dominating. target: (B, A, H, T); mask: (B, A, H); mean: (..., B, A, K, H, T).
-    Returns (..., B, A)."""
+    Returns the error (..., B, A) and the index of the winning mode (..., B, A, 1)."""
     truth = torch.nan_to_num(target)[..., None, :, :]
     pos = huber(torch.linalg.vector_norm(mean[..., :2] - truth[..., :2], dim=-1))  # (..., B, A, K, H)
     vel = huber(torch.linalg.vector_norm(mean[..., 2:4] - truth[..., 2:4], dim=-1))
@@ -61,32 +61,38 @@ def best_mode_l2(target: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor,
     pos_err = (pos * mask[..., None, :]).sum(-1) / steps  # (..., B, A, K)
     vel_err = (vel * mask[..., None, :]).sum(-1) / steps
     best = pos_err.detach().argmin(dim=-1, keepdim=True)
-    return (pos_err + velocity_weight * vel_err).gather(-1, best)[..., 0]
+    return (pos_err + velocity_weight * vel_err).gather(-1, best)[..., 0], best
 
 
 def forecaster_loss(out: dict[str, torch.Tensor], future: torch.Tensor, future_mask: torch.Tensor,
                     reward: torch.Tensor, crash: torch.Tensor, step_valid: torch.Tensor,
-                    reward_weight: float = 1.0, crash_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                    reward_weight: float = 1.0, crash_weight: float = 1.0,
+                    mode_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Training loss summed over members (each member fits the data on its own).
 
     The modes' means are trained by the winner-takes-all error (`best_mode_l2`, Huber in metres); the mixture NLL per
     known (agent, step) point trains the spreads and the mode probabilities with the means held fixed. Trained
     jointly, the NLL lets the most precise dimensions (speeds of vehicles cruising at constant speed) dominate the
     shared layers' gradients, and the means of rarer, larger motions (the ego's lane changes under its actions)
-    barely learn (the heteroscedastic pitfall, Seitzer et al. 2022). Reward MSE and crash BCE per valid step.
-    Returns the scalar terms and their weighted `total`.
+    barely learn (the heteroscedastic pitfall, Seitzer et al. 2022). `mode_weight` adds the cross-entropy of the
+    mode probabilities against the winning mode (`mode_ce`: the classification term of MultiPath-style
+    forecasters, which trains the mode choice on the position error the most likely mode is judged by). Reward MSE
+    and crash BCE per valid step. Returns the scalar terms and their weighted `total`.
     """
     log_prob = mixture_log_prob(future, future_mask, out["mean"].detach(), out["log_std"], out["logits"])
     points = future_mask.sum().clamp_min(1)
     nll = -log_prob.sum(dim=(1, 2)) / points  # (E,)
     has_future = future_mask.any(-1)
-    wta = (best_mode_l2(future, future_mask, out["mean"]) * has_future).sum(dim=(1, 2)) / has_future.sum().clamp_min(1)
+    agents = has_future.sum().clamp_min(1)
+    wta_per_agent, winner = best_mode_l2(future, future_mask, out["mean"])
+    wta = (wta_per_agent * has_future).sum(dim=(1, 2)) / agents
+    mode_ce = -(out["logits"].gather(-1, winner)[..., 0] * has_future).sum(dim=(1, 2)) / agents
     valid = step_valid.float()
     steps = valid.sum().clamp_min(1)
     reward_mse = ((out["reward"] - torch.nan_to_num(reward)) ** 2 * valid).sum(dim=(1, 2)) / steps
     bce = torch.nn.functional.binary_cross_entropy_with_logits(
         out["crash_logit"], crash.float().expand_as(out["crash_logit"]), reduction="none")
     crash_bce = (bce * valid).sum(dim=(1, 2)) / steps
-    total = (nll + wta + reward_weight * reward_mse + crash_weight * crash_bce).sum()
-    return {"total": total, "nll": nll.mean(), "wta_l2": wta.mean(), "reward_mse": reward_mse.mean(),
-            "crash_bce": crash_bce.mean()}
+    total = (nll + wta + reward_weight * reward_mse + crash_weight * crash_bce + mode_weight * mode_ce).sum()
+    return {"total": total, "nll": nll.mean(), "wta_l2": wta.mean(), "mode_ce": mode_ce.mean(),
+            "reward_mse": reward_mse.mean(), "crash_bce": crash_bce.mean()}

@@ -90,6 +90,29 @@ def test_single_gaussian_log_prob_matches_torch_distributions():
     torch.testing.assert_close(got, want)
 
 
+def test_mode_classification_term_by_hand():
+    """Two modes 0 m and 4 m ahead of the truth's start; the truth ends 3.5 m ahead: mode 1 wins and the term is
+    -log p_1, averaged over the agents that have a future (the second agent has none)."""
+    from drive_mbrl.losses import forecaster_loss
+
+    E, B, A, K, H = 1, 1, 2, 2, 1
+    mean = torch.zeros(E, B, A, K, H, 4)
+    mean[..., 1, :, 0] = 4.0
+    future = torch.full((B, A, H, 4), float("nan"))
+    future[0, 0] = torch.tensor([3.5, 0.0, 0.0, 0.0])
+    mask = ~future[..., 0].isnan()
+    p = torch.tensor([0.8, 0.2])
+    out = {"mean": mean, "log_std": torch.zeros_like(mean), "logits": p.log().expand(E, B, A, K),
+           "reward": torch.zeros(E, B, H), "crash_logit": torch.zeros(E, B, H)}
+    step = torch.ones(B, H, dtype=torch.bool)
+    terms = forecaster_loss(out, future, mask, torch.zeros(B, H), torch.zeros(B, H, dtype=torch.bool), step)
+    with_term = forecaster_loss(out, future, mask, torch.zeros(B, H), torch.zeros(B, H, dtype=torch.bool), step,
+                                mode_weight=2.0)
+    assert float(terms["mode_ce"]) == pytest.approx(-math.log(0.2))
+    assert float(with_term["total"] - terms["total"]) == pytest.approx(2.0 * -math.log(0.2))
+    assert float(terms["wta_l2"]) == pytest.approx(0.5 * 0.5**2)  # Huber of the winner's 0.5 m
+
+
 def test_hdr_coverage_of_a_known_gaussian_is_nominal():
     rng = np.random.default_rng(0)
     n = 4000
