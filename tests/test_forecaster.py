@@ -272,10 +272,10 @@ def test_resume_with_a_weight_average_continues_exactly(tmp_path: Path):
                 torch.testing.assert_close(a[part][key], b[part][key])
 
 
-def test_the_weight_average_is_an_exponential_average_of_the_steps(tmp_path: Path):
+def test_the_weight_average_is_an_exponential_average_of_the_steps(tmp_path: Path, monkeypatch):
     """A window of one step (decay 0) keeps the raw weights: the checkpoint equals training without an average.
-    A window of 1 epoch = 5 steps (decay 0.8) over one epoch of 5 steps: w_avg = 0.8^4 w_1 + sum_k 0.2 0.8^(5-k) w_k
-    (torch's EMA starts from the first step's weights), recomputed here from the weights after each step."""
+    A window of 1 epoch = 5 steps (decay 0.8) over one epoch of 5 steps: w_avg = 0.8^4 w_1 + sum_{k=2..5} 0.2 0.8^(5-k)
+    w_k (torch's EMA starts from the first step's weights), recomputed here from the weights after each step."""
     from drive_mbrl.fit import ema_decay
 
     assert ema_decay(1.0, 5) == pytest.approx(0.8) and ema_decay(0.1, 5) == 0.0 and ema_decay(2.0, 50) == 0.99
@@ -297,11 +297,9 @@ def test_the_weight_average_is_an_exponential_average_of_the_steps(tmp_path: Pat
         steps.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
         return result
 
-    torch.optim.AdamW.step = recording_step
-    try:
-        _fit(tmp_path / "ema", 1, scenes, ema=1.0)
-    finally:
-        torch.optim.AdamW.step = original
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    _fit(tmp_path / "ema", 1, scenes, ema=1.0)
+    monkeypatch.undo()
     assert len(steps) == 5
     expected = [w.clone() for w in steps[0]]
     for later in steps[1:]:
