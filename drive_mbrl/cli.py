@@ -860,6 +860,7 @@ def _run_hydra(name: str) -> None:
     def task(cfg: Any) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         _lock_run_dir(run_dir, name)
+        typed = None
         try:
             typed = C.validate(OmegaConf.to_object(cfg))
             explicit = frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
@@ -877,8 +878,10 @@ def _run_hydra(name: str) -> None:
             print(f"drive-mbrl {name.replace('_', ' ')}: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
+            out = getattr(typed, "out", "")  # the command's own output folder, where it has one
+            where = f"{out} (run folder {run_dir})" if out else str(run_dir)
             print(f"\ndrive-mbrl {name.replace('_', ' ')}: interrupted; everything finished so far is on disk in "
-                  f"{run_dir} — rerun the same command to resume", file=sys.stderr)
+                  f"{where} — rerun the same command to resume", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     task()

@@ -137,6 +137,23 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(tmp_path: Path):
 
 
 
+def test_ctrl_c_mid_collect_exits_130_and_names_the_dataset_folder(tmp_path: Path):
+    args = ["collect", "agent=slower", "episodes=8", "out=ds", "hydra.run.dir=run"]
+    proc = subprocess.Popen([*cli_command(), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    episodes = tmp_path / "ds" / "episodes"
+    deadline = time.monotonic() + 120
+    while not list(episodes.glob("ep_*.npz")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"interrupted; everything finished so far is on disk in ds (run folder {tmp_path / 'run'})" in stderr
+    _, kept = load_dataset(tmp_path / "ds")
+    assert 1 <= len(kept) < 8, "the interrupt landed mid-run"
+    assert not list(episodes.glob(".*"))
+
+
 def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
     assert run_cli("collect", "agent=explore", "episodes=3", "max_steps=6", "out=ds", cwd=tmp_path).returncode == 0
     fit = run_cli("fit", "dataset=[ds]", "epochs=2", "members=2", "modes=2", "width=16", "heads=2", "blocks=1",
