@@ -66,6 +66,8 @@ def agent_options(cfg: C.CollectConfig) -> str:
 
     from drive_mbrl.data import agent_options_json
 
+    if cfg.learner and cfg.agent != "dagger":
+        raise C.ConfigError(f"learner= drives DAgger rounds: it needs agent=dagger (got agent={cfg.agent})")
     if cfg.agent in ("mpc", "dagger"):
         if not cfg.checkpoint:
             raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
@@ -73,6 +75,9 @@ def agent_options(cfg: C.CollectConfig) -> str:
         options = mpc_options(cfg.checkpoint, cfg.planner)
         if cfg.agent == "dagger" and cfg.noise:
             options = agent_options_json({**json.loads(options), "noise": cfg.noise})
+        if cfg.agent == "dagger" and cfg.learner:
+            learner = json.loads(policy_options(cfg.learner))["checkpoint"]  # a bad folder fails here
+            options = agent_options_json({**json.loads(options), "policy": learner, "beta": cfg.beta})
         return options
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
@@ -348,7 +353,10 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("distill needs dataset=[FOLDER,...] of planner episodes (`drive-mbrl collect "
                             "agent=dagger checkpoint=...`)")
     names = read_manifest(Path(cfg.dataset[0]))["action_names"]
-    config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt)
+    if any(d < 0 for d in cfg.route_ahead):
+        raise C.ConfigError(f"route_ahead={cfg.route_ahead}: distances along the route must be >= 0 metres")
+    config = PolicyConfig(num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers, history_dt=cfg.history_dt,
+                          route_ahead=tuple(float(d) for d in cfg.route_ahead))
     parts = [policy_data(cfg.dataset, config, cfg.temperature)[0]]
     settings = BCSettings(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed, loss=cfg.loss,
                           cost_weight=cfg.cost_weight)
@@ -415,6 +423,9 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
         if policy.num_actions != len(names):
             raise C.ConfigError(f"init policy has {policy.num_actions} actions, scenario {scenario.name} "
                                 f"{len(names)}")
+        if policy.route_ahead:
+            raise C.ConfigError(f"init policy {cfg.init} observes its route (route_ahead={list(policy.route_ahead)}),"
+                                " which rl's real and imagined envs do not build yet: distill one without route_ahead")
     else:
         policy = PolicyConfig(agents=cfg.agents, num_actions=len(names), hidden=cfg.hidden, layers=cfg.layers)
     imagined = cfg.imagined if cfg.mode == "dyna" else 0

@@ -133,6 +133,10 @@ class CollectConfig:
     noise: float = opt(0.0, "agent=dagger: share of steps on which a uniformly random action is executed instead "
                        "of the planner's (DART-style noise injection: labels for states just off the planner's path)",
                        lo=0.0, hi=1.0)
+    learner: str = opt("", "agent=dagger: policy folder (from `drive-mbrl distill`) that drives while the planner "
+                       "labels every step (a DAgger round); empty = the planner drives")
+    beta: float = opt(0.3, "agent=dagger with a learner: share of steps on which the planner's action is executed",
+                      lo=0.0, hi=1.0)
     out: str = opt("", "dataset folder; empty = <run dir>/dataset. Rerun with the same folder to resume")
 
 
@@ -344,6 +348,8 @@ class DistillConfig:
     hidden: int = opt(256, "policy hidden width", lo=4, hi=8192)
     layers: int = opt(2, "policy hidden layers", lo=1, hi=16)
     history_dt: float = opt(1.0, "[s] between the policy's two observed frames", lo=0.01, hi=10.0)
+    route_ahead: list[float] = opt([], "[m] distances along the ego's route at which the policy observes its centre "
+                                   "line (e.g. [5,10,20,30] where roads turn: intersection, roundabout); [] = none")
     epochs: int = opt(150, "maximum epochs per training", lo=1, hi=10**5)
     patience: int = opt(20, "early stopping: epochs without a lower validation loss", lo=1, hi=10**5)
     lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)

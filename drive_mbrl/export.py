@@ -337,7 +337,8 @@ def policy_contract(net: Any) -> dict[str, list[dict[str, Any]]]:
         "inputs": [tensor_spec("obs", ["B", c.obs_dim], "float32", "per feature: policy.observation_units",
                                "features.policy_observation: every slot's policy.observation_features flattened "
                                "slot-major (the ego first, then its nearest tracks), then policy.ego_features "
-                               "(the ego's lane number, its target speed when policy.set_points); raw values "
+                               "(the ego's lane number, its target speed when policy.set_points, then the route "
+                               "points of policy.route_ahead: features.route_ahead); raw values "
                                "(normalisation is inside the graph)")],
         "outputs": [tensor_spec("logits", ["B", c.num_actions], "float32", "logit", "action logits"),
                     tensor_spec("action", ["B"], "int64", "action index", "the greedy action (argmax of logits)")],
@@ -357,7 +358,7 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
     """policy.onnx in `folder` from the policy checkpoint folder `policy`, checked against torch on `samples`
     random observations (around its normalisation statistics) and `samples` recorded ones. Returns its contract
     entry and parity figures."""
-    from drive_mbrl.features import POLICY_FEATURES, policy_ego_features
+    from drive_mbrl.features import POLICY_FEATURES, policy_ego_features, route_feature_names
     from drive_mbrl.policy import BEST as POLICY_BEST
     from drive_mbrl.policy import load_policy
 
@@ -374,14 +375,16 @@ def export_policy(policy: Path, folder: Path, datasets: list[str], samples: int,
                "recorded": parity(session, graph, contract, {"obs": recorded}, [1, 7, 32])}
     check_parity("policy", figures)
     units = [u for u in HIST_UNITS] + ["m/s", "m/s"]
-    ego_features = policy_ego_features(net.config.set_points)
+    ego_features = (*policy_ego_features(net.config.set_points), *route_feature_names(net.config.route_ahead))
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
              "source": {"checkpoint": str(policy), "weights_sha256": sha256_file(policy / POLICY_BEST)},
              "observation_features": list(POLICY_FEATURES),
              "ego_features": list(ego_features),
-             "observation_units": units + ["lane number", "m/s"][:len(ego_features)],
-             "set_points": net.config.set_points, "agents": net.config.agents, "history_len": 2,
+             "observation_units": units + (["lane number", "m/s"][:1 + net.config.set_points] +
+                                           ["m"] * 2 * len(net.config.route_ahead)),
+             "set_points": net.config.set_points, "route_ahead": list(net.config.route_ahead),
+             "agents": net.config.agents, "history_len": 2,
              "history_dt": net.config.history_dt, **contract}
     return entry, figures
 

@@ -93,6 +93,14 @@ def to_ego_frame(state: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return out
 
 
+def world_to_ego(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """World-frame points (..., 2) [m] in the frame of `pose` (x, y [m], heading [rad]): x forward, y to the
+    right, as `to_ego_frame`."""
+    cos, sin = np.cos(pose[2]), np.sin(pose[2])
+    dx, dy = points[..., 0] - pose[0], points[..., 1] - pose[1]
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)
+
+
 def scene_history(state: np.ndarray, present: np.ndarray, lane_offset: np.ndarray, lane_heading: np.ndarray,
                   frame: int, spec: SceneSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The input part of the scene at recorded frame `frame`: the ego and its V nearest tracks there.
@@ -258,6 +266,56 @@ POLICY_EGO_FEATURES = ("lane", "target_speed")
 DEFAULT_TARGET_SPEEDS = (20.0, 25.0, 30.0)
 """[m/s] highway-env's MDPVehicle.DEFAULT_TARGET_SPEEDS: what FASTER / SLOWER choose from unless the scenario's
 action config sets `target_speeds`."""
+ROUTE_POLYLINE_STEP = 1.0
+"""[m] between the points of `route_polyline`."""
+ROUTE_POLYLINE_MAX = 1000.0
+"""[m] `route_polyline` stops here (a route on a road with a cycle, such as a roundabout's ring, has no end)."""
+
+
+def route_polyline(env: Any) -> np.ndarray:
+    """(P, 2) [m] the centre line of the ego's route as highway-env holds it now (`ControlledVehicle.route`, read
+    at the episode's reset): from the start of the ego's lane through the route's lanes to the last one's end, a
+    point every `ROUTE_POLYLINE_STEP` m (and each lane's end), world frame. Without a route (highway's straight
+    road) it is the ego's lane alone. Numpy only."""
+    base = env.unwrapped
+    ego, network = base.vehicle, base.road.network
+    index, route = ego.lane_index, list(ego.route or [])  # next_lane pops the route it is given
+    planned = bool(route)
+    points: list[np.ndarray] = []
+    while True:
+        lane = network.get_lane(index)
+        room = ROUTE_POLYLINE_MAX - len(points) * ROUTE_POLYLINE_STEP
+        points += [lane.position(s, 0) for s in np.arange(0.0, min(lane.length, room), ROUTE_POLYLINE_STEP)]
+        end = lane.position(min(lane.length, room), 0)
+        following = network.next_lane(index, route=route, position=end)
+        # the route's last lane, a dead end, or far enough (a route-less ring)
+        if (planned and not route) or following == index or room <= lane.length:
+            return np.asarray([*points, end], np.float64)
+        index = following
+
+
+def route_ahead(polyline: np.ndarray, pose: np.ndarray, ahead: tuple[float, ...]) -> np.ndarray:
+    """(2K,) float32: x, y [m] in the ego frame of `pose` (x, y [m], heading [rad], world frame) of the points
+    `ahead` (K,) [m] along `polyline` (P, 2), P >= 2, measured from the ego's projection onto it; past the
+    polyline's end its last segment continues straight. What the ego's route does ahead (where it turns), which
+    the tracks around it do not show."""
+    seg = np.diff(polyline, axis=0)  # (P-1, 2)
+    length = np.hypot(seg[:, 0], seg[:, 1])
+    cum = np.concatenate([[0.0], np.cumsum(length)])
+    rel = np.asarray(pose[:2], np.float64) - polyline[:-1]
+    t = np.clip((rel * seg).sum(1) / np.maximum(length**2, 1e-12), 0.0, 1.0)
+    gap = np.hypot(*(rel - t[:, None] * seg).T)
+    k = int(np.argmin(gap))
+    target = cum[k] + t[k] * length[k] + np.asarray(ahead, np.float64)  # (K,) arc length
+    points = np.stack([np.interp(target, cum, polyline[:, 0]), np.interp(target, cum, polyline[:, 1])], -1)
+    beyond = np.maximum(target - cum[-1], 0.0)[:, None]
+    points = points + beyond * seg[-1] / max(length[-1], 1e-12)
+    return world_to_ego(points, pose).reshape(-1).astype(np.float32)
+
+
+def route_feature_names(ahead: tuple[float, ...]) -> tuple[str, ...]:
+    """Names of `route_ahead`'s columns in the policy's observation."""
+    return tuple(f"route_{axis}_{d:g}m" for d in ahead for axis in ("x", "y"))
 
 
 def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int,
@@ -281,12 +339,18 @@ def policy_observation(history: np.ndarray, ego_lane: np.ndarray | int,
     return np.concatenate([flat, *ego_cols], axis=-1).astype(np.float32)
 
 
-def live_policy_observation(recorder: Any, spec: SceneSpec, target_speed: float | None = None) -> np.ndarray:
+def live_policy_observation(recorder: Any, spec: SceneSpec, target_speed: float | None = None,
+                            route: np.ndarray | None = None, ahead: tuple[float, ...] = ()) -> np.ndarray:
     """(D,) the policy's observation at the newest frame of a running episode's track recording (`live_history`
-    with `spec.history_len` 2) and the ego's live target speed [m/s] (None: a policy without set-points): what
-    `agent=policy`, `agent=onnx` and RLlib's real env all feed the policy."""
+    with `spec.history_len` 2) and the ego's live target speed [m/s] (None: a policy without set-points), then
+    `route_ahead` on the ego's `route_polyline` at the `ahead` distances (policies that observe their route):
+    what `agent=policy`, `agent=onnx` and RLlib's real env all feed the policy."""
     history, _, _, arrays = live_history(recorder, spec)
-    return policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]), target_speed)
+    obs = policy_observation(history, int(arrays["lane_id"][-1, EGO_TRACK]), target_speed)
+    if not ahead:
+        return obs
+    pose = arrays["state"][-1, EGO_TRACK, [X, Y, HEADING]].astype(np.float64)
+    return np.concatenate([obs, route_ahead(route, pose, ahead)])
 
 
 def policy_ego_features(set_points: bool) -> tuple[str, ...]:
@@ -294,8 +358,8 @@ def policy_ego_features(set_points: bool) -> tuple[str, ...]:
     return POLICY_EGO_FEATURES if set_points else POLICY_EGO_FEATURES[:1]
 
 
-def policy_obs_dim(agents: int, set_points: bool = True) -> int:
-    return agents * len(POLICY_FEATURES) + len(policy_ego_features(set_points))
+def policy_obs_dim(agents: int, set_points: bool = True, route_points: int = 0) -> int:
+    return agents * len(POLICY_FEATURES) + len(policy_ego_features(set_points)) + 2 * route_points
 
 
 def live_target_speed(env: Any, set_points: bool) -> float | None:
@@ -350,9 +414,11 @@ def episode_target_speeds(episode: Episode, manifest: dict[str, Any]) -> np.ndar
     return out
 
 
-def episode_policy_obs(episode: Episode, spec: SceneSpec, manifest: dict[str, Any] | None = None) -> np.ndarray:
+def episode_policy_obs(episode: Episode, spec: SceneSpec, manifest: dict[str, Any] | None = None,
+                       route: np.ndarray | None = None, ahead: tuple[float, ...] = ()) -> np.ndarray:
     """(S, D) policy observations at each decision of a recorded episode (`spec.history_len` must be 2). With the
-    dataset's `manifest`, the ego's target speed (`episode_target_speeds`) is appended (policies with set-points)."""
+    dataset's `manifest`, the ego's target speed (`episode_target_speeds`) is appended (policies with set-points);
+    with `ahead`, `route_ahead` on the episode's `route` polyline (as `live_policy_observation`)."""
     if spec.history_len != 2:
         raise ConfigError(f"the policy observes two history frames, the spec has {spec.history_len}")
     target = episode_target_speeds(episode, manifest) if manifest is not None else None
@@ -360,8 +426,11 @@ def episode_policy_obs(episode: Episode, spec: SceneSpec, manifest: dict[str, An
     for s, frame in enumerate(episode.decision_frame):
         hist, _, _ = scene_history(episode.state, episode.present, episode.lane_offset, episode.lane_heading,
                                    int(frame), spec)
-        rows.append(policy_observation(hist, int(episode.lane_id[frame, EGO_TRACK]),
-                                       None if target is None else target[s]))
+        row = policy_observation(hist, int(episode.lane_id[frame, EGO_TRACK]), None if target is None else target[s])
+        if ahead:
+            pose = episode.state[frame, EGO_TRACK, [X, Y, HEADING]].astype(np.float64)
+            row = np.concatenate([row, route_ahead(route, pose, ahead)])
+        rows.append(row)
     if rows:
         return np.stack(rows)
-    return np.zeros((0, policy_obs_dim(spec.agents, manifest is not None)), np.float32)
+    return np.zeros((0, policy_obs_dim(spec.agents, manifest is not None, len(ahead))), np.float32)

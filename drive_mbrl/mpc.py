@@ -29,7 +29,7 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import HEADING, X, Y, history_stride, live_history
+from drive_mbrl.features import HEADING, X, Y, history_stride, live_history, world_to_ego
 
 LOG_CANDIDATES = 5
 """Candidate plans kept per step in the step log (the best by cost, distinct)."""
@@ -302,9 +302,7 @@ def route_path(env: Any, length: float, step: float, ego_pose: np.ndarray) -> np
                 lane = network.get_lane(index)
         points[k] = lane.position(s, 0)
         s += step
-    cos, sin = np.cos(ego_pose[2]), np.sin(ego_pose[2])
-    dx, dy = points[:, 0] - ego_pose[0], points[:, 1] - ego_pose[1]
-    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)
+    return world_to_ego(points, ego_pose)
 
 
 def reachable_lanes(network: Any, lane_index: tuple) -> int:

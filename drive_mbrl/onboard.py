@@ -273,6 +273,8 @@ class OnnxAgent:
         self.last_inputs: dict[str, np.ndarray] = {}
         """The graph's inputs at the last decision (for inspection and tests)."""
         self._recorder: Any = None
+        self._ahead: tuple[float, ...] = ()
+        self._route: np.ndarray | None = None
 
     def reset(self, env: Any, seed: int) -> None:
         from drive_mbrl.errors import ConfigError
@@ -288,6 +290,11 @@ class OnnxAgent:
             raise ConfigError(f"bundle {self.bundle.folder} plans at {self.spec['frames_per_step']} frames of "
                               f"{self.spec['sim_dt']} s per step, this scenario runs {sim_hz} Hz / {policy_hz} Hz")
         self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
+        self._ahead = tuple(self.spec.get("route_ahead", ())) if self.graph.name == "policy" else ()
+        if self._ahead:
+            from drive_mbrl.features import route_polyline
+
+            self._route = route_polyline(env)
         if self.graph.name == "planner":
             self._warm = np.full(self.bundle.contract["scene"]["horizon"], self.spec["idle_action"], np.int64)
         self.last_fallback = ""
@@ -310,7 +317,9 @@ class OnnxAgent:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         if self.graph.name == "policy":
             target = live_target_speed(env, bool(self.spec.get("set_points")))
-            self.last_inputs = {"obs": live_policy_observation(self._recorder, self._spec, target)[None]}
+            obs = live_policy_observation(self._recorder, self._spec, target, self._route,
+                                          self._ahead)
+            self.last_inputs = {"obs": obs[None]}
             return int(self.graph.run(**self.last_inputs)["action"][0])
         history, track, _, _ = live_history(self._recorder, self._spec)
         return self._plan(history, track >= 0, env)

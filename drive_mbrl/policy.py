@@ -29,12 +29,16 @@ from drive_mbrl import SCHEMA_VERSION, __version__
 from drive_mbrl.errors import ConfigError, DataError
 from drive_mbrl.features import (
     SceneSpec,
+    X,
+    Y,
     episode_policy_obs,
     history_stride,
     live_policy_observation,
     live_target_speed,
     policy_obs_dim,
+    route_polyline,
 )
+from drive_mbrl.types import EGO_TRACK
 
 BEST, META = "best.pt", "meta.json"
 
@@ -49,11 +53,15 @@ class PolicyConfig:
     history_dt: float = 1.0
     """[s] between the two observed frames (must be a multiple of the recording's frame time)."""
     set_points: bool = True
-    """The ego's target speed is the observation's last feature (policies saved before it existed: False)."""
+    """The ego's target speed follows the slots in the observation (policies saved before it existed: False)."""
+    route_ahead: tuple[float, ...] = ()
+    """[m] distances along the ego's route at which its centre line is observed (`features.route_ahead`: x, y in
+    the ego frame, appended last); () observes no route. Where roads turn (intersection, roundabout) it tells the
+    policy where its own path goes and how far the junction is."""
 
     @property
     def obs_dim(self) -> int:
-        return policy_obs_dim(self.agents, self.set_points)
+        return policy_obs_dim(self.agents, self.set_points, len(self.route_ahead))
 
     def scene_spec(self, stride: int) -> SceneSpec:
         return SceneSpec(agents=self.agents, history_len=2, history_stride=stride, horizon=1)
@@ -114,7 +122,8 @@ def load_policy(folder: Path | str, device: str | torch.device = "cpu") -> tuple
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"policy {folder} has schema version {meta.get('schema_version')!r}, this drive_mbrl "
                         f"reads {SCHEMA_VERSION}: retrain it")
-    net = PolicyNet(PolicyConfig(**{"set_points": False, **meta["policy"]}))
+    config = {"set_points": False, **meta["policy"]}
+    net = PolicyNet(PolicyConfig(**{**config, "route_ahead": tuple(config.get("route_ahead", ()))}))
     try:
         net.load_state_dict(torch.load(folder / BEST, map_location="cpu", weights_only=True)["model"])
     except RuntimeError as exc:
@@ -124,9 +133,34 @@ def load_policy(folder: Path | str, device: str | torch.device = "cpu") -> tuple
 
 def episode_observations(config: PolicyConfig, episode: Any, manifest: dict[str, Any]) -> np.ndarray:
     """(S, D) the observations a policy of `config` had at each decision of a recorded episode (`manifest`: its
-    dataset's, for the frame time, action names and target speeds)."""
+    dataset's, for the frame time, action names, target speeds and, for a policy that observes its route, the
+    scenario that `episode_route` resets)."""
     spec = config.scene_spec(history_stride(config.history_dt, manifest["dt"]))
-    return episode_policy_obs(episode, spec, manifest if config.set_points else None)
+    route = episode_route(manifest, episode) if config.route_ahead else None
+    return episode_policy_obs(episode, spec, manifest if config.set_points else None, route, config.route_ahead)
+
+
+_ROUTE_ENVS: dict[str, Any] = {}
+
+
+def episode_route(manifest: dict[str, Any], episode: Any) -> np.ndarray:
+    """(P, 2) the ego's `route_polyline` in a recorded episode: the episode's scenario reset with its seed again
+    (the route is drawn at the reset, and recordings do not store it). Raises DataError when the reset does not
+    put the ego where the recording starts (a dataset of another highway-env version or scenario file)."""
+    from drive_mbrl.scenarios import make_env, reset_env, scenario_from_dict
+
+    key = json.dumps(manifest["scenario"], sort_keys=True)
+    if key not in _ROUTE_ENVS:
+        _ROUTE_ENVS.clear()  # one scenario at a time: datasets come one after another
+        _ROUTE_ENVS[key] = make_env(scenario_from_dict(manifest["scenario"], "the dataset's manifest"))
+    env = _ROUTE_ENVS[key]
+    reset_env(env, int(episode.seed))
+    start = episode.state[0, EGO_TRACK, [X, Y]]
+    if not np.allclose(env.unwrapped.vehicle.position, start, atol=1e-3):
+        raise DataError(f"episode {episode.index} (seed {episode.seed}) does not start where its scenario's reset "
+                        f"puts the ego ({start} recorded, {env.unwrapped.vehicle.position} now): its route cannot "
+                        "be recovered; collect it again with this highway-env, or train without route_ahead")
+    return route_polyline(env)
 
 
 def dataset_observations(config: PolicyConfig, paths: list[str] | tuple[str, ...]) -> np.ndarray:
@@ -158,6 +192,7 @@ class PolicyAgent:
         from drive_mbrl.agents import meta_actions
 
         self._env = env
+        self._route = route_polyline(env) if self.net.config.route_ahead else None
         if len(meta_actions(env)) != self.net.config.num_actions:
             raise ConfigError(f"the policy was trained for {self.net.config.num_actions} actions, this scenario "
                               f"has {env.action_space.n}: use a policy trained on this scenario")
@@ -169,7 +204,8 @@ class PolicyAgent:
     def observation(self) -> np.ndarray:
         """(D,) the current observation from the live recording (and the ego's set-point from the env)."""
         return live_policy_observation(self._recorder, self.spec,
-                                       live_target_speed(self._env, self.net.config.set_points))
+                                       live_target_speed(self._env, self.net.config.set_points), self._route,
+                                       self.net.config.route_ahead)
 
     def act(self, obs: Any, env: Any) -> int:
         if self._recorder is None:

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from drive_mbrl.data import load_dataset
+from drive_mbrl.distill import EXPERT_ACTION
+from drive_mbrl.policy import PolicyAgent, episode_observations
 from tests.conftest import cli_command, cli_env, run_cli
 
 TINY = ["episodes=2", "max_steps=2"]
@@ -259,3 +262,21 @@ def test_export_takes_the_scenario_of_the_checkpoints_env_id(tiny_checkpoint: Pa
     assert _with_checkpoint_scenario(ExportConfig(checkpoint=str(tiny_checkpoint))).scenario == "highway"
     chosen = ExportConfig(checkpoint=str(tiny_checkpoint), scenario="roundabout")
     assert _with_checkpoint_scenario(chosen).scenario == "roundabout"
+
+
+def test_collect_dagger_with_a_learner_records_who_drove(tmp_path: Path, tiny_checkpoint: Path, tiny_policy: Path):
+    wrong = run_cli("collect", "agent=idm", f"learner={tiny_policy}", "hydra.run.dir=run", cwd=tmp_path)
+    assert wrong.returncode == 2 and "learner= drives DAgger rounds: it needs agent=dagger" in wrong.stderr
+    assert not (tmp_path / "run").exists()
+    result = run_cli("collect", "agent=dagger", f"checkpoint={tiny_checkpoint}", f"learner={tiny_policy}", "beta=0",
+                     "episodes=1", "max_steps=4", "planner.budget=16", "out=ds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest, (episode,) = load_dataset(tmp_path / "ds")
+    assert manifest["agent_options"]["policy"] == str(tiny_policy.resolve())
+    assert manifest["agent_options"]["beta"] == 0.0
+    # beta 0: the learner drove every step, so its greedy actions are the executed ones
+    learner = PolicyAgent(str(tiny_policy))
+    with torch.no_grad():
+        greedy = learner.net(torch.as_tensor(episode_observations(learner.net.config, episode, manifest))).argmax(-1)
+    assert episode.action.tolist() == greedy.tolist()
+    assert (episode.step_log[EXPERT_ACTION] >= 0).all()  # and the planner labelled each of them

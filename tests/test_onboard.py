@@ -205,3 +205,36 @@ def test_agent_onnx_drives_exactly_as_the_torch_policy_on_the_same_seed(tiny_bun
     assert onnx_episode.action.tolist() == torch_episode.action.tolist()
     assert len(set(torch_episode.action.tolist())) > 1  # the random policy does not just repeat one action
     np.testing.assert_array_equal(onnx_episode.state, torch_episode.state)
+
+
+def test_agent_onnx_drives_a_route_policy_exactly_as_torch(tiny_checkpoint: Path, tmp_path: Path):
+    """A policy that observes its route (`route_ahead`): the bundle carries the distances, the onboard agent builds
+    the same route points from its env, and both drive the same episode."""
+    import torch
+
+    from drive_mbrl.data import read_manifest
+    from drive_mbrl.export import export_bundle
+    from drive_mbrl.onboard import OnnxAgent
+    from drive_mbrl.policy import PolicyAgent, PolicyConfig, PolicyNet, dataset_observations, save_policy
+    from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
+    from drive_mbrl.scenarios import load_scenario
+
+    data = str(tiny_checkpoint.parent / "data")
+    torch.manual_seed(1)
+    net = PolicyNet(PolicyConfig(agents=4, hidden=16, route_ahead=(10.0, 40.0)))
+    net.set_normalisation(dataset_observations(net.config, [data]))
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)
+    save_policy(tmp_path / "policy", net, read_manifest(Path(data))["action_names"], {})
+    bundle = tmp_path / "bundle"
+    export_bundle(tiny_checkpoint, bundle, samples=8, policy=tmp_path / "policy")
+    runner = EpisodeRunner()
+    try:
+        torch_episode, onnx_episode = [
+            runner.run(EpisodeJob(load_scenario("highway"), name, 0, 23, max_steps=8), agent)
+            for name, agent in (("policy", PolicyAgent(str(tmp_path / "policy"))),
+                                ("onnx", OnnxAgent(str(bundle), graph="policy")))]
+    finally:
+        runner.close()
+    assert onnx_episode.action.tolist() == torch_episode.action.tolist()
+    np.testing.assert_array_equal(onnx_episode.state, torch_episode.state)

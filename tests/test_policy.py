@@ -19,7 +19,7 @@ from drive_mbrl.distill import (
     train_policy,
 )
 from drive_mbrl.errors import DataError
-from drive_mbrl.features import HIST_FEATURES, POLICY_FEATURES, policy_observation
+from drive_mbrl.features import HIST_FEATURES, POLICY_FEATURES, policy_observation, route_ahead, route_polyline
 from drive_mbrl.policy import PolicyAgent, PolicyConfig, PolicyNet, episode_observations, load_policy, save_policy
 from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 from drive_mbrl.scenarios import load_scenario
@@ -112,6 +112,60 @@ def test_live_observation_equals_the_one_recomputed_from_the_recorded_episode(ra
     assert set(recorded[:, -1]) <= {20.0, 25.0, 30.0}  # the target speed, last
     assert set(recorded[:, -2]) <= {0, 1, 2}  # lane number before it
     assert (recorded[1:, 2] > 10).all()  # the ego's own speed [m/s] at slot 0
+
+
+def test_route_ahead_by_hand():
+    line = np.array([[0.0, 0.0], [10.0, 0.0]])
+    # the ego 1 m left of the line (y < 0 is left in the ego frame, x forward), heading along it
+    got = route_ahead(line, np.array([2.0, -1.0, 0.0]), (3.0, 20.0))
+    np.testing.assert_allclose(got, [3.0, 1.0, 20.0, 1.0], atol=1e-6)  # 20 m: past the end, the line continues
+    # an L: 10 m along x, then 10 m along y; the ego at (6, 0) facing +y (heading pi/2)
+    ell = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]])
+    got = route_ahead(ell, np.array([6.0, 0.0, np.pi / 2]), (0.0, 4.0, 7.0))
+    # world points (6, 0), (10, 0), (10, 3); highway-env's y points right of +x, so facing +y world +x is left
+    np.testing.assert_allclose(got, [0.0, 0.0, 0.0, -4.0, 3.0, -4.0], atol=1e-6)
+
+
+def test_route_polyline_runs_from_the_egos_lane_to_the_end_of_its_route():
+    from drive_mbrl.scenarios import make_env, reset_env
+
+    env = make_env(load_scenario("intersection"))
+    try:
+        reset_env(env, 3)
+        ego, network = env.unwrapped.vehicle, env.unwrapped.road.network
+        line = route_polyline(env)
+        last = network.get_lane(ego.route[-1][:2] + (0,))
+        np.testing.assert_allclose(line[0], network.get_lane(ego.lane_index).position(0, 0))
+        np.testing.assert_allclose(line[-1], last.position(last.length, 0))
+        step = np.hypot(*np.diff(line, axis=0).T)
+        assert step.max() <= 1.0 + 1e-6 and step.min() > 0
+        lengths = sum(network.get_lane(i[:2] + (0,)).length for i in ego.route)
+        assert abs(step.sum() - lengths) < 0.05  # 1 m chords of the turn's arc
+    finally:
+        env.close()
+
+
+def test_route_policy_live_observation_equals_the_recorded_one(tmp_path: Path):
+    from drive_mbrl.data import build_manifest
+
+    torch.manual_seed(0)
+    config = PolicyConfig(agents=4, num_actions=3, hidden=16, route_ahead=(5.0, 20.0))
+    save_policy(tmp_path / "policy", PolicyNet(config), ["SLOWER", "IDLE", "FASTER"], {})
+    agent = PolicyAgent(str(tmp_path / "policy"))
+    assert agent.net.config.route_ahead == (5.0, 20.0)  # a tuple again after the JSON round trip
+    seen: list[np.ndarray] = []
+    observe = agent.observation
+    agent.observation = lambda: seen.append(observe()) or seen[-1]  # type: ignore[method-assign]
+    runner = EpisodeRunner()
+    scenario = load_scenario("intersection")
+    try:
+        episode = runner.run(EpisodeJob(scenario, "policy", 0, 11, max_steps=6), agent)
+    finally:
+        runner.close()
+    recorded = episode_observations(config, episode, build_manifest(scenario, "policy", 11, 0, 6))
+    assert recorded.shape == (episode.steps, config.obs_dim) == (episode.steps, 4 * len(POLICY_FEATURES) + 2 + 4)
+    np.testing.assert_allclose(np.stack(seen), recorded, atol=1e-5)
+    np.testing.assert_allclose(recorded[0, -4:-2], [5.0, 0.0], atol=0.3)  # on the straight approach: dead ahead
 
 
 def test_soft_targets_by_hand():
