@@ -275,8 +275,8 @@ ROUTE_POLYLINE_MAX = 1000.0
 def route_polyline(env: Any) -> np.ndarray:
     """(P, 2) [m] the centre line of the ego's route as highway-env holds it now (`ControlledVehicle.route`, read
     at the episode's reset): from the start of the ego's lane through the route's lanes to the last one's end, a
-    point every `ROUTE_POLYLINE_STEP` m (and each lane's end), world frame. Without a route (highway's straight
-    road) it is the ego's lane alone. Numpy only."""
+    point every `ROUTE_POLYLINE_STEP` m (and each lane's end), world frame, at most `ROUTE_POLYLINE_MAX` m long.
+    Without a planned route (highway) it follows the road on from the ego's lane. Numpy only."""
     base = env.unwrapped
     ego, network = base.vehicle, base.road.network
     index, route = ego.lane_index, list(ego.route or [])  # next_lane pops the route it is given

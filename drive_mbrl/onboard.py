@@ -317,8 +317,7 @@ class OnnxAgent:
             raise RuntimeError("OnnxAgent.act before attach_tracks: run it through rollout.EpisodeRunner")
         if self.graph.name == "policy":
             target = live_target_speed(env, bool(self.spec.get("set_points")))
-            obs = live_policy_observation(self._recorder, self._spec, target, self._route,
-                                          self._ahead)
+            obs = live_policy_observation(self._recorder, self._spec, target, self._route, self._ahead)
             self.last_inputs = {"obs": obs[None]}
             return int(self.graph.run(**self.last_inputs)["action"][0])
         history, track, _, _ = live_history(self._recorder, self._spec)
