@@ -142,8 +142,10 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(tmp_path: Path):
 
 def test_ctrl_c_mid_collect_exits_130_and_names_the_dataset_folder(tmp_path: Path):
     args = ["collect", "agent=slower", "episodes=8", "out=ds", "hydra.run.dir=run"]
+    # a shell starts background jobs with SIGINT ignored, and a child inherits that: restore Ctrl-C's default
     proc = subprocess.Popen([*cli_command(), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     episodes = tmp_path / "ds" / "episodes"
     deadline = time.monotonic() + 120
     while not list(episodes.glob("ep_*.npz")) and time.monotonic() < deadline and proc.poll() is None:
