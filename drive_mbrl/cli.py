@@ -376,7 +376,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
         if (folder / "meta.json").is_file():
             net, meta = load_policy(folder)
             summary = meta["summary"]
-            ignore = {"rounds", "eval_episodes", "workers", "out"}
+            ignore = {"rounds", "eval_episodes", "eval_seed", "workers", "out"}
             changed = sorted(k for k, v in asdict(cfg).items()
                              if k not in ignore and meta.get("distill", {}).get(k, v) != v)
             if changed:
@@ -389,7 +389,7 @@ def run_distill(cfg: C.DistillConfig, run_dir: Path) -> dict[str, Any]:
             save_policy(folder, net, names, {"summary": summary, "distill": asdict(cfg)})
         row = {"round": r, **summary}
         if cfg.eval_episodes:
-            row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, cfg.workers,
+            row["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, cfg.eval_seed, cfg.workers,
                                              "", run_dir / "eval" / f"round_{r}", options=policy_options(folder))
         unsafe = summary.get("val_unsafe_rate")
         print(f"round {r}: {summary['decisions']} labels from {summary['real_steps']} real steps, val accuracy "
@@ -501,7 +501,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
         bar.close()
     if cfg.eval_episodes:
         last = result["history"][-1]["iteration"] if result["history"] else 0
-        result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, C.EVAL_SEED, 1, "",
+        result["evaluate"] = evaluate_agent(cfg.scenario, "policy", cfg.eval_episodes, cfg.eval_seed, 1, "",
                                             out / f"eval_iter{last}", options=policy_options(result["policy"]))
         from drive_mbrl.evaluate import format_table
 

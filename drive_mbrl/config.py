@@ -354,6 +354,8 @@ class DistillConfig:
     patience: int = opt(20, "early stopping: epochs without a lower validation loss", lo=1, hi=10**5)
     lr: float = opt(1e-3, "AdamW learning rate", lo=1e-7, hi=1.0)
     eval_episodes: int = opt(20, "held-out evaluation episodes after each round (0 = none)", lo=0, hi=10**6)
+    eval_seed: int = opt(EVAL_SEED, "base seed of those episodes (default: the held-out seeds; choose settings on "
+                         "other seeds, e.g. 2000000, and report the held-out ones once)", lo=0, hi=2**31 - 1)
     workers: int = opt(1, "parallel episode workers (Ray actors when > 1)", lo=1, hi=4096)
     seed: int = opt(0, "seed of training and of the DAgger episodes", lo=0, hi=2**31 - 1)
     out: str = opt("", "final policy folder; empty = <run dir>/policy")
@@ -403,6 +405,8 @@ class RLConfig:
     env_runners: int = opt(0, "RLlib env runner processes (0 = sample in the driver)", lo=0, hi=4096)
     ray_address: str = opt("", "join this Ray cluster (HOST:PORT) instead of starting a local one")
     eval_episodes: int = opt(20, "held-out evaluation episodes of the final policy (0 = none)", lo=0, hi=10**6)
+    eval_seed: int = opt(EVAL_SEED, "base seed of those episodes (default: the held-out seeds; choose settings on "
+                         "other seeds, e.g. 2000000, and report the held-out ones once)", lo=0, hi=2**31 - 1)
     seed: int = opt(0, "seed of the RL run (its real env seeds are disjoint from evaluation's)", lo=0,
                     hi=2**31 - 1)
     out: str = opt("", "run folder (algorithm state + policy); empty = <run dir>/rl")

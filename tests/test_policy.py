@@ -348,8 +348,8 @@ def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: 
     options = json.dumps({"checkpoint": str(tiny_checkpoint), "planner": {"budget": 32, "threads": 1}})
     collect(RunSpec(load_scenario("highway"), "dagger", 2, 0, max_steps=6, agent_options=options), tmp_path / "x")
     args = ["distill", f"dataset=[{tmp_path / 'x'}]", f"checkpoint={tiny_checkpoint}", "rounds=1",
-            "episodes_per_round=1", "eval_episodes=1", "epochs=3", "hidden=16", "planner.budget=32",
-            "planner.threads=1", "hydra.run.dir=run"]
+            "episodes_per_round=1", "eval_episodes=1", "eval_seed=2000000", "epochs=3", "hidden=16",
+            "planner.budget=32", "planner.threads=1", "hydra.run.dir=run"]
     first = run_cli(*args, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -357,6 +357,7 @@ def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: 
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[1]["real_steps"] > rounds[0]["real_steps"] == 12  # DAgger added the policy's own episode
     assert rounds[1]["decisions"] > rounds[0]["decisions"]
+    assert [r["evaluate"]["seed"] for r in rounds] == [2_000_000, 2_000_000]  # tuning seeds, not the held-out ones
     net, meta = load_policy(tmp_path / "run" / "policy")
     assert net.config.hidden == 16 and meta["summary"]["decisions"] == rounds[1]["decisions"]
     again = run_cli(*args, cwd=tmp_path, timeout=600)
