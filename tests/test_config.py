@@ -56,7 +56,7 @@ def test_scenario_planner_settings_apply_unless_set_on_the_command_line():
     merge = EvaluateConfig(scenario="merge")
     assert with_scenario_planner(merge) == (merge, {}), "a scenario without a planner block changes nothing"
     cfg, taken = with_scenario_planner(EvaluateConfig(scenario="highway"))
-    assert cfg.planner.dead_end_speed == 20.0 and taken == {"dead_end_speed": 20.0}
+    assert cfg.planner.dead_end_speed == 20.0 and taken == {"dead_end_speed": 20.0, "reward": "learned"}
     fit = FitConfig()
     assert with_scenario_planner(fit) == (fit, {}), "a config without scenario and planner is left alone"
     whole = EvaluateConfig(scenario="roundabout", planner=PlannerConfig(lookahead=2))
