@@ -272,6 +272,14 @@ ROUTE_POLYLINE_MAX = 1000.0
 """[m] `route_polyline` stops here (a route on a road with a cycle, such as a roundabout's ring, has no end)."""
 
 
+def next_route_lane(network: Any, index: tuple, route: list) -> tuple | None:
+    """The lane after `index` on highway-env's road `network` along `route` (popped as it is followed, so pass a
+    copy, never the vehicle's own), or None at a dead end (highway-env's `next_lane` then returns `index`)."""
+    lane = network.get_lane(index)
+    following = network.next_lane(index, route=route, position=lane.position(lane.length, 0))
+    return None if following == index else following
+
+
 def route_polyline(env: Any) -> np.ndarray:
     """(P, 2) [m] the centre line of the ego's route as highway-env holds it now (`ControlledVehicle.route`, read
     at the episode's reset): from the start of the ego's lane through the route's lanes to the last one's end, a
@@ -287,9 +295,9 @@ def route_polyline(env: Any) -> np.ndarray:
         room = ROUTE_POLYLINE_MAX - len(points) * ROUTE_POLYLINE_STEP
         points += [lane.position(s, 0) for s in np.arange(0.0, min(lane.length, room), ROUTE_POLYLINE_STEP)]
         end = lane.position(min(lane.length, room), 0)
-        following = network.next_lane(index, route=route, position=end)
+        following = next_route_lane(network, index, route)
         # the route's last lane, a dead end, or far enough (a route-less ring)
-        if (planned and not route) or following == index or room <= lane.length:
+        if (planned and not route) or following is None or room <= lane.length:
             return np.asarray([*points, end], np.float64)
         index = following
 

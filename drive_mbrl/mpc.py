@@ -29,7 +29,7 @@ import numpy as np
 
 from drive_mbrl.config import PlannerConfig, validate
 from drive_mbrl.errors import ConfigError
-from drive_mbrl.features import HEADING, X, Y, history_stride, live_history, world_to_ego
+from drive_mbrl.features import HEADING, X, Y, history_stride, live_history, next_route_lane, world_to_ego
 
 LOG_CANDIDATES = 5
 """Candidate plans kept per step in the step log (the best by cost, distinct)."""
@@ -295,8 +295,8 @@ def route_path(env: Any, length: float, step: float, ego_pose: np.ndarray) -> np
     last = False
     for k in range(len(points)):
         while s > lane.length and not last:
-            following = network.next_lane(index, route=route, position=lane.position(lane.length, 0))
-            last = following == index
+            following = next_route_lane(network, index, route)
+            last = following is None
             if not last:
                 s, index = s - lane.length, following
                 lane = network.get_lane(index)

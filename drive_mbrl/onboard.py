@@ -273,7 +273,8 @@ class OnnxAgent:
         self.last_inputs: dict[str, np.ndarray] = {}
         """The graph's inputs at the last decision (for inspection and tests)."""
         self._recorder: Any = None
-        self._ahead: tuple[float, ...] = ()
+        self._ahead = tuple(self.spec.get("route_ahead", ())) if self.graph.name == "policy" else ()
+        """[m] the route distances a route-observing policy graph takes (`features.route_ahead`); () for others."""
         self._route: np.ndarray | None = None
 
     def reset(self, env: Any, seed: int) -> None:
@@ -290,7 +291,6 @@ class OnnxAgent:
             raise ConfigError(f"bundle {self.bundle.folder} plans at {self.spec['frames_per_step']} frames of "
                               f"{self.spec['sim_dt']} s per step, this scenario runs {sim_hz} Hz / {policy_hz} Hz")
         self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
-        self._ahead = tuple(self.spec.get("route_ahead", ())) if self.graph.name == "policy" else ()
         if self._ahead:
             from drive_mbrl.features import route_polyline
 
