@@ -571,6 +571,7 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
                                      heads=cfg.heads, blocks=cfg.blocks, plan_fusion=cfg.plan_fusion,
                                      decoder_width=cfg.decoder_width, policy_dt=policy_dt,
                                      neighbours=cfg.neighbours, pad_history=cfg.pad_history,
+                                     mask_absent=cfg.mask_absent,
                                      residual=cfg.residual)
     scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
     train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)

@@ -239,6 +239,9 @@ class FitConfig:
                            "own lane and the two beside it) as input features")
     pad_history: bool = opt(False, "fill absent history frames (young tracks, every track at an episode's start) by "
                             "extrapolating back at constant speed instead of zeros")
+    mask_absent: bool = opt(True, "absent history frames (young tracks, every track at an episode's start) enter "
+                            "the model as zeros after normalisation, not as (0 - mean) / std (false: how checkpoints "
+                            "were fitted before, blind at an episode's first decision; docs/results.md)")
     residual: str = opt("cv", "the physics prediction the model's means are a residual to: cv (constant velocity: "
                         "a vehicle in a lane change is extrapolated across the road) or lane (constant velocity "
                         "along each agent's lane, offset from the lane centre held: lane changes predicted far "

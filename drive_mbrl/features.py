@@ -71,6 +71,8 @@ class Scenes:
     [rad] in the ego frame; 0 where absent."""
     episode: np.ndarray
     """(B,) int64 episode index (for splits by episode)."""
+    step: np.ndarray
+    """(B,) int64 decision index within its episode (0: the first decision, when every track is one frame old)."""
     track: np.ndarray
     """(B, A) int64 track id of each slot (-1 empty)."""
 
@@ -194,7 +196,7 @@ def episode_scenes(episode: Episode, spec: SceneSpec, frames_per_step: int) -> S
             "future": future, "future_mask": fmask,
             "reward": np.where(valid, episode.reward[clipped], np.nan).astype(np.float32),
             "crash": valid & episode.crashed[clipped], "step_valid": valid,
-            "episode": np.int64(episode.index),
+            "episode": np.int64(episode.index), "step": np.int64(s),
         })
     return Scenes(**{k: np.stack([r[k] for r in rows]) for k in rows[0]})
 

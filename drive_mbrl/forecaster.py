@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drive_mbrl.config import UNCERTAINTY_LEVELS
-from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES
+from drive_mbrl.features import HIST_FEATURES, PRESENT, TARGET_FEATURES
 
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
 """Bounds of every predicted std, in the target's units ([m], [m/s]): a floor of 5 cm keeps the Gaussian NLL from
@@ -100,6 +100,14 @@ class ForecasterConfig:
     `features.pad_history` (extrapolated back at constant speed) instead of zeros. Every scene builder of the model
     follows this flag: fit, validate and the planner through `fit.scene_spec`, the imagination env's start states
     (`imagination.start_states`) and the torch-free onboard agent (from the bundle contract's `pad_history`)."""
+    mask_absent: bool = False
+    """Normalise only what was observed (`Forecaster.normalise`): an empty history frame (absent, not padded) enters
+    the model as zeros (the training data's mean), the `present` feature raw (0 / 1), and a feature that was
+    constant in the training data (a vehicle's length on highway) is divided by 1 instead of by ~0. Off reproduces
+    checkpoints fitted before this field, where an absent frame's features normalised to -100 .. -5,000 (the
+    length, 0 - 5 m over a std clamped at 1e-3): at an episode's first decision, when every track is one frame
+    old, the model then predicted the same residual for every agent whatever the scene. `drive-mbrl fit` turns it
+    on (`FitConfig.mask_absent`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -271,7 +279,10 @@ class Forecaster(nn.Module):
     def set_normalisation(self, hist_mean: torch.Tensor, hist_std: torch.Tensor, target_scale: torch.Tensor,
                           reward_mean: float) -> None:
         self.hist_mean.copy_(hist_mean)
-        self.hist_std.copy_(hist_std.clamp_min(1e-3))
+        if self.config.mask_absent:  # a feature constant in the training data stays in its units
+            self.hist_std.copy_(torch.where(hist_std < 1e-3, torch.ones_like(hist_std), hist_std))
+        else:
+            self.hist_std.copy_(hist_std.clamp_min(1e-3))
         self.target_scale.copy_(target_scale.clamp_min(1e-3))
         self.reward_mean.fill_(reward_mean)
 
@@ -283,7 +294,7 @@ class Forecaster(nn.Module):
         c = self.config
         B, A, L, Fh = history.shape
         assert (A, L, Fh) == (c.agents, c.history_len, len(HIST_FEATURES)), f"history shape {tuple(history.shape)}"
-        x = ((history - self.hist_mean) / self.hist_std).reshape(B, A, L * Fh)
+        x = self.normalise(history).reshape(B, A, L * Fh)
         if c.neighbours:
             x = torch.cat([x, lane_neighbours(history[:, :, -1], agent_mask)], dim=-1)
         is_ego = torch.zeros(B, A, 1, device=history.device, dtype=history.dtype)
@@ -296,6 +307,18 @@ class Forecaster(nn.Module):
             return pre.reshape(c.members, B, A, -1)
         h = self.encoder(torch.cat([x, is_ego], dim=-1).unsqueeze(0).expand(c.members, -1, -1, -1))
         return self.norm(self._attend(h, agent_mask))
+
+    def normalise(self, history: torch.Tensor) -> torch.Tensor:
+        """History features (..., len(HIST_FEATURES)) in their units -> the model's inputs, same shape: standardised
+        with the training statistics; with `mask_absent`, zeros in empty frames (absent and not padded: every
+        feature 0) and the `present` feature raw (0 / 1)."""
+        x = (history - self.hist_mean) / self.hist_std
+        if not self.config.mask_absent:
+            return x
+        filled = (history != 0).any(-1, keepdim=True).to(x.dtype)  # observed, or padded (`pad_history`)
+        present = (history[..., PRESENT:PRESENT + 1] > 0.5).to(x.dtype)
+        x = x * filled
+        return torch.cat([x[..., :PRESENT], present, x[..., PRESENT + 1:]], dim=-1)
 
     def _attend(self, h: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
         """Attention blocks over agent tokens h (E, B, A, D) with agent_mask (B, A)."""

@@ -35,6 +35,14 @@ def forecaster_markdown(figures: dict[str, Any], title: str, png: str = "", summ
         lines.append(f"- Ego-conditioning (last step, {c['near_slots']} nearest vehicles): true ego actions "
                      f"{_f(c['l2_true_actions'])} m, shuffled {_f(c['l2_shuffled_actions'])} m; the ego itself "
                      f"{_f(c['ego_l2_true_actions'])} m vs {_f(c['ego_l2_shuffled_actions'])} m.")
+    if figures.get("by_decision"):
+        rows = figures["by_decision"]
+        last = rows[0]["baselines"]
+        lines += ["", "Last step's L2 mean [m] by decision index within the episode:", "",
+                  "| decisions | samples | model | " + " | ".join(last) + " |", "|" + "---|" * (3 + len(last))]
+        lines += [f"| {g['decisions']} | {g['samples']} | {_f(g['ml_l2_mean'])} | "
+                  + " | ".join(_f(g["baselines"][n]) for n in last) + " |" for g in rows]
+        lines.append("")
     r, c = figures["reward"], figures["crash"]
     lines.append(f"- Reward: MAE {_f(r['mae'], 3)} per step (predicting the mean reward: "
                  f"{_f(r['mae_of_mean_reward'], 3)}).")

@@ -10,7 +10,9 @@ is known at h:
     (Monte Carlo with a fixed generator); `calibration_error`: mean |coverage(a) - a| over a = 0.1 .. 0.9;
   - the same L2 figures for each baseline of `features.physics_baselines`.
 Plus the ego's error, reward MAE, crash-prediction AUROC and Brier score, the error on the top decile of member
-disagreement vs the rest, and the error near the ego with true vs shuffled ego actions (ego-conditioning).
+disagreement vs the rest, the error near the ego with true vs shuffled ego actions (ego-conditioning), and the
+last step's error by decision index within the episode (`DECISION_GROUPS`: highway-env's freshly spawned traffic
+settles during the first decisions, where both the model's and the baselines' errors are largest).
 Pure torch/numpy; knows nothing of files or plotting.
 """
 
@@ -29,6 +31,8 @@ from drive_mbrl.losses import ensemble_mixture
 LEVELS = np.round(np.arange(0.1, 1.0, 0.1), 2)
 NEAR_EGO = 3
 """Slots 1..NEAR_EGO (the nearest vehicles) are the ones whose error the ego's actions should change."""
+DECISION_GROUPS = ((0, 0), (1, 1), (2, 2), (3, 9), (10, None))
+"""Decision-index ranges (first, last; None: to the end) of the by-decision error breakdown."""
 
 
 def predict(model: Forecaster, scenes: Scenes, device: torch.device, batch_size: int = 512,
@@ -222,7 +226,8 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
         per_h.append(row)
 
     last = others[:, :, H - 1]
-    figures: dict[str, Any] = {"per_horizon": per_h, "scenes": B}
+    figures: dict[str, Any] = {"per_horizon": per_h, "scenes": B,
+                               "by_decision": by_decision(err[:, :, H - 1], baselines, last, scenes.step, H - 1)}
     if last.any():
         d, e = disagreement[last], err[:, :, H - 1][last]
         top = d >= np.percentile(d, 90)
@@ -250,3 +255,20 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
                         "brier": float(((crash_prob - scenes.crash) ** 2)[valid].mean()),
                         "positive_rate": float(scenes.crash[valid].mean())}
     return figures
+
+
+def by_decision(err: np.ndarray, baselines: dict[str, np.ndarray], sel: np.ndarray, step: np.ndarray,
+                h: int) -> list[dict[str, Any]]:
+    """Mean L2 [m] of the most likely mode and of each baseline at horizon index h, per `DECISION_GROUPS` range of
+    the scenes' decision index. err (B, A) at h; baselines name -> (B, A, H); sel (B, A) which agents count;
+    step (B,) int64. Groups without samples are left out."""
+    rows = []
+    for first, last in DECISION_GROUPS:
+        in_group = (step >= first) & (step <= (np.inf if last is None else last))
+        mask = sel & in_group[:, None]
+        if not mask.any():
+            continue
+        rows.append({"decisions": f"{first}" if first == last else f"{first}+" if last is None else f"{first}-{last}",
+                     "samples": int(mask.sum()), "ml_l2_mean": float(err[mask].mean()),
+                     "baselines": {name: float(b[:, :, h][mask].mean()) for name, b in baselines.items()}})
+    return rows

@@ -82,7 +82,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     collect(RunSpec(load_scenario("highway"), "explore", 4, 0, max_steps=12), root / "data")
     config = ForecasterConfig(agents=4, history_len=3, horizon=3, members=2, modes=2, width=16, heads=2, blocks=1,
-                              decoder_width=16, neighbours=True, pad_history=True, residual="lane")
+                              decoder_width=16, neighbours=True, pad_history=True, residual="lane",
+                              mask_absent=True)
     scenes, sources = load_scenes([str(root / "data")], config, history_dt=0.2)
     train, val = split_by_episode(scenes.episode, 0.25, 0)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from drive_mbrl.features import (
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
 from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
 from drive_mbrl.losses import mixture_log_prob
-from drive_mbrl.validation import auroc, fit_std_scale, hdr_levels, validate
+from drive_mbrl.validation import auroc, by_decision, fit_std_scale, hdr_levels, validate
 from tests.conftest import make_episode, straight_state
 
 TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
@@ -49,7 +49,8 @@ def cv_scenes(n: int, config: ForecasterConfig = TINY, seed: int = 0) -> Scenes:
                   future=future.astype(np.float32), future_mask=np.ones((n, A, H), bool),
                   reward=np.full((n, H), 0.8, np.float32), crash=np.zeros((n, H), bool),
                   step_valid=np.ones((n, H), bool), lane=np.zeros((n, A, 2), np.float32),
-                  episode=np.arange(n) // 10, track=np.tile(np.arange(A), (n, 1)))
+                  episode=np.arange(n) // 10, step=np.arange(n) % 10,
+                  track=np.tile(np.arange(A), (n, 1)))
 
 
 def test_ensemble_linear_is_a_loop_of_linears():
@@ -140,6 +141,18 @@ def test_auroc_by_hand():
     assert auroc(np.array([0.1, 0.2]), np.array([1, 1])) is None
 
 
+def test_error_by_decision_index_by_hand():
+    # Four scenes at decisions 0, 0, 5, 12; two agents, the second one unseen in scene 2.
+    err = np.array([[1.0, 3.0], [5.0, 7.0], [2.0, 100.0], [4.0, 6.0]])
+    base = {"cv": np.repeat((2 * err)[:, :, None], 3, -1)}
+    sel = np.array([[True, True], [True, True], [True, False], [True, True]])
+    rows = by_decision(err, base, sel, np.array([0, 0, 5, 12]), h=2)
+    assert [r["decisions"] for r in rows] == ["0", "3-9", "10+"], "groups without samples are left out"
+    assert [r["samples"] for r in rows] == [4, 1, 2]
+    assert [r["ml_l2_mean"] for r in rows] == [4.0, 2.0, 5.0]
+    assert [r["baselines"]["cv"] for r in rows] == [8.0, 4.0, 10.0]
+
+
 def test_physics_baselines_by_hand():
     scenes = cv_scenes(1, ForecasterConfig(**{**TINY.to_dict(), "agents": 1, "horizon": 1}))
     scenes.history[0, 0, -1, :4] = (0.0, 1.0, 10.0, 1.0)
@@ -213,6 +226,32 @@ def test_absent_history_frames_are_padded_at_constant_speed():
     out = pad_history(hist, 0.5)
     np.testing.assert_allclose(out[0, :, 0], (-1.0, 5.5, 7.0))
     assert not out[1].any()
+
+
+def test_absent_frames_enter_the_model_as_zeros_with_mask_absent():
+    # Training statistics of highway: length and width constant (std 0), x around 48 +- 52 m.
+    mean = torch.tensor([48.0, 0.0, 20.0, 0.0, 1.0, 0.0, 5.0, 2.0, 0.0, 1.0, 0.0, 1.0])
+    std = torch.tensor([52.0, 5.0, 1.7, 0.9, 0.007, 0.045, 0.0, 0.0, 0.18, 0.005, 0.03, 0.0])
+    history = torch.zeros(1, 1, 2, len(HIST_FEATURES))  # frame 0 absent (zeros), frame 1 a vehicle 100 m ahead
+    history[0, 0, 1] = torch.tensor([100.0, 0.0, 22.0, 0.0, 1.0, 0.0, 5.0, 2.0, 0.0, 1.0, 0.0, 1.0])
+    models = {}
+    for flag in (False, True):
+        models[flag] = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "mask_absent": flag}))
+        models[flag].set_normalisation(mean, std, torch.ones(4), 0.0)
+    new, old = models[True].normalise(history)[0, 0], models[False].normalise(history)[0, 0]
+    assert not new[0].any(), "an absent frame is all zeros, its present feature included"
+    # The observed frame: (100 - 48) / 52 = 1 for x, (22 - 20) / 1.7 for vx, a constant feature at its mean -> 0.
+    torch.testing.assert_close(new[1, :3], torch.tensor([1.0, 0.0, 2.0 / 1.7]))
+    assert new[1, 6] == 0.0 and new[1, PRESENT] == 1.0
+    assert models[True].hist_std[6] == 1.0, "a feature constant in training is divided by 1"
+    padded = history.clone()  # `pad_history` fills the absent frame but leaves it absent: normalised, present 0
+    padded[0, 0, 0] = history[0, 0, 1] - torch.tensor([4.4] + [0.0] * (PRESENT - 1) + [1.0])
+    torch.testing.assert_close(models[True].normalise(padded)[0, 0, 0, :PRESENT], new[1, :PRESENT] -
+                               torch.tensor([4.4 / 52.0] + [0.0] * (PRESENT - 1)))
+    assert models[True].normalise(padded)[0, 0, 0, PRESENT] == 0.0
+    # Checkpoints fitted before the flag keep their inputs: the absent frame's length reads (0 - 5) / 1e-3.
+    torch.testing.assert_close(old[0, 6], torch.tensor(-5000.0))
+    torch.testing.assert_close(old[1], new[1] * torch.tensor([1.0] * PRESENT + [0.0]))
 
 
 def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None, config: ForecasterConfig = TINY,
