@@ -36,12 +36,12 @@ def forecaster_markdown(figures: dict[str, Any], title: str, png: str = "", summ
                      f"{_f(c['l2_true_actions'])} m, shuffled {_f(c['l2_shuffled_actions'])} m; the ego itself "
                      f"{_f(c['ego_l2_true_actions'])} m vs {_f(c['ego_l2_shuffled_actions'])} m.")
     if figures.get("by_decision"):
-        rows = figures["by_decision"]
-        last = rows[0]["baselines"]
+        groups = figures["by_decision"]
+        names = list(groups[0]["baselines"])
         lines += ["", "Last step's L2 mean [m] by decision index within the episode:", "",
-                  "| decisions | samples | model | " + " | ".join(last) + " |", "|" + "---|" * (3 + len(last))]
+                  "| decisions | samples | model | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
         lines += [f"| {g['decisions']} | {g['samples']} | {_f(g['ml_l2_mean'])} | "
-                  + " | ".join(_f(g["baselines"][n]) for n in last) + " |" for g in rows]
+                  + " | ".join(_f(g["baselines"][n]) for n in names) + " |" for g in groups]
         lines.append("")
     r, c = figures["reward"], figures["crash"]
     lines.append(f"- Reward: MAE {_f(r['mae'], 3)} per step (predicting the mean reward: "
