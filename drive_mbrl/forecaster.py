@@ -95,7 +95,8 @@ class ForecasterConfig:
     """Give each agent token its lane neighbours (`lane_neighbours`: gap and closing speed of the nearest agent ahead
     and behind in its own lane and the two next to it) — the quantities IDM and MOBIL act on. Off by default: on
     highway it made the model worse (5 s mean L2 1.30 m vs 1.14 m on the same 28 k steps of data), but that was
-    before `mask_absent`; with it, better (1.22 vs 1.31 m, and 5.8 vs 7.8 m at an episode's first decision)."""
+    before `mask_absent`; with it, better (1.22 vs 1.31 m, and 5.8 vs 7.8 m at an episode's first decision), yet
+    the planner on a 4,411-step forecaster with it crashed more (9 against 4 in 200 episodes; docs/results.md)."""
     pad_history: bool = False
     """Absent history frames (a track younger than the history, every track at an episode's start) are filled by
     `features.pad_history` (extrapolated back at constant speed) instead of zeros. Every scene builder of the model
