@@ -574,6 +574,8 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
                                      mask_absent=cfg.mask_absent,
                                      residual=cfg.residual)
     scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
+    calibration, cal_sources = (load_scenes(cfg.calibration, model_cfg, cfg.history_dt) if cfg.calibration
+                                else (None, None))
     train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
     train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))
     device = resolve_device(cfg.device)
@@ -591,8 +593,9 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     try:
         history = fit(train, val, model_cfg, settings, out,
                       {"data": sources, "history_dt": cfg.history_dt, "train_scenes": len(train),
-                       "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist()))}, device, on_epoch,
-                      Path(cfg.init) if cfg.init else None)
+                       "val_scenes": len(val), "val_episodes": sorted(set(val.episode.tolist())),
+                       **({"calibration": cal_sources} if cal_sources else {})}, device, on_epoch,
+                      Path(cfg.init) if cfg.init else None, calibration)
     finally:
         bar.close()
     train_seconds = time.perf_counter() - start
@@ -619,6 +622,23 @@ def run_validate(cfg: C.ValidateConfig, run_dir: Path) -> dict[str, Any]:
     figures = validate(model, scenes, device, model.config.policy_dt, seed=cfg.seed, hdr_samples=cfg.hdr_samples)
     _forecaster_report(figures, run_dir, f"forecaster {cfg.checkpoint} on {', '.join(cfg.dataset)}")
     return {"checkpoint": cfg.checkpoint, "data": sources, **figures}
+
+
+def run_calibrate(cfg: C.CalibrateConfig, run_dir: Path) -> dict[str, Any]:
+    from drive_mbrl.fit import load_forecaster, load_scenes, recalibrate, resolve_device
+
+    if not cfg.checkpoint or not cfg.dataset or not cfg.out:
+        raise DriveMbrlError("calibrate needs checkpoint=FOLDER dataset=[FOLDER,...] out=NEW_FOLDER")
+    device = resolve_device(cfg.device)
+    model, meta = load_forecaster(cfg.checkpoint, device)
+    scenes, sources = load_scenes(cfg.dataset, model.config, meta["history_dt"])
+    before = {"std_scale": model.std_scale.tolist(), "std_power": model.std_power.tolist()}
+    spread = recalibrate(cfg.checkpoint, scenes, sources, cfg.out, device, seed=cfg.seed)
+    for key, name in (("std_scale", "factor"), ("std_power", "power")):
+        change = ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(before[key], spread[key], strict=True))
+        print(f"spread {name} per horizon step: {change}")
+    print(f"recalibrated checkpoint: {cfg.out}")
+    return {"checkpoint": cfg.checkpoint, "out": cfg.out, "data": sources, "before": before, **spread}
 
 
 def run_bench_plan(cfg: C.BenchPlanConfig, run_dir: Path) -> dict[str, Any]:
@@ -773,6 +793,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(C.EvaluateConfig, run_evaluate, "closed-loop evaluation with safety metrics"),
     "fit": Command(C.FitConfig, run_fit, "train the forecaster ensemble on datasets (validates at the end)"),
     "validate": Command(C.ValidateConfig, run_validate, "forecaster figures per horizon vs physics baselines"),
+    "calibrate": Command(C.CalibrateConfig, run_calibrate,
+                         "copy of a forecaster with its spread refitted on a calibration dataset"),
     "distill": Command(C.DistillConfig, run_distill, "the reactive policy learns the planner (BC + DAgger)"),
     "bench_policy": Command(C.BenchPolicyConfig, run_bench_policy,
                             "imagination vs real env throughput; policy vs planner latency"),

@@ -220,6 +220,9 @@ class FitConfig:
 
     dataset: list[str] = opt([], "dataset folders to train on (e.g. [data/idm,data/random]); required")
     holdout: list[str] = opt([], "datasets with held-out seeds to validate on at the end (default: the val split)")
+    calibration: list[str] = opt([], "datasets to calibrate the predicted spread and the planner's uncertainty "
+                                 "limits on (default: the val split). Whole episodes like those the model will "
+                                 "face, seeds used neither in training nor in the holdout")
     out: str = opt("", "checkpoint folder; empty = <run dir>/checkpoint. Rerun with the same folder to resume")
     init: str = opt("", "checkpoint to fine-tune from (its architecture and normalisation are used; the "
                     "architecture keys below are then ignored)")
@@ -274,6 +277,18 @@ class ValidateConfig:
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     hdr_samples: int = opt(256, "Monte Carlo samples per prediction for coverage", lo=16, hi=100000)
     seed: int = opt(0, "seed of the coverage sampling and the action shuffle", lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class CalibrateConfig:
+    """`drive-mbrl calibrate`: a copy of a forecaster checkpoint with its spread and uncertainty limits refitted."""
+
+    checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
+    dataset: list[str] = opt([], "dataset folders to calibrate on: whole episodes like those the model will face, "
+                             "seeds used neither in training nor in validation; required")
+    out: str = opt("", "folder for the recalibrated copy (not the checkpoint itself); required")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    seed: int = opt(0, "seed of the calibration's subsampling and coverage sampling", lo=0, hi=2**31 - 1)
 
 
 @dataclass

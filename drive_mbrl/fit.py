@@ -141,10 +141,13 @@ def evaluate_loss(model: Forecaster, scenes: Scenes, device: torch.device, batch
 
 def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSettings, out: Path,
         meta_extra: dict[str, Any], device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None, init: Path | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, float]], None] | None = None, init: Path | None = None,
+        calibration: Scenes | None = None) -> dict[str, Any]:
     """Train (or resume training) a forecaster into checkpoint folder `out`; returns the fit history summary.
 
     init: a checkpoint to fine-tune from (its weights and feature normalisation; `config` must be its config).
+    calibration: scenes to fit the predicted spread and the planner's uncertainty limits on after training
+    (`validation.calibrate`); None uses the validation split.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,7 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
             raise DataError(f"cannot fine-tune {init}: its model config {init_meta['model']} differs from "
                             f"{config.to_dict()}")
         model.std_scale.fill_(1.0)  # recalibrated after training
+        model.std_power.fill_(1.0)
         norm = init_meta["normalisation"]
     else:
         norm = normalisation(train)
@@ -227,14 +231,37 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
                                  **({} if average is None else {"average": average.state_dict()})})
         if on_epoch:
             on_epoch(record)
-    # Post-hoc calibration of the best weights' predicted spread on the validation split.
+    # Post-hoc calibration of the best weights' predicted spread on the validation split (or the given scenes).
     from drive_mbrl.validation import calibrate
 
     model.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True)["model"])
-    scales = calibrate(model, val, device, seed=settings.seed)
+    spread = calibrate(model, val if calibration is None else calibration, device, seed=settings.seed)
     _save_torch(out / BEST, {"model": model.state_dict()})
     return {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_nll": state["best_val"],
-            "std_scale": scales, "history": state["history"]}
+            **spread, "history": state["history"]}
+
+
+def recalibrate(checkpoint: Path | str, scenes: Scenes, sources: dict[str, Any], out: Path | str,
+                device: torch.device, seed: int = 0) -> dict[str, list[float]]:
+    """Write a copy of forecaster `checkpoint` into the new folder `out` whose spread map (`std_scale`,
+    `std_power`) and planner uncertainty limits are refitted on `scenes` (`validation.calibrate`); its meta.json
+    records the calibration data (`sources`, from `load_scenes`) and the map. The weights are unchanged and the
+    training state (last.pt) is not copied: the new folder is for use (validate, plan, export, `fit init=`), not
+    to resume. Returns the per-horizon map as `calibrate` does."""
+    from drive_mbrl.data import atomic_folder
+    from drive_mbrl.validation import calibrate
+
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise DataError(f"out={out} is the checkpoint itself: write the recalibrated copy to another folder")
+    model, meta = load_forecaster(checkpoint, device)
+    spread = calibrate(model, scenes, device, seed=seed)
+
+    def build(tmp: Path) -> None:
+        _save_torch(tmp / BEST, {"model": model.state_dict()})
+        write_json(tmp / META, {**meta, "calibration": {"from": str(checkpoint), **spread, **sources}})
+
+    atomic_folder(Path(out), build)
+    return spread
 
 
 def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[Forecaster, dict]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -239,7 +240,10 @@ class Forecaster(nn.Module):
         self.register_buffer("hist_std", torch.ones(len(HIST_FEATURES)))
         self.register_buffer("target_scale", torch.ones(len(TARGET_FEATURES)))
         self.register_buffer("reward_mean", torch.zeros(()))
-        self.register_buffer("std_scale", torch.ones(c.horizon))  # post-hoc calibration (validation.calibrate)
+        # Post-hoc calibration of the predicted spread (validation.calibrate), per horizon step: std' = std_scale x
+        # std ** std_power, std in the target's units ([m], [m/s]).
+        self.register_buffer("std_scale", torch.ones(c.horizon))
+        self.register_buffer("std_power", torch.ones(c.horizon))
         # Quantiles (UNCERTAINTY_LEVELS) of plan_uncertainty's disagreement and spread on validation data: the
         # planner's fallback thresholds. +inf until validation.calibrate sets them.
         self.register_buffer("uncertainty_quantiles", torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf))
@@ -257,6 +261,11 @@ class Forecaster(nn.Module):
         per_mode = c.horizon * len(TARGET_FEATURES)
         self.trajectory_head = EnsembleLinear(c.members, dw, c.modes * (1 + 2 * per_mode))
         self.ego_head = EnsembleLinear(c.members, dw, 2 * c.horizon)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints from before the power calibration: their spread was std_scale x std.
+        state_dict.setdefault(prefix + "std_power", torch.ones_like(self.std_power))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def plan_width(self) -> int:
@@ -376,7 +385,9 @@ class Forecaster(nn.Module):
         base = physics_base(history[:, :, -1], H, c.policy_dt, c.residual)[..., :T]  # (B, A, H, T)
         scale = self.target_scale[:T]
         mean = torch.addcmul(base[None, :, None, :, None], rest[..., 0, :, :], scale)
-        log_std = (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX) + self.std_scale.log()[:, None]
+        log_std = torch.addcmul(self.std_scale.log()[:, None],
+                                (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX),
+                                self.std_power[:, None])
         ego = self.ego_head(z[:, :, :, 0])  # (E, B, N, 2H)
         return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}

@@ -143,23 +143,65 @@ def fit_std_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weig
     return float(np.exp((lo + hi) / 2))
 
 
+POWER_RANGE = (0.5, 2.0)
+
+
+def fit_std_power(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weight: np.ndarray,
+                  seed: int = 0) -> float:
+    """The exponent b in `POWER_RANGE` of the spread map std' = a x std ** b that maximises the mixtures'
+    likelihood of the truth (a fitted jointly, then discarded: `fit_std_scale` sets it for coverage). b > 1 widens
+    the wide predictions relative to the narrow ones: a model whose spread ranks its errors right but grows too
+    slowly with them (on highway: right in steady traffic, half the error at an episode's first decisions) is then
+    calibrated in both places, which one factor per horizon step cannot do. Shapes as in `hdr_levels`; std in the
+    target's units [m]."""
+    if len(truth) > CALIBRATION_POINTS:
+        keep = np.random.default_rng(seed).choice(len(truth), CALIBRATION_POINTS, replace=False)
+        truth, mean, std, log_weight = truth[keep], mean[keep], std[keep], log_weight[keep]
+    t, m, s, w = (torch.as_tensor(x, dtype=torch.float64) for x in (truth, mean, std, log_weight))
+    log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    power = torch.ones((), dtype=torch.float64, requires_grad=True)
+    optim = torch.optim.LBFGS([log_a, power], max_iter=100, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        optim.zero_grad()
+        log_std = log_a + power * s.log()  # (N, C, 2)
+        z = (t[:, None] - m) / log_std.exp()
+        loss = -torch.logsumexp(-0.5 * (z**2).sum(-1) - log_std.sum(-1) + w, dim=-1).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(nll)
+    value = float(power.detach())
+    return float(np.clip(value, *POWER_RANGE)) if np.isfinite(value) else 1.0
+
+
 def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: int = 128,
-              seed: int = 0) -> list[float]:
-    """Fit the model's per-horizon std scale on `scenes` (a validation split, never the test data) with
-    `fit_std_scale` over the surrounding vehicles; sets `model.std_scale` and returns the factors."""
+              seed: int = 0) -> dict[str, list[float]]:
+    """Fit the model's per-horizon spread map std' = std_scale x std ** std_power on `scenes` (a validation split
+    or a calibration set, never the test data) over the surrounding vehicles: the power by likelihood
+    (`fit_std_power`), then the factor by coverage (`fit_std_scale`). Sets both buffers and the uncertainty limits
+    (`calibrate_uncertainty`); returns {"std_scale": [...], "std_power": [...]} (H values each)."""
     model.std_scale.fill_(1.0)
+    model.std_power.fill_(1.0)
     pred = predict(model, scenes, device)
     known = scenes.future_mask.copy()
     known[:, 0] = False
-    scales = []
+    scales, powers = [], []
     for h in range(pred["mean"].shape[3]):
         sel = known[:, :, h]
-        scales.append(fit_std_scale(scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel],
-                                    pred["std"][:, :, :, h][sel], pred["log_weight"][sel], samples, seed)
-                      if sel.any() else 1.0)
+        if not sel.any():
+            scales.append(1.0)
+            powers.append(1.0)
+            continue
+        truth, mean, std, log_weight = (scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel],
+                                        pred["std"][:, :, :, h][sel], pred["log_weight"][sel])
+        powers.append(fit_std_power(truth, mean, std, log_weight, seed))
+        scales.append(fit_std_scale(truth, mean, std ** powers[-1], log_weight, samples, seed))
     model.std_scale.copy_(torch.tensor(scales))
+    model.std_power.copy_(torch.tensor(powers))
     calibrate_uncertainty(model, scenes, device)
-    return scales
+    return {"std_scale": scales, "std_power": powers}
 
 
 def calibrate_uncertainty(model: Forecaster, scenes: Scenes, device: torch.device, batch_size: int = 512) -> None:

@@ -178,7 +178,42 @@ def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
     assert missing.returncode == 2 and "nowhere is not a forecaster checkpoint" in missing.stderr
 
 
+def test_calibrate_writes_a_copy_with_only_the_spread_refitted(tmp_path: Path, tiny_checkpoint: Path):
+    """`calibrate` refits the spread map and uncertainty limits on the given data, exactly as `validation.calibrate`
+    does on a freshly loaded model, into a new folder; the weights and the original checkpoint stay as they were."""
+    from drive_mbrl.fit import BEST, load_forecaster, load_scenes
+    from drive_mbrl.validation import calibrate
+
+    data = tiny_checkpoint.parent / "data"
+    original = (tiny_checkpoint / BEST).read_bytes()
+    result = run_cli("calibrate", f"checkpoint={tiny_checkpoint}", f"dataset=[{data}]", "out=recal",
+                     "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tiny_checkpoint / BEST).read_bytes() == original
+    before, _ = load_forecaster(tiny_checkpoint)
+    after, meta = load_forecaster(tmp_path / "recal")
+    reference, ref_meta = load_forecaster(tiny_checkpoint)
+    scenes = load_scenes([str(data)], reference.config, ref_meta["history_dt"])[0]
+    torch.manual_seed(0)
+    calibrate(reference, scenes, torch.device("cpu"), seed=0)
+    assert torch.equal(after.std_scale, reference.std_scale) and torch.equal(after.std_power, reference.std_power)
+    assert torch.equal(after.uncertainty_quantiles, reference.uncertainty_quantiles)
+    assert not torch.equal(after.std_scale, before.std_scale), "calibrated on other scenes than the val split"
+    for name, value in before.state_dict().items():
+        if name not in ("std_scale", "std_power", "uncertainty_quantiles"):
+            assert torch.equal(value, after.state_dict()[name]), name
+    assert meta["calibration"]["from"] == str(tiny_checkpoint) and meta["calibration"]["sources"][0]["episodes"] == 4
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["std_scale"] == pytest.approx(after.std_scale.tolist())
+    assert metrics["std_power"] == pytest.approx(after.std_power.tolist())
+    onto_itself = run_cli("calibrate", f"checkpoint={tiny_checkpoint}", f"dataset=[{data}]",
+                          f"out={tiny_checkpoint}", "hydra.run.dir=run2", cwd=tmp_path)
+    assert onto_itself.returncode == 2 and "is the checkpoint itself" in onto_itself.stderr
+    assert (tiny_checkpoint / BEST).read_bytes() == original
+
+
 @pytest.mark.parametrize(("command", "args", "message"), [
+    ("calibrate", ["checkpoint=nowhere"], "calibrate needs checkpoint=FOLDER dataset=[FOLDER,...] out=NEW_FOLDER"),
     ("evaluate", ["agent=mpc"], "agent=mpc needs checkpoint="),
     ("evaluate", ["agent=mpc", "checkpoint=nowhere"], "nowhere is not a forecaster checkpoint"),
     ("evaluate", ["agent=planner"], "agent='planner' is not allowed"),

@@ -21,7 +21,7 @@ from drive_mbrl.features import (
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
 from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
 from drive_mbrl.losses import mixture_log_prob
-from drive_mbrl.validation import auroc, by_decision, fit_std_scale, hdr_levels, validate
+from drive_mbrl.validation import auroc, by_decision, fit_std_power, fit_std_scale, hdr_levels, validate
 from tests.conftest import make_episode, straight_state
 
 TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
@@ -133,6 +133,43 @@ def test_std_scale_undoes_a_twice_too_wide_prediction():
     truth = rng.standard_normal((n, 2))
     factor = fit_std_scale(truth, np.zeros((n, 1, 2)), np.full((n, 1, 2), 2.0), np.zeros((n, 1)), samples=256)
     assert factor == pytest.approx(0.5, rel=0.1)
+
+
+def test_std_power_recovers_a_spread_that_grows_faster_than_predicted():
+    """The truth's std is 0.7 x s ** 1.5 where the model said s: the likelihood fit finds the power 1.5, and the
+    factor fitted for coverage on s ** 1.5 then finds 0.7."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    s = np.exp(rng.uniform(-1.0, 1.5, n))
+    truth = rng.standard_normal((n, 2)) * (0.7 * s**1.5)[:, None]
+    std = np.repeat(s[:, None, None], 2, axis=-1)  # (N, 1, 2)
+    power = fit_std_power(truth, np.zeros((n, 1, 2)), std, np.zeros((n, 1)))
+    assert power == pytest.approx(1.5, abs=0.05)
+    assert fit_std_scale(truth, np.zeros((n, 1, 2)), std**power, np.zeros((n, 1)), samples=256) == pytest.approx(
+        0.7, rel=0.1)
+
+
+def test_the_spread_map_is_applied_as_scale_times_std_to_the_power():
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    batch = {k: torch.as_tensor(v[:4]) for k, v in cv_scenes(4).__dict__.items()}
+    with torch.no_grad():
+        raw = model(batch["history"], batch["agent_mask"], batch["actions"])["log_std"]  # (E, B, A, K, H, 4)
+        model.std_scale.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        model.std_power.copy_(torch.tensor([1.0, 1.2, 0.8]))
+        mapped = model(batch["history"], batch["agent_mask"], batch["actions"])["log_std"]
+    expected = torch.tensor([0.5, 1.0, 2.0]).log()[:, None] + torch.tensor([1.0, 1.2, 0.8])[:, None] * raw
+    torch.testing.assert_close(mapped, expected)
+
+
+def test_a_checkpoint_from_before_the_power_map_loads_with_power_one():
+    torch.manual_seed(0)
+    state = Forecaster(TINY).state_dict()
+    del state["std_power"]
+    model = Forecaster(TINY)
+    model.std_power.fill_(3.0)
+    model.load_state_dict(state)
+    assert torch.equal(model.std_power, torch.ones(TINY.horizon))
 
 
 def test_auroc_by_hand():
