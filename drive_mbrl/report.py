@@ -38,10 +38,14 @@ def forecaster_markdown(figures: dict[str, Any], title: str, png: str = "", summ
     if figures.get("by_decision"):
         groups = figures["by_decision"]
         names = list(groups[0]["baselines"])
-        lines += ["", "Last step's L2 mean [m] by decision index within the episode:", "",
-                  "| decisions | samples | model | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+        cov = "coverage_90" in groups[0]
+        lines += ["", "Last step's L2 mean [m] by decision index within the episode"
+                  + (", and the coverage of the 50 % / 90 % regions:" if cov else ":"), "",
+                  "| decisions | samples | model | " + " | ".join(names) + (" | coverage 50 / 90 % |" if cov else " |"),
+                  "|" + "---|" * (3 + len(names) + cov)]
         lines += [f"| {g['decisions']} | {g['samples']} | {_f(g['ml_l2_mean'])} | "
-                  + " | ".join(_f(g["baselines"][n]) for n in names) + " |" for g in groups]
+                  + " | ".join(_f(g["baselines"][n]) for n in names)
+                  + (f" | {_f(g['coverage_50'])} / {_f(g['coverage_90'])} |" if cov else " |") for g in groups]
         lines.append("")
     r, c = figures["reward"], figures["crash"]
     lines.append(f"- Reward: MAE {_f(r['mae'], 3)} per step (predicting the mean reward: "

@@ -240,6 +240,7 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
     disagreement = pred["member_pos"][:, :, :, -1].std(0).sum(-1)  # (B, A) at the last step
 
     per_h = []
+    last_levels = None
     for h in range(H):
         sel = others[:, :, h]
         if not sel.any():
@@ -251,6 +252,9 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
         log_density = _mixture_log_density(truth[:, :, h][sel][:, None], pred["mean"][:, :, :, h][sel],
                                            pred["std"][:, :, :, h][sel], pred["log_weight"][sel])[:, 0]
         coverage = {f"{a:.1f}": float((levels < a).mean()) for a in LEVELS}
+        if h == H - 1:  # for the coverage by decision index
+            last_levels = np.full((B, A), np.nan)
+            last_levels[sel] = levels
         row = {
             "horizon_s": (h + 1) * policy_dt, "samples": int(sel.sum()),
             "ml_l2_mean": float(e.mean()), "ml_l2_p95": float(np.percentile(e, 95)),
@@ -269,7 +273,8 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
 
     last = others[:, :, H - 1]
     figures: dict[str, Any] = {"per_horizon": per_h, "scenes": B,
-                               "by_decision": by_decision(err[:, :, H - 1], baselines, last, scenes.step, H - 1)}
+                               "by_decision": by_decision(err[:, :, H - 1], baselines, last, scenes.step, H - 1,
+                                                          last_levels)}
     if last.any():
         d, e = disagreement[last], err[:, :, H - 1][last]
         top = d >= np.percentile(d, 90)
@@ -300,10 +305,11 @@ def validate(model: Forecaster, scenes: Scenes, device: torch.device, policy_dt:
 
 
 def by_decision(err: np.ndarray, baselines: dict[str, np.ndarray], sel: np.ndarray, step: np.ndarray,
-                h: int) -> list[dict[str, Any]]:
+                h: int, levels: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Mean L2 [m] of the most likely mode and of each baseline at horizon index h, per `DECISION_GROUPS` range of
     the scenes' decision index. err (B, A) at h; baselines name -> (B, A, H); sel (B, A) which agents count;
-    step (B,) int64. Groups without samples are left out."""
+    step (B,) int64; levels (B, A) the truth's HDR level at h (`hdr_levels`), which adds the coverage of the 50 %
+    and 90 % regions per group. Groups without samples are left out."""
     rows = []
     for first, last in DECISION_GROUPS:
         in_group = (step >= first) & (step <= (np.inf if last is None else last))
@@ -313,4 +319,7 @@ def by_decision(err: np.ndarray, baselines: dict[str, np.ndarray], sel: np.ndarr
         rows.append({"decisions": f"{first}" if first == last else f"{first}+" if last is None else f"{first}-{last}",
                      "samples": int(mask.sum()), "ml_l2_mean": float(err[mask].mean()),
                      "baselines": {name: float(b[:, :, h][mask].mean()) for name, b in baselines.items()}})
+        if levels is not None:
+            rows[-1].update(coverage_50=float((levels[mask] < 0.5).mean()),
+                            coverage_90=float((levels[mask] < 0.9).mean()))
     return rows

@@ -188,6 +188,11 @@ def test_error_by_decision_index_by_hand():
     assert [r["samples"] for r in rows] == [4, 1, 2]
     assert [r["ml_l2_mean"] for r in rows] == [4.0, 2.0, 5.0]
     assert [r["baselines"]["cv"] for r in rows] == [8.0, 4.0, 10.0]
+    assert "coverage_90" not in rows[0]
+    levels = np.array([[0.3, 0.95], [0.6, 0.85], [0.2, np.nan], [0.7, 0.4]])
+    rows = by_decision(err, base, sel, np.array([0, 0, 5, 12]), h=2, levels=levels)
+    assert [r["coverage_50"] for r in rows] == [0.25, 1.0, 0.5]
+    assert [r["coverage_90"] for r in rows] == [0.75, 1.0, 1.0]
 
 
 def test_physics_baselines_by_hand():
