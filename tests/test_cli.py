@@ -161,11 +161,14 @@ def test_ctrl_c_mid_collect_exits_130_and_names_the_dataset_folder(tmp_path: Pat
 
 def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
     assert run_cli("collect", "agent=explore", "episodes=3", "max_steps=6", "out=ds", cwd=tmp_path).returncode == 0
-    fit = run_cli("fit", "dataset=[ds]", "epochs=2", "members=2", "modes=2", "width=16", "heads=2", "blocks=1",
-                  "horizon=3", "hydra.run.dir=fit", cwd=tmp_path)
+    fit = run_cli("fit", "dataset=[ds]", "calibration=[ds]", "epochs=2", "members=2", "modes=2", "width=16",
+                  "heads=2", "blocks=1", "horizon=3", "hydra.run.dir=fit", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr
     metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
     assert metrics["fit"]["epochs"] == 2 and len(metrics["learning_curve"]) == 2
+    meta = json.loads((tmp_path / "fit" / "checkpoint" / "meta.json").read_text())
+    assert meta["calibration"]["sources"][0]["episodes"] == 3, "the calibration data are recorded"
+    assert len(metrics["fit"]["std_power"]) == 3 and all(0.5 <= b <= 2.0 for b in metrics["fit"]["std_power"])
     assert [r["horizon_s"] for r in metrics["validation"]["per_horizon"]] == [1.0, 2.0, 3.0]
     assert (tmp_path / "fit" / "report.png").stat().st_size > 10_000
     val = run_cli("validate", "checkpoint=fit/checkpoint", "dataset=[ds]", "hdr_samples=32", "hydra.run.dir=val",
