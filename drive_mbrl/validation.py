@@ -113,15 +113,21 @@ CALIBRATION_POINTS = 4000
 """Points per horizon step used to fit the scale (a random subset when there are more)."""
 
 
+def _calibration_subset(seed: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same random `CALIBRATION_POINTS` rows of every array (all of them when there are fewer)."""
+    if len(arrays[0]) <= CALIBRATION_POINTS:
+        return arrays
+    keep = np.random.default_rng(seed).choice(len(arrays[0]), CALIBRATION_POINTS, replace=False)
+    return tuple(a[keep] for a in arrays)
+
+
 def fit_std_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weight: np.ndarray,
                   samples: int = 128, seed: int = 0) -> float:
     """The factor in `SCALE_RANGE` that, multiplying every component's std, brings the highest-density-region
     coverage closest to nominal (mean |coverage(a) - a| over a = 0.1 .. 0.9): golden-section search on the log
     factor (the miscalibration is unimodal in it: a wider spread covers more at every level). Shapes as in
     `hdr_levels`."""
-    if len(truth) > CALIBRATION_POINTS:
-        keep = np.random.default_rng(seed).choice(len(truth), CALIBRATION_POINTS, replace=False)
-        truth, mean, std, log_weight = truth[keep], mean[keep], std[keep], log_weight[keep]
+    truth, mean, std, log_weight = _calibration_subset(seed, truth, mean, std, log_weight)
 
     def miscalibration(log_factor: float) -> float:
         levels = hdr_levels(truth, mean, std * np.exp(log_factor), log_weight, samples, np.random.default_rng(seed))
@@ -154,9 +160,7 @@ def fit_std_power(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, log_weig
     slowly with them (a 4,411-step highway forecaster at 5 s: median std 0.79 of the median error in steady
     traffic, 0.39 at an episode's first decision) is then calibrated in both places, which one factor per horizon
     step cannot do. Shapes as in `hdr_levels`; std in the target's units [m]."""
-    if len(truth) > CALIBRATION_POINTS:
-        keep = np.random.default_rng(seed).choice(len(truth), CALIBRATION_POINTS, replace=False)
-        truth, mean, std, log_weight = truth[keep], mean[keep], std[keep], log_weight[keep]
+    truth, mean, std, log_weight = _calibration_subset(seed, truth, mean, std, log_weight)
     t, m, s, w = (torch.as_tensor(x, dtype=torch.float64) for x in (truth, mean, std, log_weight))
     log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
     power = torch.ones((), dtype=torch.float64, requires_grad=True)
