@@ -633,7 +633,7 @@ def run_calibrate(cfg: C.CalibrateConfig, run_dir: Path) -> dict[str, Any]:
     model, meta = load_forecaster(cfg.checkpoint, device)
     scenes, sources = load_scenes(cfg.dataset, model.config, meta["history_dt"])
     before = {"std_scale": model.std_scale.tolist(), "std_power": model.std_power.tolist()}
-    spread = recalibrate(cfg.checkpoint, scenes, sources, cfg.out, device, seed=cfg.seed)
+    spread = recalibrate(cfg.checkpoint, model, meta, scenes, sources, cfg.out, device, seed=cfg.seed)
     for key, name in (("std_scale", "factor"), ("std_power", "power")):
         change = ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(before[key], spread[key], strict=True))
         print(f"spread {name} per horizon step: {change}")

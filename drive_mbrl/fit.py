@@ -241,19 +241,20 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
             **spread, "history": state["history"]}
 
 
-def recalibrate(checkpoint: Path | str, scenes: Scenes, sources: dict[str, Any], out: Path | str,
-                device: torch.device, seed: int = 0) -> dict[str, list[float]]:
-    """Write a copy of forecaster `checkpoint` into the new folder `out` whose spread map (`std_scale`,
-    `std_power`) and planner uncertainty limits are refitted on `scenes` (`validation.calibrate`); its meta.json
-    records the calibration data (`sources`, from `load_scenes`) and the map. The weights are unchanged and the
-    training state (last.pt) is not copied: the new folder is for use (validate, plan, export, `fit init=`), not
-    to resume. Returns the per-horizon map as `calibrate` does."""
+def recalibrate(checkpoint: Path | str, model: Forecaster, meta: dict[str, Any], scenes: Scenes,
+                sources: dict[str, Any], out: Path | str, device: torch.device,
+                seed: int = 0) -> dict[str, list[float]]:
+    """Write a copy of forecaster `checkpoint` (loaded as `model`, `meta` by `load_forecaster`; `model` is
+    recalibrated in place) into the new folder `out` whose spread map (`std_scale`, `std_power`) and planner
+    uncertainty limits are refitted on `scenes` (`validation.calibrate`); its meta.json records the calibration
+    data (`sources`, from `load_scenes`) and the map. The weights are unchanged and the training state (last.pt) is
+    not copied: the new folder is for use (validate, plan, export, `fit init=`), not to resume. Returns the
+    per-horizon map as `calibrate` does."""
     from drive_mbrl.data import atomic_folder
     from drive_mbrl.validation import calibrate
 
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise DataError(f"out={out} is the checkpoint itself: write the recalibrated copy to another folder")
-    model, meta = load_forecaster(checkpoint, device)
     spread = calibrate(model, scenes, device, seed=seed)
 
     def build(tmp: Path) -> None:
