@@ -632,11 +632,13 @@ def run_calibrate(cfg: C.CalibrateConfig, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, meta = load_forecaster(cfg.checkpoint, device)
     scenes, sources = load_scenes(cfg.dataset, model.config, meta["history_dt"])
-    before = {"std_scale": model.std_scale.tolist(), "std_power": model.std_power.tolist()}
+    before = {"std_scale": model.std_scale.tolist(), "std_power": model.std_power.tolist(),
+              "mode_temperature": model.mode_temperature.item()}
     spread = recalibrate(cfg.checkpoint, model, meta, scenes, sources, cfg.out, device, seed=cfg.seed)
     for key, name in (("std_scale", "factor"), ("std_power", "power")):
         change = ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(before[key], spread[key], strict=True))
         print(f"spread {name} per horizon step: {change}")
+    print(f"mode temperature: {before['mode_temperature']:.3f} -> {spread['mode_temperature']:.3f}")
     print(f"recalibrated checkpoint: {cfg.out}")
     return {"checkpoint": cfg.checkpoint, "out": cfg.out, "data": sources, "before": before, **spread}
 

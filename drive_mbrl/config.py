@@ -220,9 +220,9 @@ class FitConfig:
 
     dataset: list[str] = opt([], "dataset folders to train on (e.g. [data/idm,data/random]); required")
     holdout: list[str] = opt([], "datasets with held-out seeds to validate on at the end (default: the val split)")
-    calibration: list[str] = opt([], "datasets to calibrate the predicted spread and the planner's uncertainty "
-                                 "limits on (default: the val split). Whole episodes like those the model will "
-                                 "face, seeds used neither in training nor in the holdout")
+    calibration: list[str] = opt([], "datasets to calibrate the predicted spread and mode probabilities and the "
+                                 "planner's uncertainty limits on (default: the val split). Whole episodes like "
+                                 "those the model will face, seeds used neither in training nor in the holdout")
     out: str = opt("", "checkpoint folder; empty = <run dir>/checkpoint. Rerun with the same folder to resume")
     init: str = opt("", "checkpoint to fine-tune from (its architecture and normalisation are used; the "
                     "architecture keys below are then ignored)")
@@ -281,7 +281,8 @@ class ValidateConfig:
 
 @dataclass
 class CalibrateConfig:
-    """`drive-mbrl calibrate`: a copy of a forecaster checkpoint with its spread and uncertainty limits refitted."""
+    """`drive-mbrl calibrate`: a copy of a forecaster checkpoint with its spread, mode temperature and uncertainty
+    limits refitted."""
 
     checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
     dataset: list[str] = opt([], "dataset folders to calibrate on: whole episodes like those the model will face, "

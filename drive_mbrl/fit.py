@@ -159,6 +159,7 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
                             f"{config.to_dict()}")
         model.std_scale.fill_(1.0)  # recalibrated after training
         model.std_power.fill_(1.0)
+        model.mode_temperature.fill_(1.0)
         norm = init_meta["normalisation"]
     else:
         norm = normalisation(train)
@@ -243,13 +244,13 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
 
 def recalibrate(checkpoint: Path | str, model: Forecaster, meta: dict[str, Any], scenes: Scenes,
                 sources: dict[str, Any], out: Path | str, device: torch.device,
-                seed: int = 0) -> dict[str, list[float]]:
+                seed: int = 0) -> dict[str, Any]:
     """Write a copy of forecaster `checkpoint` (loaded as `model`, `meta` by `load_forecaster`; `model` is
-    recalibrated in place) into the new folder `out` whose spread map (`std_scale`, `std_power`) and planner
-    uncertainty limits are refitted on `scenes` (`validation.calibrate`); its meta.json records the calibration
-    data (`sources`, from `load_scenes`) and the map. The weights are unchanged and the training state (last.pt) is
-    not copied: the new folder is for use (validate, plan, export, `fit init=`), not to resume. Returns the
-    per-horizon map as `calibrate` does."""
+    recalibrated in place) into the new folder `out` whose spread map (`std_scale`, `std_power`), mode temperature
+    and planner uncertainty limits are refitted on `scenes` (`validation.calibrate`); its meta.json records the
+    calibration data (`sources`, from `load_scenes`) and the fitted values. The weights are unchanged and the
+    training state (last.pt) is not copied: the new folder is for use (validate, plan, export, `fit init=`), not
+    to resume. Returns the calibration as `calibrate` does."""
     from drive_mbrl.data import atomic_folder
     from drive_mbrl.validation import calibrate
 

@@ -11,6 +11,8 @@ diagonal Gaussians over (x, y, vx, vy) in the decision's ego frame, conditioned 
       z_a     = MLP(LN(W_h token_a + W_p plan + (U_h token_a) * (U_p plan)))   each agent reads the plan (E,B,N,A,D')
       heads   = K mode logits, K x H x 4 means (residual to a physics baseline: `residual`), K x H x 4 log-std; from the
                 ego's z: H rewards and H collision logits
+      calibrated after training (`validation.calibrate`): std' = std_scale_h x std ** std_power_h per horizon step,
+                mode probabilities softmax(mode_temperature x logits) per member
 
 Splitting encode from decode is what makes planning cheap: a planner scores N candidate plans of one scene with
 one encoding and N light decodes, instead of N full passes (`rollout`). The interactions between agents are
@@ -244,6 +246,8 @@ class Forecaster(nn.Module):
         # std ** std_power, std in the target's units ([m], [m/s]).
         self.register_buffer("std_scale", torch.ones(c.horizon))
         self.register_buffer("std_power", torch.ones(c.horizon))
+        # ... and of the mode probabilities, per member: softmax(mode_temperature x logits) (> 1 sharpens).
+        self.register_buffer("mode_temperature", torch.ones(()))
         # Quantiles (UNCERTAINTY_LEVELS) of plan_uncertainty's disagreement and spread on validation data: the
         # planner's fallback thresholds. +inf until validation.calibrate sets them.
         self.register_buffer("uncertainty_quantiles", torch.full((2, len(UNCERTAINTY_LEVELS)), math.inf))
@@ -263,8 +267,9 @@ class Forecaster(nn.Module):
         self.ego_head = EnsembleLinear(c.members, dw, 2 * c.horizon)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # Checkpoints from before the power calibration: their spread was std_scale x std.
+        # Checkpoints from before the power calibration (their spread was std_scale x std) or the mode temperature.
         state_dict.setdefault(prefix + "std_power", torch.ones_like(self.std_power))
+        state_dict.setdefault(prefix + "mode_temperature", torch.ones_like(self.mode_temperature))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -348,7 +353,8 @@ class Forecaster(nn.Module):
         model with `action_dim` D (`plan_inputs`). Returns (E members, B scenes, N plans, K modes, H steps,
         T targets):
             mean, log_std: (E, B, N, A, K, H, T)  [m], [m/s] in the decision's ego frame; log of std in those units
-            logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K)
+            logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K of the head's logits times
+                                      the calibrated `mode_temperature`)
             reward: (E, B, N, H)      predicted env reward of each step
             crash_logit: (E, B, N, H) logit of "the ego has crashed by the end of step h"
         with T = 4 (x, y, vx, vy), or T = 2 (x, y) when `positions_only`: a planner's fast path that computes
@@ -389,7 +395,7 @@ class Forecaster(nn.Module):
                                 (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX),
                                 self.std_power[:, None])
         ego = self.ego_head(z[:, :, :, 0])  # (E, B, N, 2H)
-        return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits, dim=-1),
+        return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits * self.mode_temperature, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
 
     def _head_columns(self, targets: int, device: torch.device) -> torch.Tensor:

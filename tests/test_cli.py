@@ -169,6 +169,7 @@ def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
     meta = json.loads((tmp_path / "fit" / "checkpoint" / "meta.json").read_text())
     assert meta["calibration"]["sources"][0]["episodes"] == 3, "the calibration data are recorded"
     assert len(metrics["fit"]["std_power"]) == 3 and all(0.5 <= b <= 2.0 for b in metrics["fit"]["std_power"])
+    assert 0.25 <= metrics["fit"]["mode_temperature"] <= 8.0
     assert [r["horizon_s"] for r in metrics["validation"]["per_horizon"]] == [1.0, 2.0, 3.0]
     assert (tmp_path / "fit" / "report.png").stat().st_size > 10_000
     val = run_cli("validate", "checkpoint=fit/checkpoint", "dataset=[ds]", "hdr_samples=32", "hydra.run.dir=val",
@@ -181,9 +182,10 @@ def test_fit_then_validate_on_a_tiny_dataset(tmp_path: Path):
     assert missing.returncode == 2 and "nowhere is not a forecaster checkpoint" in missing.stderr
 
 
-def test_calibrate_writes_a_copy_with_only_the_spread_refitted(tmp_path: Path, tiny_checkpoint: Path):
-    """`calibrate` refits the spread map and uncertainty limits on the given data, exactly as `validation.calibrate`
-    does on a freshly loaded model, into a new folder; the weights and the original checkpoint stay as they were."""
+def test_calibrate_writes_a_copy_with_only_the_calibration_refitted(tmp_path: Path, tiny_checkpoint: Path):
+    """`calibrate` refits the spread map, mode temperature and uncertainty limits on the given data, exactly as
+    `validation.calibrate` does on a freshly loaded model, into a new folder; the weights and the original checkpoint
+    stay as they were."""
     from drive_mbrl.fit import BEST, load_forecaster, load_scenes
     from drive_mbrl.validation import calibrate
 
@@ -199,16 +201,18 @@ def test_calibrate_writes_a_copy_with_only_the_spread_refitted(tmp_path: Path, t
     scenes = load_scenes([str(data)], reference.config, ref_meta["history_dt"])[0]
     torch.manual_seed(0)
     calibrate(reference, scenes, torch.device("cpu"), seed=0)
-    assert torch.equal(after.std_scale, reference.std_scale) and torch.equal(after.std_power, reference.std_power)
+    for name in ("std_scale", "std_power", "mode_temperature"):
+        assert torch.equal(getattr(after, name), getattr(reference, name)), name
     assert torch.equal(after.uncertainty_quantiles, reference.uncertainty_quantiles)
     assert not torch.equal(after.std_scale, before.std_scale), "calibrated on other scenes than the val split"
     for name, value in before.state_dict().items():
-        if name not in ("std_scale", "std_power", "uncertainty_quantiles"):
+        if name not in ("std_scale", "std_power", "mode_temperature", "uncertainty_quantiles"):
             assert torch.equal(value, after.state_dict()[name]), name
     assert meta["calibration"]["from"] == str(tiny_checkpoint) and meta["calibration"]["sources"][0]["episodes"] == 4
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["std_scale"] == pytest.approx(after.std_scale.tolist())
     assert metrics["std_power"] == pytest.approx(after.std_power.tolist())
+    assert metrics["mode_temperature"] == pytest.approx(after.mode_temperature.item())
     onto_itself = run_cli("calibrate", f"checkpoint={tiny_checkpoint}", f"dataset=[{data}]",
                           f"out={tiny_checkpoint}", "hydra.run.dir=run2", cwd=tmp_path)
     assert onto_itself.returncode == 2 and "is the checkpoint itself" in onto_itself.stderr

@@ -21,7 +21,15 @@ from drive_mbrl.features import (
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
 from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
 from drive_mbrl.losses import mixture_log_prob
-from drive_mbrl.validation import auroc, by_decision, fit_std_power, fit_std_scale, hdr_levels, validate
+from drive_mbrl.validation import (
+    auroc,
+    by_decision,
+    fit_spread_shape,
+    fit_std_scale,
+    hdr_levels,
+    temper,
+    validate,
+)
 from tests.conftest import make_episode, straight_state
 
 TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, members=3, modes=2, width=32, heads=2,
@@ -143,10 +151,47 @@ def test_std_power_recovers_a_spread_that_grows_faster_than_predicted():
     s = np.exp(rng.uniform(-1.0, 1.5, n))
     truth = rng.standard_normal((n, 2)) * (0.7 * s**1.5)[:, None]
     std = np.repeat(s[:, None, None], 2, axis=-1)  # (N, 1, 2)
-    power = fit_std_power(truth, np.zeros((n, 1, 2)), std, np.zeros((n, 1)))
+    temperature, (power,) = fit_spread_shape([(truth, np.zeros((n, 1, 2)), std, np.zeros((n, 1)))], members=1)
     assert power == pytest.approx(1.5, abs=0.05)
+    assert temperature == 1.0  # one component: its weight is 1 at any temperature (no gradient)
     assert fit_std_scale(truth, np.zeros((n, 1, 2)), std**power, np.zeros((n, 1)), samples=256) == pytest.approx(
         0.7, rel=0.1)
+
+
+def test_temper_sharpens_each_members_modes_and_keeps_the_members_equal():
+    # Two members of two modes: (0.8, 0.2) and (0.5, 0.5), pooled with weight 1/2 each. Squaring (t = 2) gives
+    # (0.64, 0.04) / 0.68 and (0.25, 0.25) / 0.5.
+    pooled = np.log(np.array([[0.8, 0.2, 0.5, 0.5]]) / 2)
+    np.testing.assert_allclose(np.exp(temper(pooled, 2.0, members=2)), [[0.64 / 0.68 / 2, 0.04 / 0.68 / 2, 0.25, 0.25]])
+    np.testing.assert_allclose(temper(pooled, 1.0, members=2), pooled)
+
+
+def test_the_mode_temperature_is_recovered_from_too_flat_mode_probabilities():
+    """The truth is drawn from two well-separated modes with probabilities p, 1 - p (p varies per point); the model
+    says softmax(log p / 2.5), too flat. The likelihood fit finds the temperature 2.5 and leaves the spread alone."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    p = rng.uniform(0.55, 0.97, n)
+    first = rng.random(n) < p
+    mean = np.zeros((n, 2, 2))
+    mean[:, 1, 0] = 8.0
+    truth = np.where(first[:, None], mean[:, 0], mean[:, 1]) + rng.standard_normal((n, 2))
+    flat = np.stack([np.log(p), np.log1p(-p)], axis=-1) / 2.5
+    log_weight = flat - np.logaddexp.reduce(flat, axis=-1, keepdims=True)
+    temperature, (power,) = fit_spread_shape([(truth, mean, np.ones((n, 2, 2)), log_weight)], members=1)
+    assert temperature == pytest.approx(2.5, rel=0.1)
+    assert power == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_mode_temperature_is_applied_to_each_members_logits():
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    batch = {k: torch.as_tensor(v[:4]) for k, v in cv_scenes(4).__dict__.items()}
+    with torch.no_grad():
+        raw = model(batch["history"], batch["agent_mask"], batch["actions"])["logits"]  # (E, B, A, K)
+        model.mode_temperature.fill_(3.0)
+        tempered = model(batch["history"], batch["agent_mask"], batch["actions"])["logits"]
+    torch.testing.assert_close(tempered, torch.log_softmax(3.0 * raw, dim=-1))
 
 
 def test_the_spread_map_is_applied_as_scale_times_std_to_the_power():
@@ -162,14 +207,16 @@ def test_the_spread_map_is_applied_as_scale_times_std_to_the_power():
     torch.testing.assert_close(mapped, expected)
 
 
-def test_a_checkpoint_from_before_the_power_map_loads_with_power_one():
+def test_a_checkpoint_from_before_the_power_map_and_mode_temperature_loads_with_both_one():
     torch.manual_seed(0)
     state = Forecaster(TINY).state_dict()
-    del state["std_power"]
+    del state["std_power"], state["mode_temperature"]
     model = Forecaster(TINY)
     model.std_power.fill_(3.0)
+    model.mode_temperature.fill_(3.0)
     model.load_state_dict(state)
     assert torch.equal(model.std_power, torch.ones(TINY.horizon))
+    assert model.mode_temperature.item() == 1.0
 
 
 def test_auroc_by_hand():
