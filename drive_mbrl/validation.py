@@ -153,14 +153,18 @@ POWER_RANGE = (0.5, 2.0)
 TEMPERATURE_RANGE = (0.25, 8.0)
 
 
-def temper(log_weight: np.ndarray, temperature: float, members: int) -> np.ndarray:
+def tempered(log_weight: torch.Tensor, temperature: torch.Tensor | float, members: int) -> torch.Tensor:
     """Pooled log-weights (N, E x K) (member-major, each member's K modes summing to 1 / E) -> the same with each
     member's mode probabilities tempered, softmax(temperature x log p), as `Forecaster.decode` does with
     `mode_temperature` (log_softmax is shift-invariant, so tempering log-probabilities equals tempering logits)."""
-    n = len(log_weight)
-    a = (log_weight.reshape(n, members, -1) + np.log(members)) * temperature
-    a = a - np.logaddexp.reduce(a, axis=-1, keepdims=True) - np.log(members)
-    return a.reshape(log_weight.shape)
+    shift = float(np.log(members))
+    per_member = (log_weight + shift).reshape(len(log_weight), members, -1) * temperature
+    return torch.log_softmax(per_member, dim=-1).reshape(log_weight.shape) - shift
+
+
+def temper(log_weight: np.ndarray, temperature: float, members: int) -> np.ndarray:
+    """`tempered` on a numpy array."""
+    return tempered(torch.as_tensor(log_weight, dtype=torch.float64), temperature, members).numpy()
 
 
 def fit_spread_shape(points: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], members: int,
@@ -191,8 +195,7 @@ def fit_spread_shape(points: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.n
         for h, (t, m, s, w) in enumerate(data):
             log_std = log_a[h] + power[h] * s.log()  # (N, C, 2)
             z = (t[:, None] - m) / log_std.exp()
-            tempered = torch.log_softmax((w + np.log(members)).reshape(len(w), members, -1) * log_t.exp(), dim=-1)
-            log_weight = tempered.reshape(w.shape) - np.log(members)
+            log_weight = tempered(w, log_t.exp(), members)
             loss = loss - torch.logsumexp(-0.5 * (z**2).sum(-1) - log_std.sum(-1) + log_weight, dim=-1).mean()
         loss.backward()
         return loss
