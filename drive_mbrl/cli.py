@@ -603,6 +603,9 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else val
     figures = validate(model, held, device, policy_dt, seed=cfg.seed)
     _forecaster_report(figures, run_dir, f"forecaster on {'held-out data' if cfg.holdout else 'the val split'}")
+    print(f"calibration: mode temperature {history['mode_temperature']:.2f}; per horizon step spread power "
+          f"{', '.join(f'{b:.2f}' for b in history['std_power'])}, factor "
+          f"{', '.join(f'{a:.2f}' for a in history['std_scale'])}")
     print(f"checkpoint: {out}")
     return {"checkpoint": str(out), "train_seconds": train_seconds,
             "fit": {k: v for k, v in history.items() if k != "history"},
