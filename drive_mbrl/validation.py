@@ -223,8 +223,9 @@ def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: 
     known = scenes.future_mask.copy()
     known[:, 0] = False
     steps = [h for h in range(pred["mean"].shape[3]) if known[:, :, h].any()]
-    points = [(scenes.future[:, :, h, :2][known[:, :, h]], pred["mean"][:, :, :, h][known[:, :, h]],
-               pred["std"][:, :, :, h][known[:, :, h]], pred["log_weight"][known[:, :, h]]) for h in steps]
+    selected = [known[:, :, h] for h in steps]
+    points = [(scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel], pred["std"][:, :, :, h][sel],
+               pred["log_weight"][sel]) for h, sel in zip(steps, selected, strict=True)]
     members = model.config.members
     temperature, fitted = fit_spread_shape(points, members, seed) if points else (1.0, [])
     scales, powers = [1.0] * pred["mean"].shape[3], [1.0] * pred["mean"].shape[3]
