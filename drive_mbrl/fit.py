@@ -157,9 +157,7 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
         if init_meta["model"] != config.to_dict():
             raise DataError(f"cannot fine-tune {init}: its model config {init_meta['model']} differs from "
                             f"{config.to_dict()}")
-        model.std_scale.fill_(1.0)  # recalibrated after training
-        model.std_power.fill_(1.0)
-        model.mode_temperature.fill_(1.0)
+        model.reset_calibration()  # recalibrated after training
         norm = init_meta["normalisation"]
     else:
         norm = normalisation(train)

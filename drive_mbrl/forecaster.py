@@ -292,6 +292,13 @@ class Forecaster(nn.Module):
         act = F.one_hot(plans.clamp_min(0), c.num_actions).to(dtype) * (plans >= 0).unsqueeze(-1)
         return act.reshape(B, N, -1)
 
+    def reset_calibration(self) -> None:
+        """The raw model's spread and mode probabilities (std_scale 1, std_power 1, mode_temperature 1): what
+        training sees, and where `validation.calibrate` starts."""
+        self.std_scale.fill_(1.0)
+        self.std_power.fill_(1.0)
+        self.mode_temperature.fill_(1.0)
+
     def set_normalisation(self, hist_mean: torch.Tensor, hist_std: torch.Tensor, target_scale: torch.Tensor,
                           reward_mean: float) -> None:
         self.hist_mean.copy_(hist_mean)

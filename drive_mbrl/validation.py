@@ -216,16 +216,17 @@ def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: 
     std_scale x std ** std_power and mode probabilities softmax(mode_temperature x logits). Sets those buffers and
     the uncertainty limits (`calibrate_uncertainty`); returns {"std_scale": [...], "std_power": [...]} (H values
     each) and {"mode_temperature": t}."""
-    model.std_scale.fill_(1.0)
-    model.std_power.fill_(1.0)
-    model.mode_temperature.fill_(1.0)
+    model.reset_calibration()
     pred = predict(model, scenes, device)
     known = scenes.future_mask.copy()
     known[:, 0] = False
-    steps = [h for h in range(pred["mean"].shape[3]) if known[:, :, h].any()]
-    selected = [known[:, :, h] for h in steps]
-    points = [(scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel], pred["std"][:, :, :, h][sel],
-               pred["log_weight"][sel]) for h, sel in zip(steps, selected, strict=True)]
+    steps, points = [], []
+    for h in range(pred["mean"].shape[3]):
+        sel = known[:, :, h]
+        if sel.any():
+            steps.append(h)
+            points.append((scenes.future[:, :, h, :2][sel], pred["mean"][:, :, :, h][sel],
+                           pred["std"][:, :, :, h][sel], pred["log_weight"][sel]))
     members = model.config.members
     temperature, fitted = fit_spread_shape(points, members, seed) if points else (1.0, [])
     scales, powers = [1.0] * pred["mean"].shape[3], [1.0] * pred["mean"].shape[3]
