@@ -581,7 +581,8 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else run_dir / "checkpoint"
     settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                             seed=cfg.seed, ema=cfg.ema, mode_weight=cfg.mode_weight)
+                             seed=cfg.seed, ema=cfg.ema, mode_weight=cfg.mode_weight,
+                             precision=cfg.precision)
     bar = tqdm(total=cfg.epochs, desc=f"fit {len(train)} scenes", unit="epoch", dynamic_ncols=True)
 
     def on_epoch(record: dict[str, float]) -> None:

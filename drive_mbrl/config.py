@@ -266,6 +266,9 @@ class FitConfig:
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
+    precision: str = opt("fp32", "training forward pass: fp32, or bf16 (autocast: about 1.7x the steps/s on a CPU "
+                         "with native bfloat16 matmuls such as AVX512-BF16 or AMX, slower where it is emulated; "
+                         "weights, optimiser, loss and validation stay fp32)", choices=("fp32", "bf16"))
 
 
 @dataclass

@@ -56,6 +56,9 @@ class TrainSettings:
     ema: float = 0.0
     """Averaging window [epochs] of an exponential moving average of the weights, which is what is validated and
     checkpointed (0 = off, the raw weights): per-step decay 1 - 1 / (ema x steps per epoch)."""
+    precision: str = "fp32"
+    """Training forward pass: `fp32`, or `bf16` (autocast to bfloat16: about 1.7x the steps/s on a CPU with native
+    bfloat16 matmuls, slower where it is emulated). Weights, optimiser, loss and validation stay fp32."""
 
 
 def ema_decay(window_epochs: float, steps_per_epoch: int) -> float:
@@ -198,7 +201,9 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
         total, batches = 0.0, 0
         for b, start in enumerate(range(0, len(order), settings.batch_size)):
             batch = tensors(train.subset(order[start : start + settings.batch_size]), device)
-            out_ = model(batch["history"], batch["agent_mask"], batch["actions"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+                out_ = model(batch["history"], batch["agent_mask"], batch["actions"])
+            out_ = {k: v.float() for k, v in out_.items()}
             terms = forecaster_loss(out_, batch["future"], batch["future_mask"], batch["reward"], batch["crash"],
                                     batch["step_valid"], mode_weight=settings.mode_weight)
             optim.zero_grad(set_to_none=True)

@@ -33,13 +33,16 @@ Shapes: B envs, A agents (slot 0 the ego), W stored frames, F = len(HIST_FEATURE
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from drive_mbrl.egomotion import controller_frame, highway_reward, highway_reward_spec, lane_shift
 from drive_mbrl.features import (
     EGO_TRACK,
     HIST_FEATURES,
@@ -54,6 +57,7 @@ from drive_mbrl.features import (
     scenario_target_speeds,
     scene_history,
 )
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, plan_uncertainty
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
@@ -152,8 +156,6 @@ def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, f
     """Every decision of the datasets as a start state: history (N, A, W, F) in the ego frame at the decision
     with frames `frame_dt` [s] apart (absent frames padded as `features.pad_history` when `pad`, else zero), the
     ego's lane number (N,) and its target speed (N,) [m/s]."""
-    from pathlib import Path
-
     from drive_mbrl.data import load_dataset
 
     hist, lanes, targets = [], [], []
@@ -178,8 +180,6 @@ def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, f
 def ego_controls(datasets: tuple[str, ...] | list[str]) -> tuple[list[str], tuple[float, ...]]:
     """Action names and the ego's target speeds [m/s] of the first dataset's scenario (from its manifest); IDLE
     must be among the actions (the imagined plan after its first step)."""
-    from pathlib import Path
-
     from drive_mbrl.data import read_manifest
 
     manifest = read_manifest(Path(datasets[0]))
@@ -193,8 +193,6 @@ def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int | None, int, fl
     """What the kinematic ego needs of the first dataset's scenario (its manifest): the number of lanes (None when
     the scenario sets no `lanes_count`: not a straight multi-lane road), the simulation frames per policy step and
     the simulation step [s]."""
-    from pathlib import Path
-
     from drive_mbrl.data import read_manifest
 
     manifest = read_manifest(Path(datasets[0]))
@@ -206,10 +204,7 @@ def ego_road(datasets: tuple[str, ...] | list[str]) -> tuple[int | None, int, fl
 def dataset_reward(datasets: tuple[str, ...] | list[str]) -> Any:
     """The `egomotion.HighwayReward` of the first dataset's scenario (its manifest), or None where it is not a
     highway env with meta-actions."""
-    from pathlib import Path
-
     from drive_mbrl.data import read_manifest
-    from drive_mbrl.egomotion import highway_reward_spec
 
     manifest = read_manifest(Path(datasets[0]))
     return highway_reward_spec(manifest["scenario"]["env_id"], manifest.get("env_config_resolved", {}),
@@ -243,7 +238,6 @@ class ImaginationEnv(gym.vector.VectorEnv):
     def __init__(self, config: ImaginationConfig, num_envs: int,
                  starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
         from drive_mbrl.fit import load_forecaster, resolve_device
-        from drive_mbrl.forecaster import UNCERTAINTY_LEVELS
 
         self.config = config
         self.dev = dev = resolve_device(config.device)
@@ -374,8 +368,6 @@ class ImaginationEnv(gym.vector.VectorEnv):
         plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long, device=self.dev)
         plans[:, 0, 0] = actions
         out = self.model.decode(self.model.encode(hist, mask), hist, mask, plans)
-        from drive_mbrl.forecaster import plan_uncertainty
-
         disagreement = plan_uncertainty({k: v[:, :, 0] for k, v in out.items()}, mask)[0]  # (B,)
         b = torch.arange(B, device=self.dev)
         mean = out["mean"][self.member, b, 0, :, :, 0]  # (B, A, K, 4) one step ahead, current ego frame
@@ -406,8 +398,6 @@ class ImaginationEnv(gym.vector.VectorEnv):
         present = self.present[:, :, -1:].expand(-1, -1, self.sub)
         crash = self._overlap(pos, vel, present) | head_crash
         if self.reward_spec is not None:
-            from drive_mbrl.egomotion import highway_reward
-
             reward = highway_reward(self.lane_speed, self.target_lane.to(self.lane_speed.dtype), self.reward_spec,
                                     float(self.lanes), crash)
         self.pos = torch.cat([self.pos[:, :, self.sub:], pos], dim=2)
@@ -436,8 +426,6 @@ class ImaginationEnv(gym.vector.VectorEnv):
         lane (`egomotion.controller_frame`), after moving its target lane; heading (B,) [rad] its heading now in the
         reference frame. Uses the set-point `self.target` already moved by the action. Returns positions and
         velocities (B, sub, 2) in the reference frame."""
-        from drive_mbrl.egomotion import controller_frame, lane_shift
-
         self.target_lane = (self.target_lane + lane_shift(actions, self.names)).clamp(0, self.lanes - 1)
         lane_dir = self.lane_dir[:, 0]
         x = torch.zeros_like(lane_dir)
@@ -491,8 +479,6 @@ class SingleImaginationEnv(gym.Env):
 
 def imagination_throughput(env: ImaginationEnv, steps: int, seed: int = 0) -> float:
     """Imagined transitions per second over `steps` batched calls with random actions."""
-    import time
-
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)
     start = time.perf_counter()
@@ -505,8 +491,6 @@ def random_steps(scenario: str, steps: int, seed: int = 0, agents: int = 8, hist
                  set_points: bool = True) -> tuple[np.ndarray, float]:
     """`steps` random-action steps of `PolicyEnv` (reset seeds from `seed`): their observations (steps, D) and the
     wall time [s] of the loop (env, perception and observation; resets included)."""
-    import time
-
     env = PolicyEnv({"scenario": scenario, "seed_offset": seed, "agents": agents, "history_dt": history_dt,
                      "set_points": set_points})
     rng = np.random.default_rng(seed)

@@ -344,8 +344,9 @@ def test_absent_frames_enter_the_model_as_zeros_with_mask_absent():
 
 
 def _fit(tmp: Path, epochs: int, scenes: Scenes, on_epoch=None, config: ForecasterConfig = TINY,
-         ema: float = 0.0) -> dict:
-    settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0, ema=ema)
+         ema: float = 0.0, precision: str = "fp32") -> dict:
+    settings = TrainSettings(epochs=epochs, batch_size=32, lr=3e-3, patience=100, seed=0, ema=ema,
+                             precision=precision)
     return fit(scenes.subset(np.arange(0, 160)), scenes.subset(np.arange(160, 200)), config, settings, tmp, {}, CPU,
                on_epoch)
 
@@ -362,11 +363,14 @@ def _interrupt_after(epoch: int):
     return on_epoch
 
 
-def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path, precision: str):
+    """Also with the forward pass in bfloat16 (`precision=bf16`): the weights it leaves are fp32 and validated so."""
     torch.manual_seed(0)
     scenes = cv_scenes(200)
-    _fit(tmp_path, 30, scenes)
+    _fit(tmp_path, 30, scenes, precision=precision)
     model, _ = load_forecaster(tmp_path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     figures = validate(model, scenes.subset(np.arange(160, 200)), CPU, policy_dt=1.0, hdr_samples=64)
     last = figures["per_horizon"][-1]
     assert last["baselines"]["constant_velocity"]["l2_mean"] < 1e-5
