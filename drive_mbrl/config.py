@@ -31,6 +31,8 @@ RISK_MEASURES = ("mean", "cvar", "worst")
 """Risk measures of the planner over sampled plan costs (planning.risk_measure)."""
 UNCERTAINTY_LEVELS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Quantile levels of validation-data uncertainty stored in calibrated forecaster checkpoints (fallback thresholds)."""
+PRECISIONS = ("fp32", "bf16")
+"""Precisions of the forecaster's training forward pass (`fit.TrainSettings.precision`)."""
 FALLBACKS = ("slower", "least_risk", "policy")
 
 
@@ -266,9 +268,9 @@ class FitConfig:
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
-    precision: str = opt("fp32", "training forward pass: fp32, or bf16 (autocast: about 1.7x the steps/s on a CPU "
+    precision: str = opt("fp32", "training forward pass: fp32, or bf16 (autocast: 1.7-2x the steps/s on a CPU "
                          "with native bfloat16 matmuls such as AVX512-BF16 or AMX, slower where it is emulated; "
-                         "weights, optimiser, loss and validation stay fp32)", choices=("fp32", "bf16"))
+                         "weights, optimiser, loss and validation stay fp32)", choices=PRECISIONS)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from drive_mbrl import SCHEMA_VERSION, __version__
+from drive_mbrl.config import PRECISIONS
 from drive_mbrl.data import atomic_write, write_json
 from drive_mbrl.errors import DataError, DriveMbrlError
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes, SceneSpec
@@ -57,7 +58,7 @@ class TrainSettings:
     """Averaging window [epochs] of an exponential moving average of the weights, which is what is validated and
     checkpointed (0 = off, the raw weights): per-step decay 1 - 1 / (ema x steps per epoch)."""
     precision: str = "fp32"
-    """Training forward pass: `fp32`, or `bf16` (autocast to bfloat16: about 1.7x the steps/s on a CPU with native
+    """Training forward pass: `fp32`, or `bf16` (autocast to bfloat16: 1.7-2x the steps/s on a CPU with native
     bfloat16 matmuls, slower where it is emulated). Weights, optimiser, loss and validation stay fp32."""
 
 
@@ -152,6 +153,8 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
     calibration: scenes to fit the predicted spread and the planner's uncertainty limits on after training
     (`validation.calibrate`); None uses the validation split.
     """
+    if settings.precision not in PRECISIONS:
+        raise DataError(f"precision {settings.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from drive_mbrl.errors import DataError
 from drive_mbrl.features import (
     HIST_FEATURES,
     PRESENT,
@@ -377,6 +378,12 @@ def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path, pre
     assert last["ml_l2_mean"] < 0.3, f"3 s error {last['ml_l2_mean']:.3f} m in a constant-velocity world"
 
 
+def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path: Path):
+    with pytest.raises(DataError, match="precision 'fp16' is not known: choose one of fp32, bf16"):
+        _fit(tmp_path / "out", 1, cv_scenes(200), precision="fp16")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
     scenes = cv_scenes(200)
     _fit(tmp_path / "straight", 4, scenes)
@@ -547,7 +554,6 @@ def test_planner_fast_paths_match_the_full_model(fusion: str):
 
 def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
     from drive_mbrl.data import RunSpec, collect
-    from drive_mbrl.errors import DataError
     from drive_mbrl.fit import load_scenes
     from drive_mbrl.scenarios import load_scenario
 
