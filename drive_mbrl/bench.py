@@ -160,7 +160,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
-    from drive_mbrl.forecaster import member_subset
+    from drive_mbrl.forecaster import PLANNER_DTYPES, low_precision, member_subset
     from drive_mbrl.planning import plan_scene
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 
@@ -170,7 +170,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     model, meta = load_forecaster(checkpoint, dev)
     if max(members) > model.config.members:
         raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
-    models = {m: member_subset(model, m) for m in members}
+    models = {m: low_precision(member_subset(model, m), PLANNER_DTYPES[planner.precision]) for m in members}
     with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
         episodes = max(1, -(-decisions // 25))
         collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")

@@ -659,15 +659,18 @@ def test_route_ego_follows_the_intersection_turn_that_straight_lanes_miss():
         env.close()
 
 
-def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path, precision: str):
     """The logged plan is the executed action, the ego pose and slot 0 are the recorded ego, candidates are sorted,
     and the kinematic ego prediction, taken back to the world frame with the logged pose, lands where the
-    simulator put the ego one step later (exact on a straight highway)."""
+    simulator put the ego one step later (exact on a straight highway). Also with the network in bfloat16."""
     from drive_mbrl.mpc import LOG_CANDIDATES, MPCAgent
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
     from drive_mbrl.scenarios import load_scenario
 
-    agent = MPCAgent(str(tiny_checkpoint), {"budget": 64, "threads": 1, "chance_epsilon": 1.0})
+    agent = MPCAgent(str(tiny_checkpoint), {"budget": 64, "threads": 1, "chance_epsilon": 1.0,
+                                            "precision": precision})
+    assert agent.model.encoder.layers[0].weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     runner = EpisodeRunner()
     try:
         episode = runner.run(EpisodeJob(load_scenario("highway"), "mpc", 0, 7, max_steps=5), agent)
