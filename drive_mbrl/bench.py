@@ -115,8 +115,9 @@ def count_flops(call: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5) -> float:
-    """The best fp32 matmul throughput [GFLOP/s] this device reaches with the current torch threads, over a
+def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5, dtype: Any = None) -> float:
+    """The best matmul throughput [GFLOP/s] in `dtype` (default fp32) this device reaches with the current torch
+    threads, over a
     square 1,024 x 1,024 product and the forecaster's typical batched one (5 members x 4,096 rows x 128 -> 384):
     the yardstick for `compute_bound_ms` (no model with that many FLOPs can be faster on this device)."""
     import torch
@@ -124,7 +125,7 @@ def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5) -> float:
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = 0.0
     for a_shape, b_shape in (((1024, 1024), (1024, 1024)), ((5, 4096, 128), (5, 128, 384))):
-        a, b = torch.randn(a_shape, device=device), torch.randn(b_shape, device=device)
+        a, b = torch.randn(a_shape, device=device, dtype=dtype), torch.randn(b_shape, device=device, dtype=dtype)
         flops = 2 * a.numel() * b_shape[-1]
         torch.matmul(a, b)
         for _ in range(repeats):
@@ -160,7 +161,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
-    from drive_mbrl.forecaster import PLANNER_DTYPES, low_precision, member_subset
+    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, member_subset
     from drive_mbrl.planning import plan_scene
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 
@@ -170,7 +171,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     model, meta = load_forecaster(checkpoint, dev)
     if max(members) > model.config.members:
         raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
-    models = {m: low_precision(member_subset(model, m), PLANNER_DTYPES[planner.precision]) for m in members}
+    models = {m: low_precision(member_subset(model, m), PRECISION_DTYPES[planner.precision]) for m in members}
     with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
         episodes = max(1, -(-decisions // 25))
         collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")
@@ -196,7 +197,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
                 evaluated[(b, m)] = decision.evaluated
     # Work per decision (first scene) against this device's matmul peak: the latency no implementation of this
     # forecaster and budget can beat here.
-    peak = matmul_peak_gflops(dev)
+    peak = matmul_peak_gflops(dev, dtype=PRECISION_DTYPES[planner.precision])
     with torch.inference_mode():
         gflop = {key: count_flops(lambda k=key: plan_scene(models[k[1]], *inputs[0], replace(planner, budget=k[0]),
                                                            gen)) / 1e9 for key in times}
@@ -221,16 +222,18 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
 def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str, envs: list[int], steps: int,
                  real_steps: int, repeats: int, decisions: int, planner: Any, seed: int,
-                 imagination: str = "") -> dict[str, Any]:
+                 imagination: str = "", imagined_precision: str = "fp32") -> dict[str, Any]:
     """Issue-5 speed figures on the same cores, one torch thread: imagined transitions/s of the imagination env
     (per batch size; its forecaster is `imagination`, default `checkpoint`) against real env steps/s of
     `imagination.PolicyEnv` (highway-env plus perception, random actions), alternating repeats; and the decision
     latency of the reactive policy (batch 1, torch eager) against the MPC planner's (on `checkpoint`) on the same
-    recorded scenes."""
+    recorded scenes. The imagination's network runs in `imagined_precision`, the planner's in `planner.precision`
+    (`forecaster.low_precision`)."""
     import numpy as np
     import torch
 
     from drive_mbrl.fit import load_forecaster, load_scenes
+    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision
     from drive_mbrl.imagination import (
         ImaginationConfig,
         ImaginationEnv,
@@ -243,7 +246,8 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     torch.set_num_threads(1)
     net, _ = load_policy(policy)
     imagination = imagination or checkpoint
-    config = ImaginationConfig(imagination, tuple(dataset), agents=net.config.agents, seed=seed)
+    config = ImaginationConfig(imagination, tuple(dataset), agents=net.config.agents, seed=seed,
+                               precision=imagined_precision)
     probe = ImaginationEnv(config, 1)
     starts = (probe.starts_hist.numpy(), probe.starts_lane.numpy(), probe.starts_target)
     imagined: dict[int, list[float]] = {n: [] for n in envs}
@@ -256,7 +260,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     # Work per imagined transition against this core's matmul peak: the most transitions/s any implementation of
     # this forecaster could step here, and that bound's ratio to the real env. Every env runs the same batched
     # layers, so the work per transition is the same at any batch size: counted once, on the one-env probe.
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype=PRECISION_DTYPES[imagined_precision])
     probe.reset(seed=seed)
     flop = count_flops(lambda: probe.step(np.full(1, probe.idle)))
     rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median,
@@ -267,6 +271,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     obs = dataset_observations(net.config, dataset[:1])[:decisions]
     model, meta = load_forecaster(checkpoint)
     scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
+    model = low_precision(model, PRECISION_DTYPES[planner.precision])
     policy_us, planner_ms = [], []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -290,7 +295,8 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             "planner_ms_p50": float(np.percentile(planner_ms, 50)),
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),
             "planner_over_policy": float(np.percentile(planner_ms, 50)) * 1e3 / p50,
-            "planner_budget": planner.budget, "threads": 1, "imagination_checkpoint": imagination}
+            "planner_budget": planner.budget, "threads": 1, "imagination_checkpoint": imagination,
+            "imagined_precision": imagined_precision, "planner_precision": planner.precision}
 
 
 def bench_replay(run: str, episode: int, steps: int, repeats: int, dpi: int) -> dict[str, Any]:

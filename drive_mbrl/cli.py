@@ -463,6 +463,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                      "crash_head": cfg.crash_head, "ego_model": cfg.imagined_ego,
                                      "reward": cfg.imagined_reward,
                                      "crash_margin": tuple(float(m) for m in cfg.imagined_crash_margin),
+                                     "precision": cfg.imagined_precision,
                                      "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:
@@ -713,7 +714,7 @@ def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
     if not (cfg.policy and cfg.checkpoint and cfg.dataset):
         raise C.ConfigError("bench policy needs policy=<folder>, checkpoint=<forecaster> and dataset=[episodes]")
     m = bench_policy(cfg.policy, cfg.checkpoint, cfg.dataset, cfg.scenario, cfg.envs, cfg.steps, cfg.real_steps,
-                     cfg.repeats, cfg.decisions, cfg.planner, cfg.seed, cfg.imagination)
+                     cfg.repeats, cfg.decisions, cfg.planner, cfg.seed, cfg.imagination, cfg.imagined_precision)
     print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median)")
     for row in m["rows"]:
         print(f"imagination, {row['envs']:>5} envs: {row['imagined_per_s']:9.0f} transitions/s = "

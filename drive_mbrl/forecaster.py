@@ -486,8 +486,9 @@ def member_subset(model: Forecaster, members: int) -> Forecaster:
     return subset
 
 
-PLANNER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""`planner.precision` -> the dtype of the forecaster's network while planning (`low_precision`)."""
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""`config.PRECISIONS` -> the dtype of the forecaster's network (`low_precision`) while planning
+(`planner.precision`) or imagining (`rl imagined_precision`)."""
 
 
 def low_precision(model: Forecaster, dtype: torch.dtype = torch.bfloat16) -> Forecaster:

@@ -78,18 +78,24 @@ def test_imagined_start_history_equals_the_recorded_padded_one(tiny_checkpoint: 
         env = ImaginationEnv(env.config, num_envs=1)
 
 
-def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoint: Path, recorded: Path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoint: Path, recorded: Path,
+                                                                  precision: str):
     """Gymnasium's next-step autoreset: an env that ended (crash, horizon, uncertainty) returns a fresh start on
-    the following call with reward 0 and no end flag; no rollout outlives the horizon."""
-    config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, horizon=2, uncertainty_level=0.999)
+    the following call with reward 0 and no end flag; no rollout outlives the horizon. Also with the forecaster's
+    network in bfloat16, whose state and observations stay fp32."""
+    config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=4, horizon=2, uncertainty_level=0.999,
+                               precision=precision)
     env = ImaginationEnv(config, num_envs=16)
+    assert env.pos.dtype == torch.float32 and env.model.trajectory_head.weight.dtype == {
+        "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     obs, _ = env.reset(seed=1)
     assert obs.shape == (16, env.single_observation_space.shape[0]) and np.isfinite(obs).all()
     ended_before = np.zeros(16, bool)
     restarted = 0
     for _ in range(7):
         obs, reward, term, trunc, _ = env.step(np.full(16, 1))
-        assert np.isfinite(obs).all() and ((reward >= 0) & (reward <= 1)).all()
+        assert obs.dtype == np.float32 and np.isfinite(obs).all() and ((reward >= 0) & (reward <= 1)).all()
         assert (reward[ended_before] == 0).all() and not (term | trunc)[ended_before].any()
         assert (env.t[torch.as_tensor(ended_before)] == 0).all()
         assert (env.t <= 2).all()
