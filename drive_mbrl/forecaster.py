@@ -119,7 +119,7 @@ class ForecasterConfig:
 
 
 class EnsembleLinear(nn.Module):
-    """E independent affine maps as one batched matmul: (E, N, I) -> (E, N, O)."""
+    """E independent affine maps as one batched matmul: (E, N, I) -> (E, N, O), in the weights' dtype."""
 
     def __init__(self, members: int, fan_in: int, fan_out: int):
         super().__init__()
@@ -129,7 +129,7 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(shape[0], -1, shape[-1])  # (E, N, I)
+        flat = x.reshape(shape[0], -1, shape[-1]).to(self.weight.dtype)  # (E, N, I)
         return torch.baddbmm(self.bias, flat, self.weight).reshape(*shape[:-1], -1)
 
 
@@ -327,7 +327,7 @@ class Forecaster(nn.Module):
         is_ego = torch.zeros(B, A, 1, device=history.device, dtype=history.dtype)
         is_ego[:, 0] = 1.0
         first = self.encoder.layers[0]
-        x = torch.cat([x, is_ego], dim=-1).to(first.weight.dtype)  # the network's dtype (`low_precision`)
+        x = torch.cat([x, is_ego], dim=-1).to(first.weight.dtype)
         if c.plan_fusion == "early":
             w_hist, w_ego = first.weight[:, : self.scene_inputs], first.weight[:, -1:]
             flat = x.reshape(1, B * A, -1).expand(c.members, -1, -1)
@@ -381,7 +381,7 @@ class Forecaster(nn.Module):
             first, second = self.encoder.layers
             w_plan = first.weight[:, self.scene_inputs: -1]  # (E, H nA, D)
             plan = torch.bmm(act.reshape(E, B * N, -1), w_plan).reshape(E, B, N, 1, -1)
-            h = second(F.silu(tokens[:, :, None] + plan))  # (E, B, N, A, D)
+            h = second(F.silu(tokens[:, :, None] + plan))  # (E, B, N, A, D), from here in second's dtype
             mask = agent_mask.repeat_interleave(N, dim=0)  # (B N, A)
             z = self.norm(self._attend(h.reshape(E, B * N, A, -1), mask)).reshape(E, B, N, A, -1)
         else:
@@ -493,14 +493,18 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def low_precision(model: Forecaster, dtype: torch.dtype = torch.bfloat16) -> Forecaster:
     """A copy of `model` whose parameters are in `dtype` (bfloat16: the planner's fast path on a CPU with native
-    bfloat16 matmuls, and on GPUs). Buffers (normalisation, calibration) stay fp32, and so do the inputs and
-    outputs of `encode` / `decode`: only the network between them runs in `dtype` (about 3 significant digits)."""
+    bfloat16 matmuls, and on GPUs), except the scene encoder's input layer. Buffers (normalisation, calibration)
+    stay fp32, and so do the inputs and outputs of `encode` / `decode`: the network between them runs in `dtype`
+    (8 significant bits). The input layer stays fp32 because it is cheap (once per scene; a plan enters it as
+    a one-hot row) and its inputs are not: a far vehicle's position rounded to 8 bits moves by decimetres."""
     import copy
 
     if dtype == torch.float32:
         return model
     cast = copy.deepcopy(model)
+    keep = {id(p) for p in cast.encoder.layers[0].parameters()}
     for param in cast.parameters():
-        param.data = param.data.to(dtype)
+        if id(param) not in keep:
+            param.data = param.data.to(dtype)
     cast._columns = {}
     return cast

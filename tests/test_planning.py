@@ -670,7 +670,7 @@ def test_mpc_step_log_matches_the_recorded_episode(tiny_checkpoint: Path, precis
 
     agent = MPCAgent(str(tiny_checkpoint), {"budget": 64, "threads": 1, "chance_epsilon": 1.0,
                                             "precision": precision})
-    assert agent.model.encoder.layers[0].weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert agent.model.trajectory_head.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     runner = EpisodeRunner()
     try:
         episode = runner.run(EpisodeJob(load_scenario("highway"), "mpc", 0, 7, max_steps=5), agent)
