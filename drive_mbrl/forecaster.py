@@ -381,7 +381,8 @@ class Forecaster(nn.Module):
             first, second = self.encoder.layers
             w_plan = first.weight[:, self.scene_inputs: -1]  # (E, H nA, D)
             plan = torch.bmm(act.reshape(E, B * N, -1), w_plan).reshape(E, B, N, 1, -1)
-            h = second(F.silu(tokens[:, :, None] + plan))  # (E, B, N, A, D), from here in second's dtype
+            dt = second.weight.dtype  # the scene's and the plan's shares (fp32 input layer) meet in the network's
+            h = second(F.silu(tokens.to(dt)[:, :, None] + plan.to(dt)))  # (E, B, N, A, D)
             mask = agent_mask.repeat_interleave(N, dim=0)  # (B N, A)
             z = self.norm(self._attend(h.reshape(E, B * N, A, -1), mask)).reshape(E, B, N, A, -1)
         else:
