@@ -161,7 +161,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
-    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, member_subset
+    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, member_subset, planning_precision
     from drive_mbrl.planning import plan_scene
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 
@@ -171,7 +171,8 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     model, meta = load_forecaster(checkpoint, dev)
     if max(members) > model.config.members:
         raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
-    models = {m: low_precision(member_subset(model, m), PRECISION_DTYPES[planner.precision]) for m in members}
+    precision = planning_precision(planner.precision, meta, dev)
+    models = {m: low_precision(member_subset(model, m), PRECISION_DTYPES[precision]) for m in members}
     with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
         episodes = max(1, -(-decisions // 25))
         collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")
@@ -197,7 +198,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
                 evaluated[(b, m)] = decision.evaluated
     # Work per decision (first scene) against this device's matmul peak: the latency no implementation of this
     # forecaster and budget can beat here.
-    peak = matmul_peak_gflops(dev, dtype=PRECISION_DTYPES[planner.precision])
+    peak = matmul_peak_gflops(dev, dtype=PRECISION_DTYPES[precision])
     with torch.inference_mode():
         gflop = {key: count_flops(lambda k=key: plan_scene(models[k[1]], *inputs[0], replace(planner, budget=k[0]),
                                                            gen)) / 1e9 for key in times}
@@ -210,9 +211,9 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
         finally:
             runner.close()
         oracle = {"depth": planner.oracle_depth, **_latency(list(episode.decision_ms))}
-    return {"device": str(dev), "threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
-            "scenario": scenario, "samples": planner.samples, "iterations": planner.iterations,
-            "matmul_peak_gflops": peak,
+    return {"device": str(dev), "threads": torch.get_num_threads(), "precision": precision,
+            "checkpoint": str(checkpoint), "scenario": scenario, "samples": planner.samples,
+            "iterations": planner.iterations, "matmul_peak_gflops": peak,
             "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row),
                       "gflop": gflop[(b, m)], "compute_bound_ms": gflop[(b, m)] / peak * 1e3,
                       "achieved_gflops": gflop[(b, m)] / (median(row) / 1e3)}
@@ -233,7 +234,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     import torch
 
     from drive_mbrl.fit import load_forecaster, load_scenes
-    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision
+    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, planning_precision
     from drive_mbrl.imagination import (
         ImaginationConfig,
         ImaginationEnv,
@@ -271,7 +272,8 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     obs = dataset_observations(net.config, dataset[:1])[:decisions]
     model, meta = load_forecaster(checkpoint)
     scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
-    model = low_precision(model, PRECISION_DTYPES[planner.precision])
+    planner_precision = planning_precision(planner.precision, meta, "cpu")
+    model = low_precision(model, PRECISION_DTYPES[planner_precision])
     policy_us, planner_ms = [], []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -296,7 +298,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
             "planner_ms_p99": float(np.percentile(planner_ms, 99)),
             "planner_over_policy": float(np.percentile(planner_ms, 50)) * 1e3 / p50,
             "planner_budget": planner.budget, "threads": 1, "imagination_checkpoint": imagination,
-            "imagined_precision": imagined_precision, "planner_precision": planner.precision}
+            "imagined_precision": imagined_precision, "planner_precision": planner_precision}
 
 
 def bench_replay(run: str, episode: int, steps: int, repeats: int, dpi: int) -> dict[str, Any]:

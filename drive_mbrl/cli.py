@@ -655,8 +655,8 @@ def run_bench_plan(cfg: C.BenchPlanConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("bench plan needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
     metrics = bench_plan(cfg.checkpoint, cfg.scenario, cfg.budgets, cfg.members, cfg.decisions,
                          cfg.oracle_decisions, cfg.planner, cfg.seed)
-    print(f"device {metrics['device']}, {metrics['threads']} threads, {metrics['samples']} samples per member, "
-          f"matmul peak {metrics['matmul_peak_gflops']:.0f} GFLOP/s")
+    print(f"device {metrics['device']}, {metrics['threads']} threads, network in {metrics['precision']}, "
+          f"{metrics['samples']} samples per member, matmul peak {metrics['matmul_peak_gflops']:.0f} GFLOP/s")
     for row in metrics["rows"]:
         print(f"budget {row['budget']:>5} ({row['plans_scored']} scored), members {row['members']}: "
               f"p50 {row['ms_p50']:.1f} ms, p99 {row['ms_p99']:.1f} ms; {row['gflop']:.2f} GFLOP per decision, "

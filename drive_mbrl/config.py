@@ -111,10 +111,12 @@ class PlannerConfig:
     oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
                             "(num_actions^depth sequences)", lo=1, hi=6)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    precision: str = opt("fp32", "the forecaster's network while planning: fp32, or bf16 (bfloat16 weights and "
-                         "activations between fp32 inputs and outputs; scoring stays fp32): 2.5x faster decisions "
-                         "on a CPU with native bfloat16 matmuls (AMX, AVX512-BF16) and on GPUs, slower where it is "
-                         "emulated; where candidates nearly tie it can choose another plan", choices=PRECISIONS)
+    precision: str = opt("auto", "the forecaster's network while planning: fp32, bf16 (bfloat16 layers between "
+                         "fp32 inputs and outputs; scoring stays fp32: about 2x faster decisions on a CPU with "
+                         "native bfloat16 matmuls (AMX, AVX512-BF16) and on GPUs, slower where it is emulated; "
+                         "where candidates nearly tie it can choose another plan), or auto: bf16 for a forecaster "
+                         "trained with `fit precision=bf16` on such a device, else fp32",
+                         choices=("auto", *PRECISIONS))
     threads: int = opt(0, "torch CPU threads of the planner; 0 = torch's default", lo=0, hi=1024)
     seed: int = opt(0, "seed of the planner's sampling (each episode adds its own seed)", lo=0, hi=2**31 - 1)
 

@@ -492,6 +492,26 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 (`planner.precision`) or imagining (`rl imagined_precision`)."""
 
 
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU that supports bfloat16, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bfloat16 is emulated, slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
+
+
+def planning_precision(setting: str, meta: dict, device: str | torch.device) -> str:
+    """`planner.precision` resolved to fp32 or bf16: `auto` is bf16 for a forecaster trained with `fit
+    precision=bf16` (its meta.json) on a device with native bfloat16 matmuls, where it plans as in fp32 at about
+    twice the speed; fp32 otherwise (a forecaster trained in fp32 chooses other plans where they nearly tie)."""
+    if setting != "auto":
+        return setting
+    trained = meta.get("settings", {}).get("precision", "fp32")
+    return "bf16" if trained == "bf16" and native_bfloat16(device) else "fp32"
+
+
 def low_precision(model: Forecaster, dtype: torch.dtype = torch.bfloat16) -> Forecaster:
     """A copy of `model` whose parameters are in `dtype` (bfloat16: the planner's fast path on a CPU with native
     bfloat16 matmuls, and on GPUs), except the scene encoder's input layer. Buffers (normalisation, calibration)

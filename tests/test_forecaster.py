@@ -584,6 +584,20 @@ def test_a_bfloat16_network_keeps_fp32_statistics_inputs_and_outputs(fusion: str
     assert low_precision(model, torch.float32) is model
 
 
+def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_native_hardware(monkeypatch):
+    import drive_mbrl.forecaster as fc
+
+    trained_bf16, trained_fp32 = {"settings": {"precision": "bf16"}}, {"settings": {"precision": "fp32"}}
+    monkeypatch.setattr(fc, "native_bfloat16", lambda device: True)
+    assert fc.planning_precision("auto", trained_bf16, "cpu") == "bf16"
+    assert fc.planning_precision("auto", trained_fp32, "cpu") == "fp32"
+    assert fc.planning_precision("auto", {"settings": {}}, "cpu") == "fp32"  # checkpoints from before `precision`
+    assert fc.planning_precision("fp32", trained_bf16, "cpu") == "fp32"
+    monkeypatch.setattr(fc, "native_bfloat16", lambda device: False)
+    assert fc.planning_precision("auto", trained_bf16, "cpu") == "fp32"
+    assert fc.planning_precision("bf16", trained_fp32, "cpu") == "bf16"
+
+
 def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
     from drive_mbrl.data import RunSpec, collect
     from drive_mbrl.fit import load_scenes
