@@ -115,12 +115,16 @@ def count_flops(call: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5, dtype: Any = None) -> float:
-    """The best matmul throughput [GFLOP/s] in `dtype` (default fp32) this device reaches with the current torch
-    threads, over a
-    square 1,024 x 1,024 product and the forecaster's typical batched one (5 members x 4,096 rows x 128 -> 384):
-    the yardstick for `compute_bound_ms` (no model with that many FLOPs can be faster on this device)."""
+def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5, precision: str = "fp32") -> float:
+    """The best matmul throughput [GFLOP/s] in `precision` (fp32 or bf16) this device reaches with the current
+    torch threads, over a square 1,024 x 1,024 product and the forecaster's typical batched one (5 members x 4,096
+    rows x 128 -> 384): the yardstick for `compute_bound_ms` (no model with that many FLOPs can be faster on this
+    device)."""
     import torch
+
+    from drive_mbrl.forecaster import PRECISION_DTYPES
+
+    dtype = PRECISION_DTYPES[precision]
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = 0.0
@@ -161,7 +165,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
-    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, member_subset, planning_precision
+    from drive_mbrl.forecaster import low_precision, member_subset, planning_precision
     from drive_mbrl.planning import plan_scene
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 
@@ -172,7 +176,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     if max(members) > model.config.members:
         raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
     precision = planning_precision(planner.precision, meta, dev)
-    models = {m: low_precision(member_subset(model, m), PRECISION_DTYPES[precision]) for m in members}
+    models = {m: low_precision(member_subset(model, m), precision) for m in members}
     with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
         episodes = max(1, -(-decisions // 25))
         collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")
@@ -198,7 +202,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
                 evaluated[(b, m)] = decision.evaluated
     # Work per decision (first scene) against this device's matmul peak: the latency no implementation of this
     # forecaster and budget can beat here.
-    peak = matmul_peak_gflops(dev, dtype=PRECISION_DTYPES[precision])
+    peak = matmul_peak_gflops(dev, precision=precision)
     with torch.inference_mode():
         gflop = {key: count_flops(lambda k=key: plan_scene(models[k[1]], *inputs[0], replace(planner, budget=k[0]),
                                                            gen)) / 1e9 for key in times}
@@ -234,7 +238,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     import torch
 
     from drive_mbrl.fit import load_forecaster, load_scenes
-    from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, planning_precision
+    from drive_mbrl.forecaster import low_precision, planning_precision
     from drive_mbrl.imagination import (
         ImaginationConfig,
         ImaginationEnv,
@@ -261,7 +265,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     # Work per imagined transition against this core's matmul peak: the most transitions/s any implementation of
     # this forecaster could step here, and that bound's ratio to the real env. Every env runs the same batched
     # layers, so the work per transition is the same at any batch size: counted once, on the one-env probe.
-    peak = matmul_peak_gflops(dtype=PRECISION_DTYPES[imagined_precision])
+    peak = matmul_peak_gflops(precision=imagined_precision)
     probe.reset(seed=seed)
     flop = count_flops(lambda: probe.step(np.full(1, probe.idle)))
     rows = [{"envs": n, "imagined_per_s": median(v), "ratio_to_real": median(v) / real_median,
@@ -273,7 +277,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     model, meta = load_forecaster(checkpoint)
     scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
     planner_precision = planning_precision(planner.precision, meta, "cpu")
-    model = low_precision(model, PRECISION_DTYPES[planner_precision])
+    model = low_precision(model, planner_precision)
     policy_us, planner_ms = [], []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():

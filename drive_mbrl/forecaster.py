@@ -179,7 +179,7 @@ class AgentAttention(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         split = lambda t: t.reshape(E * B, A, self.heads, D // self.heads).transpose(1, 2)  # (E*B, h, A, d)
         # Masked softmax attention written out: with a handful of agents per scene the batched matmuls beat
-        # scaled_dot_product_attention's kernels on a CPU (1.2x in fp32, 3-4x in bfloat16), and trace to ONNX alike.
+        # scaled_dot_product_attention's kernels on a CPU (1.2x in fp32, 3x in bfloat16), and trace to ONNX alike.
         bias = torch.zeros(B, A, dtype=x.dtype, device=x.device).masked_fill(~mask, -math.inf)
         bias = bias[None, :, None, None].expand(E, B, 1, 1, A).reshape(E * B, 1, 1, A)
         scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * (D // self.heads) ** -0.5 + bias
@@ -512,14 +512,18 @@ def planning_precision(setting: str, meta: dict, device: str | torch.device) -> 
     return "bf16" if trained == "bf16" and native_bfloat16(device) else "fp32"
 
 
-def low_precision(model: Forecaster, dtype: torch.dtype = torch.bfloat16) -> Forecaster:
-    """A copy of `model` whose parameters are in `dtype` (bfloat16: the planner's fast path on a CPU with native
-    bfloat16 matmuls, and on GPUs), except the scene encoder's input layer. Buffers (normalisation, calibration)
-    stay fp32, and so do the inputs and outputs of `encode` / `decode`: the network between them runs in `dtype`
-    (8 significant bits). The input layer stays fp32 because it is cheap (once per scene; a plan enters it as
-    a one-hot row) and its inputs are not: a far vehicle's position rounded to 8 bits moves by decimetres."""
+def low_precision(model: Forecaster, precision: str = "bf16") -> Forecaster:
+    """`model` itself for precision `fp32`; for `bf16` a copy whose parameters are in bfloat16 (the planner's and
+    the imagination's fast path on a CPU with native bfloat16 matmuls, and on GPUs), except the scene encoder's
+    input layer. Buffers (normalisation, calibration) stay fp32, and so do the inputs and outputs of `encode` /
+    `decode`: the network between them runs in bfloat16 (8 significant bits). The input layer stays fp32 because
+    it is cheap (once per scene; a plan enters it as a one-hot row) and its inputs are not: a far vehicle's
+    position rounded to 8 bits moves by decimetres."""
     import copy
 
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
+    dtype = PRECISION_DTYPES[precision]
     if dtype == torch.float32:
         return model
     cast = copy.deepcopy(model)

@@ -57,7 +57,7 @@ from drive_mbrl.features import (
     scenario_target_speeds,
     scene_history,
 )
-from drive_mbrl.forecaster import PRECISION_DTYPES, UNCERTAINTY_LEVELS, low_precision, plan_uncertainty
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, low_precision, plan_uncertainty
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
@@ -245,9 +245,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.config = config
         self.dev = dev = resolve_device(config.device)
         self.model, meta = load_forecaster(config.checkpoint, dev)
-        if config.precision not in PRECISION_DTYPES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {config.precision!r}")
-        self.model = low_precision(self.model, PRECISION_DTYPES[config.precision])
+        self.model = low_precision(self.model, config.precision)
         mc = self.model.config
         self.frame_dt = float(meta["history_dt"])
         self.sub = history_stride(mc.policy_dt, self.frame_dt)

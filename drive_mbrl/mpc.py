@@ -60,7 +60,7 @@ class MPCAgent:
         import torch
 
         from drive_mbrl.fit import load_forecaster, resolve_device, scene_spec
-        from drive_mbrl.forecaster import PRECISION_DTYPES, low_precision, planning_precision
+        from drive_mbrl.forecaster import low_precision, planning_precision
 
         if not checkpoint:
             raise ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
@@ -69,8 +69,7 @@ class MPCAgent:
             torch.set_num_threads(self.settings.threads)
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
-        self.precision = planning_precision(self.settings.precision, self.meta, self.device)
-        self.model = low_precision(self.model, PRECISION_DTYPES[self.precision])
+        self.model = low_precision(self.model, planning_precision(self.settings.precision, self.meta, self.device))
         c = self.model.config
         if c.action_dim and (self.settings.ego_model == "route" or self.settings.policy):
             raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions: plan them with "

@@ -581,7 +581,7 @@ def test_a_bfloat16_network_keeps_fp32_statistics_inputs_and_outputs(fusion: str
     assert (low["mean"] - full["mean"]).abs().max() <= 0.05 * residual
     for key in ("log_std", "logits", "reward"):
         assert (low[key] - full[key]).abs().max() <= 0.05 * full[key].abs().max() + 1e-3, key
-    assert low_precision(model, torch.float32) is model
+    assert low_precision(model, "fp32") is model
 
 
 def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_native_hardware(monkeypatch):
