@@ -320,7 +320,9 @@ class Forecaster(nn.Module):
         adding the plan's share in `decode` is exact)."""
         c = self.config
         B, A, L, Fh = history.shape
-        assert (A, L, Fh) == (c.agents, c.history_len, len(HIST_FEATURES)), f"history shape {tuple(history.shape)}"
+        # Fewer slots than `agents` is a scene cropped to its present agents (`planning.present_slots`).
+        assert A <= c.agents and (L, Fh) == (c.history_len, len(HIST_FEATURES)), \
+            f"history shape {tuple(history.shape)}, want (B, <={c.agents}, {c.history_len}, {len(HIST_FEATURES)})"
         x = self.normalise(history).reshape(B, A, L * Fh)
         if c.neighbours:
             x = torch.cat([x, lane_neighbours(history[:, :, -1], agent_mask)], dim=-1)

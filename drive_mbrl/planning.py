@@ -813,13 +813,35 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
     noise = draw_noise(generator, iterations, population, c.horizon, c.members, history.shape[0], settings.samples)
     if warm_start is None:
         warm_start = torch.zeros(c.horizon, dtype=torch.int64, device=history.device)
-    step = plan_step(model, history, agent_mask, settings, noise, warm_start, ego_path, fault, proposal, ego_reward)
+    # Only the agents that are there go through the forecaster: absent slots never reach a present agent's
+    # prediction (attention masks them) nor a cost (every check is masked), so this is exact and saves their share
+    # of the per-plan work. The noise is drawn for every slot first, so the draws do not depend on the cropping.
+    slots = present_slots(agent_mask)
+    noise = StepNoise(noise.candidates, noise.modes[:, :, :, slots], noise.gauss[:, :, :, slots])
+    step = plan_step(model, history[slots], agent_mask[slots], settings, noise, warm_start, ego_path, fault,
+                     proposal, ego_reward)
+    futures = {k: uncrop(step["future_" + k], slots, agent_mask.shape[0]) for k in ("mean", "log_std", "logits")}
     reason = FALLBACK_REASONS[int(step["reason"])]
     least_risk = step["least_risk"] if reason == "no_plan_within_collision_limit" else None
     return Decision(step["plan"], reason, float(step["cost"]), float(step["collision_prob"]),
                     float(step["disagreement"]), float(step["spread"]), float(step["expected_return"]),
                     int(step["evaluated"]), least_risk, step["action_costs"], step["candidates"],
-                    step["scores"], {k: step["future_" + k] for k in ("mean", "log_std", "logits")})
+                    step["scores"], futures)
+
+
+def present_slots(agent_mask: torch.Tensor) -> torch.Tensor:
+    """(A',) int64 the slots of the agents present in agent_mask (A,) bool, in slot order; the ego's slot 0 always."""
+    keep = agent_mask.clone()
+    keep[0] = True
+    return keep.nonzero().squeeze(1)
+
+
+def uncrop(values: torch.Tensor, slots: torch.Tensor, agents: int) -> torch.Tensor:
+    """values (E, A', ...) of the agents in `slots` -> (E, agents, ...), NaN in the other slots."""
+    out = torch.full((values.shape[0], agents, *values.shape[2:]), math.nan, dtype=values.dtype,
+                     device=values.device)
+    out[:, slots] = values
+    return out
 
 
 CONTINUOUS_MIN_STD = 0.05

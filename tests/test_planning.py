@@ -17,15 +17,18 @@ from drive_mbrl.planning import (
     categorical_cem,
     cem,
     collisions,
+    draw_noise,
     enumerate_plans,
     exhaustive_search,
     lookahead,
     mode_collision_prob,
     mppi,
     plan_scene,
+    plan_step,
     risk_measure,
     sample_costs,
     score_plans,
+    search_shape,
     travel_headings,
     unique_plans,
 )
@@ -479,6 +482,43 @@ def test_plan_scene_returns_the_chosen_plans_futures_and_every_candidate():
     assert decision.futures["mean"].shape == (2, 2, 1, 5, 2) and decision.futures["logits"].shape == (2, 2, 1)
     assert torch.all(decision.futures["mean"][:, 1, ..., 0] == 500.0)  # FakeModel's agent 1 sits at x = 500 m
     assert torch.equal(decision.scores["risk"], decision.scores["risk"].nan_to_num())  # finite, unlike cost
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_planning_only_the_present_agents_is_exact(tiny_checkpoint: Path, fusion: str):
+    """plan_scene sends only the present agents through the forecaster: same plan, costs and futures as the whole
+    scene through `plan_step` with the same draws, whatever sits in the absent slots, and NaN futures there."""
+    from drive_mbrl.fit import load_forecaster, load_scenes
+    from drive_mbrl.forecaster import Forecaster
+
+    trained, meta = load_forecaster(str(tiny_checkpoint), torch.device("cpu"))
+    torch.manual_seed(0)  # the other fusion with random weights
+    model = trained if trained.config.plan_fusion == fusion else Forecaster(
+        replace(trained.config, plan_fusion=fusion)).eval()
+    scenes, _ = load_scenes([str(tiny_checkpoint.parent / "data")], model.config, meta["history_dt"])
+    settings = PlannerConfig(budget=64, dead_end_speed=20.0)  # categorical CEM: 2 iterations of 32
+    i = int(np.flatnonzero(scenes.agent_mask[:, 1:].sum(1) >= 2)[0])
+    history, mask = torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]).clone()
+    mask[2] = False  # and one more slot empty, in the middle
+    A = mask.shape[0]
+    c = model.config
+    iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
+    noise = draw_noise(gen(3), iterations, population, c.horizon, c.members, A, settings.samples)
+    warm = torch.zeros(c.horizon, dtype=torch.int64)
+    with torch.inference_mode():
+        whole = plan_step(model, history, mask, settings, noise, warm)
+        junk = history.clone()
+        junk[~mask] = torch.randn(int((~mask).sum()), *history.shape[1:]) * 50.0  # what absent slots hold is moot
+        for scene in (history, junk):
+            decision = plan_scene(model, scene, mask, settings, gen(3))
+            assert decision.plan.tolist() == whole["plan"].tolist()
+            assert decision.cost == pytest.approx(float(whole["cost"]), rel=1e-5, abs=1e-5)
+            assert decision.collision_prob == pytest.approx(float(whole["collision_prob"]), abs=1e-6)
+            torch.testing.assert_close(decision.scores["cost"], whole["scores"]["cost"], rtol=1e-5, atol=1e-5)
+            for k in ("mean", "log_std", "logits"):
+                torch.testing.assert_close(decision.futures[k][:, mask], whole["future_" + k][:, mask],
+                                           rtol=1e-5, atol=1e-4)
+                assert decision.futures[k][:, ~mask].isnan().all()
 
 
 def test_representative_futures_take_the_member_nearest_the_consensus():
