@@ -227,7 +227,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
 def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str, envs: list[int], steps: int,
                  real_steps: int, repeats: int, decisions: int, planner: Any, seed: int,
-                 imagination: str = "", imagined_precision: str = "fp32") -> dict[str, Any]:
+                 imagination: str = "", imagined_precision: str = "auto") -> dict[str, Any]:
     """Issue-5 speed figures on the same cores, one torch thread: imagined transitions/s of the imagination env
     (per batch size; its forecaster is `imagination`, default `checkpoint`) against real env steps/s of
     `imagination.PolicyEnv` (highway-env plus perception, random actions), alternating repeats; and the decision
@@ -265,6 +265,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     # Work per imagined transition against this core's matmul peak: the most transitions/s any implementation of
     # this forecaster could step here, and that bound's ratio to the real env. Every env runs the same batched
     # layers, so the work per transition is the same at any batch size: counted once, on the one-env probe.
+    imagined_precision = probe.precision  # `auto` resolved
     peak = matmul_peak_gflops(precision=imagined_precision)
     probe.reset(seed=seed)
     flop = count_flops(lambda: probe.step(np.full(1, probe.idle)))

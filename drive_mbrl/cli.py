@@ -715,7 +715,8 @@ def run_bench_policy(cfg: C.BenchPolicyConfig, run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("bench policy needs policy=<folder>, checkpoint=<forecaster> and dataset=[episodes]")
     m = bench_policy(cfg.policy, cfg.checkpoint, cfg.dataset, cfg.scenario, cfg.envs, cfg.steps, cfg.real_steps,
                      cfg.repeats, cfg.decisions, cfg.planner, cfg.seed, cfg.imagination, cfg.imagined_precision)
-    print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median)")
+    print(f"real env ({m['scenario']}, with perception): {m['real_steps_per_s']:.1f} steps/s (median); imagination "
+          f"network in {m['imagined_precision']}, planner's in {m['planner_precision']}")
     for row in m["rows"]:
         print(f"imagination, {row['envs']:>5} envs: {row['imagined_per_s']:9.0f} transitions/s = "
               f"{row['ratio_to_real']:.0f}x real; {row['mflop_per_transition']:.1f} MFLOP each, at most "

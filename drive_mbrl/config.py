@@ -417,9 +417,10 @@ class RLConfig:
                                "and target lane; highway scenarios)", choices=("learned", "kinematic"))
     imagined_crash_margin: list[float] = opt([0.0, 0.0], "[m] longitudinal and lateral margins added to the boxes "
                                              "before an imagined ego counts as crashed", lo=0.0, hi=50.0)
-    imagined_precision: str = opt("fp32", "the imagining forecaster's network: fp32, or bf16 (bfloat16 between fp32 "
+    imagined_precision: str = opt("auto", "the imagining forecaster's network: fp32, bf16 (bfloat16 between fp32 "
                                   "inputs and outputs: about 2.5x the imagined steps/s on a CPU with native "
-                                  "bfloat16 matmuls)", choices=PRECISIONS)
+                                  "bfloat16 matmuls), or auto: bf16 on such a device, fp32 elsewhere",
+                                  choices=("auto", *PRECISIONS))
     real: int = opt(1, "real envs per batched step", lo=0, hi=4096)
     imagined: int = opt(127, "imagined envs per batched step (mode=dyna)", lo=0, hi=1 << 20)
     iterations: int = opt(20, "PPO iterations at most", lo=1, hi=10**6)
@@ -455,8 +456,8 @@ class BenchPolicyConfig:
     checkpoint: str = opt("", "forecaster checkpoint (imagination and planner); required")
     imagination: str = opt("", "a separate forecaster for the imagination env (e.g. a small horizon-1 model fitted "
                            "for Dyna); empty = checkpoint")
-    imagined_precision: str = opt("fp32", "the imagination's network: fp32 or bf16 (as `rl imagined_precision`)",
-                                  choices=PRECISIONS)
+    imagined_precision: str = opt("auto", "the imagination's network: auto, fp32 or bf16 (as `rl "
+                                  "imagined_precision`)", choices=("auto", *PRECISIONS))
     dataset: list[str] = opt([], "recorded episodes: start states and latency scenes; required")
     scenario: str = opt("highway", "scenario of the real env")
     envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20)

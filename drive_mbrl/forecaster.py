@@ -517,6 +517,15 @@ def planning_precision(setting: str, meta: dict, device: str | torch.device) -> 
     return "bf16" if trained == "bf16" and native_bfloat16(device) else "fp32"
 
 
+def imagining_precision(setting: str, device: str | torch.device) -> str:
+    """`rl imagined_precision` resolved to fp32 or bf16: `auto` is bf16 on a device with native bfloat16 matmuls,
+    whatever precision the forecaster was trained in (unlike `planning_precision`: Dyna on bfloat16 imagination
+    trained policies as good as on fp32 imagination, docs/results.md), fp32 elsewhere."""
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bfloat16(device) else "fp32"
+
+
 def low_precision(model: Forecaster, precision: str = "bf16") -> Forecaster:
     """`model` itself for precision `fp32`; for `bf16` a copy whose parameters are in bfloat16 (the planner's and
     the imagination's fast path on a CPU with native bfloat16 matmuls, and on GPUs), except the scene encoder's

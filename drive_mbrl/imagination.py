@@ -57,7 +57,7 @@ from drive_mbrl.features import (
     scenario_target_speeds,
     scene_history,
 )
-from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, low_precision, plan_uncertainty
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, imagining_precision, low_precision, plan_uncertainty
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
@@ -149,9 +149,10 @@ class ImaginationConfig:
     crash_margin: tuple[float, float] = (0.0, 0.0)
     """[m] added to the sums of half lengths and half widths before the ego's box counts as overlapping another
     (0: the boxes themselves)."""
-    precision: str = "fp32"
-    """The forecaster's network: fp32, or bf16 (`forecaster.low_precision`: about 2.5x the imagined steps/s on a
-    CPU with native bfloat16 matmuls; inputs, outputs and the env's state stay fp32)."""
+    precision: str = "auto"
+    """The forecaster's network: fp32, bf16 (`forecaster.low_precision`: about 2.5x the imagined steps/s on a
+    CPU with native bfloat16 matmuls; inputs, outputs and the env's state stay fp32), or auto (bf16 where the
+    device has native bfloat16 matmuls: `forecaster.imagining_precision`)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -245,7 +246,8 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.config = config
         self.dev = dev = resolve_device(config.device)
         self.model, meta = load_forecaster(config.checkpoint, dev)
-        self.model = low_precision(self.model, config.precision)
+        self.precision = imagining_precision(config.precision, dev)
+        self.model = low_precision(self.model, self.precision)
         mc = self.model.config
         self.frame_dt = float(meta["history_dt"])
         self.sub = history_stride(mc.policy_dt, self.frame_dt)

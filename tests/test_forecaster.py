@@ -585,10 +585,12 @@ def test_a_bfloat16_network_keeps_fp32_statistics_inputs_and_outputs(fusion: str
 
 
 def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_native_hardware(monkeypatch):
+    """And imagines in bfloat16 on native hardware whatever the forecaster was trained in."""
     import drive_mbrl.forecaster as fc
 
     trained_bf16, trained_fp32 = {"settings": {"precision": "bf16"}}, {"settings": {"precision": "fp32"}}
     monkeypatch.setattr(fc, "native_bfloat16", lambda device: True)
+    assert fc.imagining_precision("auto", "cpu") == "bf16" and fc.imagining_precision("fp32", "cpu") == "fp32"
     assert fc.planning_precision("auto", trained_bf16, "cpu") == "bf16"
     assert fc.planning_precision("auto", trained_fp32, "cpu") == "fp32"
     assert fc.planning_precision("auto", {"settings": {}}, "cpu") == "fp32"  # checkpoints from before `precision`
@@ -596,6 +598,7 @@ def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_nati
     monkeypatch.setattr(fc, "native_bfloat16", lambda device: False)
     assert fc.planning_precision("auto", trained_bf16, "cpu") == "fp32"
     assert fc.planning_precision("bf16", trained_fp32, "cpu") == "bf16"
+    assert fc.imagining_precision("auto", "cpu") == "fp32" and fc.imagining_precision("bf16", "cpu") == "bf16"
 
 
 def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
