@@ -602,7 +602,8 @@ class Decision:
     """name -> (P,) `score_plans`' figures of `candidates` (cost, risk, collision_prob, ...)."""
     futures: dict[str, torch.Tensor] | None = None
     """The forecaster's outputs under the chosen plan, as scored (ego slot replaced by `ego_path` when given):
-    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K)."""
+    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K); NaN in the slots of
+    absent agents (`plan_scene` plans with the present ones only)."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
