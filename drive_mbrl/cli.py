@@ -20,6 +20,7 @@ import numpy as np
 
 from drive_mbrl import config as C
 from drive_mbrl.errors import DriveMbrlError
+from drive_mbrl.runtime import keep_freed_memory
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -946,6 +947,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"drive-mbrl: error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.argv = [f"drive-mbrl {name.replace('_', ' ')}", *args]
+    keep_freed_memory()
     _run_hydra(name)
 
 

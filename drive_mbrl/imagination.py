@@ -242,7 +242,9 @@ class ImaginationEnv(gym.vector.VectorEnv):
     def __init__(self, config: ImaginationConfig, num_envs: int,
                  starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
         from drive_mbrl.fit import load_forecaster, resolve_device
+        from drive_mbrl.runtime import keep_freed_memory
 
+        keep_freed_memory()  # RLlib's env runners are processes of their own
         self.config = config
         self.dev = dev = resolve_device(config.device)
         self.model, meta = load_forecaster(config.checkpoint, dev)

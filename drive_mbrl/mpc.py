@@ -61,12 +61,14 @@ class MPCAgent:
 
         from drive_mbrl.fit import load_forecaster, resolve_device, scene_spec
         from drive_mbrl.forecaster import low_precision, planning_precision
+        from drive_mbrl.runtime import keep_freed_memory
 
         if not checkpoint:
             raise ConfigError("agent=mpc needs checkpoint=<forecaster folder> (train one with `drive-mbrl fit`)")
         self.settings = planner_config(planner)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
+        keep_freed_memory()  # also in Ray workers, which do not pass through the CLI
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         self.model = low_precision(self.model, planning_precision(self.settings.precision, self.meta, self.device))
