@@ -243,10 +243,8 @@ class FitConfig:
     modes: int = opt(3, "Gaussian modes per agent", lo=1, hi=32)
     width: int = opt(128, "token width", lo=8, hi=4096)
     blocks: int = opt(2, "attention blocks across agents", lo=0, hi=16)
-    plan_fusion: str = opt("early", "where the ego's plan enters: early (every agent token, accurate), mid (every "
-                           "agent token after the first attention block, which then runs once per scene) or late "
-                           "(a per-plan decoder after the attention: cheaper per plan)",
-                           choices=("early", "mid", "late"))
+    plan_fusion: str = opt("early", "where the ego's plan enters: early (every agent token, accurate) or late "
+                           "(a per-plan decoder after the attention: cheaper per plan)", choices=("early", "late"))
     decoder_width: int = opt(128, "width of the late-fusion per-plan decoder", lo=8,
                              hi=4096)
     neighbours: bool = opt(False, "give each agent its lane neighbours (gap and closing speed ahead / behind in its "

@@ -37,8 +37,6 @@ from torch.nn import functional as F
 from drive_mbrl.config import UNCERTAINTY_LEVELS
 from drive_mbrl.features import HIST_FEATURES, PRESENT, TARGET_FEATURES
 
-PLAN_FUSIONS = ("early", "mid", "late")
-"""Where the ego's plan enters the network (`ForecasterConfig.plan_fusion`)."""
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
 """Bounds of every predicted std, in the target's units ([m], [m/s]): a floor of 5 cm keeps the Gaussian NLL from
 collapsing onto vehicles that drive exactly at constant speed (and then exploding on the next small error)."""
@@ -82,10 +80,8 @@ class ForecasterConfig:
     blocks: int = 2
     plan_fusion: str = "early"
     """Where the ego's plan enters: `early` (into every agent token before the attention blocks: the most accurate;
-    per plan the whole token stack runs), `mid` (added to every agent token after the first attention block, which
-    runs once per scene; per plan only the later blocks run) or `late` (after the attention, into a per-plan
-    decoder of `decoder_width`: cheaper per plan, but less accurate in our measurements: 1.71 m vs 1.23 m at 5 s on
-    highway)."""
+    per plan the whole token stack runs) or `late` (after the attention, into a per-plan decoder of
+    `decoder_width`: cheaper per plan, but less accurate in our measurements: 1.71 m vs 1.23 m at 5 s on highway)."""
     decoder_width: int = 128
     """Width of the late-fusion decoder (64 trained far worse: validation NLL +1.2 vs -0.5 after 7 epochs)."""
     policy_dt: float = 1.0
@@ -242,11 +238,8 @@ class Forecaster(nn.Module):
     def __init__(self, config: ForecasterConfig):
         super().__init__()
         self.config = c = config
-        if c.plan_fusion not in PLAN_FUSIONS:
-            raise ValueError(f"plan_fusion must be one of {', '.join(PLAN_FUSIONS)}, got {c.plan_fusion!r}")
-        if c.plan_fusion == "mid" and c.blocks < 2:
-            raise ValueError(f"plan_fusion=mid runs the first attention block per scene and the rest per plan: it "
-                             f"needs blocks >= 2, got {c.blocks}")
+        if c.plan_fusion not in ("early", "late"):
+            raise ValueError(f"plan_fusion must be early or late, got {c.plan_fusion!r}")
         early = c.plan_fusion == "early"
         # Early fusion: token inputs [history (L F), neighbours, plan one-hot (H num_actions), is_ego]; late: the
         # same without the plan.
@@ -269,10 +262,8 @@ class Forecaster(nn.Module):
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
         self.norm = EnsembleLayerNorm(c.members, c.width)
         self._columns: dict[tuple[int, str], torch.Tensor] = {}
-        dw = c.decoder_width if c.plan_fusion == "late" else c.width
-        if c.plan_fusion == "mid":
-            self.plan_embed = EnsembleMLP(c.members, [self.plan_width, c.width, c.width])
-        if c.plan_fusion == "late":
+        dw = c.width if early else c.decoder_width
+        if not early:
             self.plan_encoder = EnsembleMLP(c.members, [self.plan_width, dw, dw])
             self.token_in = EnsembleLinear(c.members, c.width, 2 * dw)
             self.plan_in = EnsembleLinear(c.members, dw, 2 * dw)
@@ -327,8 +318,7 @@ class Forecaster(nn.Module):
 
     def encode(self, history: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
         """Plan-independent part of the model, once per scene. history: (B, A, L, len(HIST_FEATURES)) ego frame;
-        agent_mask: (B, A) bool. Returns (E, B, A, D) tokens: for `late` fusion the agent tokens after attention; for
-        `mid` fusion after the first attention block;
+        agent_mask: (B, A) bool. Returns (E, B, A, D) tokens: for `late` fusion the agent tokens after attention;
         for `early` fusion the history's share of the first layer's pre-activation (the first layer is affine, so
         adding the plan's share in `decode` is exact)."""
         c = self.config
@@ -349,9 +339,7 @@ class Forecaster(nn.Module):
             pre = torch.baddbmm(first.bias, flat, torch.cat([w_hist, w_ego], dim=1))
             return pre.reshape(c.members, B, A, -1)
         h = self.encoder(x.unsqueeze(0).expand(c.members, -1, -1, -1))
-        if c.plan_fusion == "mid":
-            return self._attend(h, agent_mask, self.blocks[:1])
-        return self.norm(self._attend(h, agent_mask, self.blocks))
+        return self.norm(self._attend(h, agent_mask))
 
     def normalise(self, history: torch.Tensor) -> torch.Tensor:
         """History features (..., len(HIST_FEATURES)) in their units -> the model's inputs, same shape: standardised
@@ -365,11 +353,11 @@ class Forecaster(nn.Module):
         x = x * filled
         return torch.cat([x[..., :PRESENT], present, x[..., PRESENT + 1:]], dim=-1)
 
-    def _attend(self, h: torch.Tensor, agent_mask: torch.Tensor, blocks: Any) -> torch.Tensor:
-        """`blocks` (attention blocks) over agent tokens h (E, B, A, D) with agent_mask (B, A)."""
+    def _attend(self, h: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
+        """Attention blocks over agent tokens h (E, B, A, D) with agent_mask (B, A)."""
         mask = agent_mask.clone()
         mask[:, 0] = True  # the ego is always there; also keeps attention rows non-empty
-        for block in blocks:
+        for block in self.blocks:
             h = block(h, mask)
         return h
 
@@ -401,12 +389,7 @@ class Forecaster(nn.Module):
             dt = second.weight.dtype  # the scene's and the plan's shares (fp32 input layer) meet in the network's
             h = second(F.silu(tokens.to(dt)[:, :, None] + plan.to(dt)))  # (E, B, N, A, D)
             mask = agent_mask.repeat_interleave(N, dim=0)  # (B N, A)
-            z = self.norm(self._attend(h.reshape(E, B * N, A, -1), mask, self.blocks)).reshape(E, B, N, A, -1)
-        elif c.plan_fusion == "mid":
-            plan = self.plan_embed(act)  # (E, B, N, D)
-            h = tokens[:, :, None] + plan[:, :, :, None].to(tokens.dtype)  # (E, B, N, A, D)
-            mask = agent_mask.repeat_interleave(N, dim=0)  # (B N, A)
-            z = self.norm(self._attend(h.reshape(E, B * N, A, -1), mask, self.blocks[1:])).reshape(E, B, N, A, -1)
+            z = self.norm(self._attend(h.reshape(E, B * N, A, -1), mask)).reshape(E, B, N, A, -1)
         else:
             plan = self.plan_encoder(act)
             # Additive and multiplicative (bilinear) mixing of each agent's token with the plan: how a plan moves an

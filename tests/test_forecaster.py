@@ -38,12 +38,6 @@ TINY = ForecasterConfig(agents=3, history_len=2, horizon=3, num_actions=5, membe
 CPU = torch.device("cpu")
 
 
-def tiny(fusion: str, base: ForecasterConfig = TINY, **changes) -> ForecasterConfig:
-    """`base` with `plan_fusion` fusion (and the two attention blocks that `mid` needs)."""
-    blocks = max(base.blocks, 2) if fusion == "mid" else base.blocks
-    return ForecasterConfig(**{**base.to_dict(), "plan_fusion": fusion, "blocks": blocks, **changes})
-
-
 def cv_scenes(n: int, config: ForecasterConfig = TINY, seed: int = 0) -> Scenes:
     """Scenes of a constant-velocity world: every agent keeps its velocity exactly (ego frame, dt 1 s)."""
     rng = np.random.default_rng(seed)
@@ -494,10 +488,10 @@ def test_learning_rate_schedule_by_hand():
     assert lr_factor(int(5 + 95 / 2), 100) == pytest.approx(0.05 + 0.95 * 0.5, abs=0.02)
 
 
-@pytest.mark.parametrize(("fusion", "neighbours"), [("early", True), ("mid", True), ("late", True), ("early", False)])
+@pytest.mark.parametrize(("fusion", "neighbours"), [("early", True), ("late", True), ("early", False)])
 def test_rollout_of_many_plans_matches_one_call_per_plan(fusion: str, neighbours: bool):
     torch.manual_seed(0)
-    model = Forecaster(tiny(fusion, neighbours=neighbours)).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion, "neighbours": neighbours})).eval()
     scenes = cv_scenes(2)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.randint(0, 5, (2, 6, TINY.horizon))
@@ -532,14 +526,14 @@ def test_lane_neighbours_by_hand():
     assert (f[4] == 0).all()  # an empty slot has no features
 
 
-@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
 def test_planner_fast_paths_match_the_full_model(fusion: str):
     """decode(positions_only=True) equals the full decode's position columns; a member subset equals the first
     members of the full ensemble."""
     from drive_mbrl.forecaster import member_subset
 
     torch.manual_seed(0)
-    model = Forecaster(tiny(fusion)).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion})).eval()
     scenes = cv_scenes(1)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.randint(0, 5, (1, 7, TINY.horizon))
@@ -558,7 +552,7 @@ def test_planner_fast_paths_match_the_full_model(fusion: str):
         torch.testing.assert_close(sub[key], full[key][:2])
 
 
-@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
 def test_a_bfloat16_network_keeps_fp32_statistics_inputs_and_outputs(fusion: str):
     """`low_precision`: parameters in bfloat16 but the input layer's, buffers (normalisation, calibration) and
     outputs in fp32, the original model untouched, and the predicted residuals within bfloat16's rounding of the
@@ -566,7 +560,7 @@ def test_a_bfloat16_network_keeps_fp32_statistics_inputs_and_outputs(fusion: str
     from drive_mbrl.forecaster import low_precision, physics_base
 
     torch.manual_seed(0)
-    model = Forecaster(tiny(fusion)).eval()
+    model = Forecaster(ForecasterConfig(**{**TINY.to_dict(), "plan_fusion": fusion})).eval()
     model.std_scale.fill_(1.5)
     half = low_precision(model)
     first = {id(p) for p in half.encoder.layers[0].parameters()}
@@ -639,12 +633,12 @@ def test_the_ego_future_is_learned_from_its_actions(tmp_path: Path):
 CONTINUOUS = ForecasterConfig(**{**TINY.to_dict(), "action_dim": 2})
 
 
-@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
 def test_continuous_plans_roll_out_like_one_call_per_plan(fusion: str):
     """A model with `action_dim` 2 takes (S, N, H, 2) float plans: the batched rollout equals one forward call per
     plan, different actions give different futures, and NaN (no action) is read as zeros."""
     torch.manual_seed(0)
-    model = Forecaster(tiny(fusion, CONTINUOUS)).eval()
+    model = Forecaster(ForecasterConfig(**{**CONTINUOUS.to_dict(), "plan_fusion": fusion})).eval()
     scenes = cv_scenes(2, CONTINUOUS)
     history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
     plans = torch.rand(2, 6, TINY.horizon, 2) * 2 - 1

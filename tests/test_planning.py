@@ -484,7 +484,7 @@ def test_plan_scene_returns_the_chosen_plans_futures_and_every_candidate():
     assert torch.equal(decision.scores["risk"], decision.scores["risk"].nan_to_num())  # finite, unlike cost
 
 
-@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
 def test_planning_only_the_present_agents_is_exact(tiny_checkpoint: Path, fusion: str):
     """plan_scene sends only the present agents through the forecaster: same plan, costs and futures as the whole
     scene through `plan_step` with the same draws, whatever sits in the absent slots, and NaN futures there."""
@@ -494,7 +494,7 @@ def test_planning_only_the_present_agents_is_exact(tiny_checkpoint: Path, fusion
     trained, meta = load_forecaster(str(tiny_checkpoint), torch.device("cpu"))
     torch.manual_seed(0)  # the other fusion with random weights
     model = trained if trained.config.plan_fusion == fusion else Forecaster(
-        replace(trained.config, plan_fusion=fusion, blocks=2)).eval()
+        replace(trained.config, plan_fusion=fusion)).eval()
     scenes, _ = load_scenes([str(tiny_checkpoint.parent / "data")], model.config, meta["history_dt"])
     settings = PlannerConfig(budget=64, dead_end_speed=20.0)  # categorical CEM: 2 iterations of 32
     i = int(np.flatnonzero(scenes.agent_mask[:, 1:].sum(1) >= 2)[0])
