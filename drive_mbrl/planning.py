@@ -259,6 +259,8 @@ def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
     tracing (on a GPU the dense passes cost less than the synchronising `nonzero`).
     """
     E, N, A, M, H, _ = positions.shape
+    if A == 1:  # the ego alone (a scene cropped to its present agents): nobody to hit
+        return torch.zeros(E, N, 0, M, H, dtype=torch.bool, device=positions.device)
     margin = torch.tensor([settings.margin_long, settings.margin_lat], device=size.device, dtype=size.dtype)
     half = (size + margin) / 2  # (A, 2) half length and half width, each box taking half of each margin
     rel, prev = [], []
@@ -538,7 +540,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     (`mode_collision_prob` within the first `chance_steps` steps, mean over members),
     sampled_collision_prob (share of samples colliding within those steps), disagreement
     and spread [m] (`forecaster.plan_uncertainty`), expected_return (mean
-    over samples of the discounted reward), finite (the model's outputs for the plan are all finite).
+    over samples of the discounted reward), finite (the model's outputs for the plan are all finite for the ego and
+    the agents in agent_mask).
     """
     E, N, A, K, H, _ = out["mean"].shape
     if isinstance(draws, torch.Generator):
@@ -556,8 +559,12 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     disagreement, spread = plan_uncertainty(out, agent_mask)
     risk = risk_measure(costs, settings.risk, settings.alpha)
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
-    # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards propagates into these sums.
-    totals = [out[k].sum([d for d in range(out[k].dim()) if d != 1]) for k in ("mean", "log_std", "logits", "reward")]
+    # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards of the ego and the present
+    # agents propagates into these sums (what an absent slot holds is never used, so it does not count).
+    present = agent_mask | (torch.arange(A, device=agent_mask.device) == 0)
+    kept = {k: torch.where(present.reshape(1, 1, A, *[1] * (out[k].dim() - 3)), out[k], 0.0)
+            for k in ("mean", "log_std", "logits")}
+    totals = [v.sum([d for d in range(v.dim()) if d != 1]) for v in (*kept.values(), out["reward"])]
     finite = torch.isfinite(sum(totals))
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
@@ -602,8 +609,8 @@ class Decision:
     """name -> (P,) `score_plans`' figures of `candidates` (cost, risk, collision_prob, ...)."""
     futures: dict[str, torch.Tensor] | None = None
     """The forecaster's outputs under the chosen plan, as scored (ego slot replaced by `ego_path` when given):
-    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K); NaN in the slots of
-    absent agents (`plan_scene` plans with the present ones only)."""
+    mean, log_std (E, A, K, H, 2) [m] positions in the decision's ego frame, logits (E, A, K). For meta-actions
+    `plan_scene` plans with the present agents only (and the ego's slot 0), so the other slots hold NaN."""
 
 
 Fault = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

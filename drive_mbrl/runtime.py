@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 KEEP_BYTES = 1 << 30
@@ -25,11 +26,13 @@ _state = {"done": False, "applied": False}
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc to keep freed memory for reuse (see the module docstring); once per process, a no-op
-    off Linux or on another C library. Returns whether the settings are in effect."""
+    off Linux, on another C library, or with the environment variable DRIVE_MBRL_KEEP_FREED_MEMORY=0. It applies
+    to the whole process (up to KEEP_BYTES of freed memory stay resident). Returns whether the settings are in
+    effect."""
     if _state["done"]:
         return _state["applied"]
     _state["done"] = True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("DRIVE_MBRL_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -37,6 +40,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _state["applied"] = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, KEEP_BYTES), (_M_TOP_PAD, 64 << 20)))
+    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, KEEP_BYTES), (_M_TOP_PAD, 64 << 20))
+    results = [mallopt(param, value) == 1 for param, value in settings]  # each tried, whatever the others gave
+    _state["applied"] = all(results)
     return _state["applied"]

@@ -498,27 +498,31 @@ def test_planning_only_the_present_agents_is_exact(tiny_checkpoint: Path, fusion
     scenes, _ = load_scenes([str(tiny_checkpoint.parent / "data")], model.config, meta["history_dt"])
     settings = PlannerConfig(budget=64, dead_end_speed=20.0)  # categorical CEM: 2 iterations of 32
     i = int(np.flatnonzero(scenes.agent_mask[:, 1:].sum(1) >= 2)[0])
-    history, mask = torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]).clone()
-    mask[2] = False  # and one more slot empty, in the middle
-    A = mask.shape[0]
+    history, recorded = torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i])
+    A = recorded.shape[0]
+    one_more = recorded.clone()
+    one_more[2] = False  # one more slot empty, in the middle
+    ego_only = torch.arange(A) == 0  # an empty road: nobody to collide with
     c = model.config
     iterations, population, _ = search_shape(c.num_actions, c.horizon, settings)
     noise = draw_noise(gen(3), iterations, population, c.horizon, c.members, A, settings.samples)
     warm = torch.zeros(c.horizon, dtype=torch.int64)
     with torch.inference_mode():
-        whole = plan_step(model, history, mask, settings, noise, warm)
-        junk = history.clone()
-        junk[~mask] = torch.randn(int((~mask).sum()), *history.shape[1:]) * 50.0  # what absent slots hold is moot
-        for scene in (history, junk):
-            decision = plan_scene(model, scene, mask, settings, gen(3))
-            assert decision.plan.tolist() == whole["plan"].tolist()
-            assert decision.cost == pytest.approx(float(whole["cost"]), rel=1e-5, abs=1e-5)
-            assert decision.collision_prob == pytest.approx(float(whole["collision_prob"]), abs=1e-6)
-            torch.testing.assert_close(decision.scores["cost"], whole["scores"]["cost"], rtol=1e-5, atol=1e-5)
-            for k in ("mean", "log_std", "logits"):
-                torch.testing.assert_close(decision.futures[k][:, mask], whole["future_" + k][:, mask],
-                                           rtol=1e-5, atol=1e-4)
-                assert decision.futures[k][:, ~mask].isnan().all()
+        for mask in (one_more, ego_only):
+            whole = plan_step(model, history, mask, settings, noise, warm)
+            junk = history.clone()
+            junk[~mask] = torch.randn(int((~mask).sum()), *history.shape[1:]) * 50.0  # absent slots' contents: moot
+            for scene in (history, junk):
+                decision = plan_scene(model, scene, mask, settings, gen(3))
+                assert decision.plan.tolist() == whole["plan"].tolist()
+                assert decision.cost == pytest.approx(float(whole["cost"]), rel=1e-5, abs=1e-5)
+                assert decision.collision_prob == pytest.approx(float(whole["collision_prob"]), abs=1e-6)
+                torch.testing.assert_close(decision.scores["cost"], whole["scores"]["cost"], rtol=1e-5, atol=1e-5)
+                for k in ("mean", "log_std", "logits"):
+                    torch.testing.assert_close(decision.futures[k][:, mask], whole["future_" + k][:, mask],
+                                               rtol=1e-5, atol=1e-4)
+                    assert decision.futures[k][:, ~mask].isnan().all()
+        assert float(whole["collision_prob"]) == 0.0  # the empty road's
 
 
 def test_representative_futures_take_the_member_nearest_the_consensus():
