@@ -191,6 +191,11 @@ class AgentAttention(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def with_ego(agent_mask: torch.Tensor) -> torch.Tensor:
+    """agent_mask (..., A) bool with the ego's slot 0 always set: the ego is always there."""
+    return agent_mask | (torch.arange(agent_mask.shape[-1], device=agent_mask.device) == 0)
+
+
 LANE_WIDTH = 4.0
 """[m] lane width that `lane_neighbours` assumes (highway-env's StraightLane.DEFAULT_WIDTH)."""
 GAP_SCALE, SPEED_SCALE, NO_GAP = 50.0, 10.0, 1.2
@@ -355,8 +360,7 @@ class Forecaster(nn.Module):
 
     def _attend(self, h: torch.Tensor, agent_mask: torch.Tensor) -> torch.Tensor:
         """Attention blocks over agent tokens h (E, B, A, D) with agent_mask (B, A)."""
-        mask = agent_mask.clone()
-        mask[:, 0] = True  # the ego is always there; also keeps attention rows non-empty
+        mask = with_ego(agent_mask)  # also keeps every attention row non-empty
         for block in self.blocks:
             h = block(h, mask)
         return h

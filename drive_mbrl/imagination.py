@@ -57,7 +57,7 @@ from drive_mbrl.features import (
     scenario_target_speeds,
     scene_history,
 )
-from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, imagining_precision, low_precision, plan_uncertainty
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, imagining_precision, low_precision, plan_uncertainty, with_ego
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
@@ -371,8 +371,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         speed = self.vel[:, 0, -1].norm(dim=-1).cpu().numpy()  # the ego's set-point moves at the decision
         self.target = next_target_speed(self.target, speed, actions.cpu().numpy(), self.names, self.target_speeds)
         hist = self._features(list(range(self.W - mc.history_len, self.W)), mc.pad_history)
-        mask = self.present[:, :, -1].clone()
-        mask[:, 0] = True
+        mask = with_ego(self.present[:, :, -1])
         plans = torch.full((B, 1, mc.horizon), self.idle, dtype=torch.long, device=self.dev)
         plans[:, 0, 0] = actions
         out = self.model.decode(self.model.encode(hist, mask), hist, mask, plans)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from drive_mbrl.config import RISK_MEASURES, UNCERTAINTY_LEVELS, PlannerConfig
-from drive_mbrl.forecaster import LOG_STD_MIN, plan_uncertainty
+from drive_mbrl.forecaster import LOG_STD_MIN, plan_uncertainty, with_ego
 
 
 def risk_measure(costs: torch.Tensor, measure: str, alpha: float = 0.1) -> torch.Tensor:
@@ -561,7 +561,7 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards of the ego and the present
     # agents propagates into these sums (what an absent slot holds is never used, so it does not count).
-    present = agent_mask | (torch.arange(A, device=agent_mask.device) == 0)
+    present = with_ego(agent_mask)
     kept = {k: torch.where(present.reshape(1, 1, A, *[1] * (out[k].dim() - 3)), out[k], 0.0)
             for k in ("mean", "log_std", "logits")}
     totals = [v.sum([d for d in range(v.dim()) if d != 1]) for v in (*kept.values(), out["reward"])]
@@ -839,9 +839,7 @@ def plan_scene(model: Any, history: torch.Tensor, agent_mask: torch.Tensor, sett
 
 def present_slots(agent_mask: torch.Tensor) -> torch.Tensor:
     """(A',) int64 the slots of the agents present in agent_mask (A,) bool, in slot order; the ego's slot 0 always."""
-    keep = agent_mask.clone()
-    keep[0] = True
-    return keep.nonzero().squeeze(1)
+    return with_ego(agent_mask).nonzero().squeeze(1)
 
 
 def uncrop(values: torch.Tensor, slots: torch.Tensor, agents: int) -> torch.Tensor:
