@@ -145,7 +145,7 @@ class EnsembleLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = F.layer_norm(x, (self.width,)).reshape(shape[0], -1, self.width)  # a constant width traces to ONNX
-        return (y * self.weight + self.bias).reshape(shape)
+        return torch.addcmul(self.bias, y, self.weight).reshape(shape)  # one pass over y, not two
 
 
 class EnsembleMLP(nn.Module):
@@ -266,7 +266,7 @@ class Forecaster(nn.Module):
         self.encoder = EnsembleMLP(c.members, [feats, c.width, c.width])
         self.blocks = nn.ModuleList(AgentAttention(c.members, c.width, c.heads) for _ in range(c.blocks))
         self.norm = EnsembleLayerNorm(c.members, c.width)
-        self._columns: dict[tuple[int, str], torch.Tensor] = {}
+        self._columns: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
         dw = c.width if early else c.decoder_width
         if not early:
             self.plan_encoder = EnsembleMLP(c.members, [self.plan_width, dw, dw])
@@ -404,30 +404,40 @@ class Forecaster(nn.Module):
             z = F.relu(self.mix_norm(torch.addcmul(t_add + p_add, t_mul, p_mul)))  # (E, B, N, A, decoder_width)
             z = F.relu(self.decoder(z))
         T = 2 if positions_only else len(TARGET_FEATURES)
-        cols = self._head_columns(T, tokens.device)
-        head = self.trajectory_head
-        out = torch.baddbmm(head.bias[..., cols], z.reshape(E, -1, z.shape[-1]), head.weight[..., cols])
-        out = out.float().reshape(E, B, N, A, -1)  # (E, B, N, A, K * (1 + 2 * H * T)), fp32 from here on
-        logits = out[..., :K]
-        rest = out[..., K:].reshape(E, B, N, A, K, 2, H, T)
+        head, zs = self.trajectory_head, z.reshape(E, -1, z.shape[-1])
+        # The head's logit, mean and log-std columns as three contiguous outputs, and every small operand below
+        # expanded over (A, K, H, T) first: an elementwise op that broadcasts a few values over an inner axis
+        # (a scale per target, a baseline per step) runs inner loops of 2-10 elements, 10-20x slower on a CPU
+        # than one over whole rows of A K H T.
+        logits, mean, log_std = (torch.baddbmm(head.bias[..., cols], zs, head.weight[..., cols]).float()
+                                 for cols in self._head_columns(T, tokens.device))
+        row = (A, K, H, T)
+        L = A * K * H * T
         base = physics_base(history[:, :, -1], H, c.policy_dt, c.residual)[..., :T]  # (B, A, H, T)
+        base = base[:, :, None].expand(B, *row).reshape(B, 1, L)
         scale = self.target_scale[:T]
-        mean = torch.addcmul(base[None, :, None, :, None], rest[..., 0, :, :], scale)
-        log_std = torch.addcmul(self.std_scale.log()[:, None],
-                                (rest[..., 1, :, :] + scale.log()).clamp_(LOG_STD_MIN, LOG_STD_MAX),
-                                self.std_power[:, None])
+
+        def tile(v: torch.Tensor) -> torch.Tensor:  # a constant over (H, T), repeated over A and K: (L,)
+            return v.expand(row).reshape(L)
+
+        mean = torch.addcmul(base, mean.reshape(E, B, N, L), tile(scale))
+        log_std = torch.addcmul(tile(self.std_scale.log()[:, None]),
+                                (log_std.reshape(E, B, N, L) + tile(scale.log())).clamp_(LOG_STD_MIN, LOG_STD_MAX),
+                                tile(self.std_power[:, None]))
         ego = self.ego_head(z[:, :, :, 0]).float()  # (E, B, N, 2H)
-        return {"mean": mean, "log_std": log_std, "logits": F.log_softmax(logits * self.mode_temperature, dim=-1),
+        return {"mean": mean.reshape(E, B, N, *row), "log_std": log_std.reshape(E, B, N, *row),
+                "logits": F.log_softmax(logits.reshape(E, B, N, A, K) * self.mode_temperature, dim=-1),
                 "reward": ego[..., :H] + self.reward_mean, "crash_logit": ego[..., H:]}
 
-    def _head_columns(self, targets: int, device: torch.device) -> torch.Tensor:
-        """Columns of the trajectory head that hold the mode logits and the first `targets` target features."""
+    def _head_columns(self, targets: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Columns of the trajectory head that hold the mode logits (K), and the means and the log-stds of the
+        first `targets` target features (each K x H x targets, in that order)."""
         key = (targets, str(device))
         if key not in self._columns:
             c, T = self.config, len(TARGET_FEATURES)
             index = torch.arange(c.modes * (1 + 2 * c.horizon * T), device=device)
             rest = index[c.modes:].reshape(c.modes, 2, c.horizon, T)[..., :targets]
-            self._columns[key] = torch.cat([index[: c.modes], rest.reshape(-1)])
+            self._columns[key] = (index[: c.modes], rest[:, 0].reshape(-1), rest[:, 1].reshape(-1))
         return self._columns[key]
 
     def forward(self, history: torch.Tensor, agent_mask: torch.Tensor,
