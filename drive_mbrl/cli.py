@@ -410,7 +410,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
     """PPO on the policy network, in imagination (dyna) or on the real env only (model_free); see RLConfig."""
     from tqdm import tqdm
 
-    from drive_mbrl.forecaster import imagining_precision
+    from drive_mbrl.forecaster import native_precision
     from drive_mbrl.policy import PolicyConfig, load_policy
     from drive_mbrl.raycluster import start_ray
     from drive_mbrl.rllib import PPOSettings, train_ppo
@@ -465,7 +465,7 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
                                      "crash_head": cfg.crash_head, "ego_model": cfg.imagined_ego,
                                      "reward": cfg.imagined_reward,
                                      "crash_margin": tuple(float(m) for m in cfg.imagined_crash_margin),
-                                     "precision": imagining_precision(cfg.imagined_precision, "cpu"),
+                                     "precision": native_precision(cfg.imagined_precision, "cpu"),
                                      "set_points": policy.set_points,
                                      "policy_history_dt": policy.history_dt}
     if cfg.real + imagined == 0:

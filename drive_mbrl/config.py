@@ -275,9 +275,11 @@ class FitConfig:
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
-    precision: str = opt("fp32", "training forward pass: fp32, or bf16 (autocast: 1.7-2x the steps/s on a CPU "
-                         "with native bfloat16 matmuls such as AVX512-BF16 or AMX, slower where it is emulated; "
-                         "weights, optimiser, loss and validation stay fp32)", choices=PRECISIONS)
+    precision: str = opt("auto", "training forward pass: fp32, bf16 (autocast: 1.7-2x the steps/s on a CPU with "
+                         "native bfloat16 matmuls such as AVX512-BF16 or AMX, slower where it is emulated; weights, "
+                         "optimiser, loss and validation stay fp32), or auto: bf16 where the device has native "
+                         "bfloat16 matmuls, else fp32 (the checkpoint records which; `planner.precision=auto` then "
+                         "plans a bf16-trained forecaster in bf16)", choices=("auto", *PRECISIONS))
 
 
 @dataclass

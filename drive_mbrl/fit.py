@@ -18,7 +18,7 @@ import io
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from drive_mbrl.config import PRECISIONS
 from drive_mbrl.data import atomic_write, write_json
 from drive_mbrl.errors import DataError, DriveMbrlError
 from drive_mbrl.features import HIST_FEATURES, TARGET_FEATURES, Scenes, SceneSpec
-from drive_mbrl.forecaster import Forecaster, ForecasterConfig
+from drive_mbrl.forecaster import Forecaster, ForecasterConfig, native_precision
 from drive_mbrl.losses import forecaster_loss
 
 BEST, LAST, META = "best.pt", "last.pt", "meta.json"
@@ -58,8 +58,10 @@ class TrainSettings:
     """Averaging window [epochs] of an exponential moving average of the weights, which is what is validated and
     checkpointed (0 = off, the raw weights): per-step decay 1 - 1 / (ema x steps per epoch)."""
     precision: str = "fp32"
-    """Training forward pass: `fp32`, or `bf16` (autocast to bfloat16: 1.7-2x the steps/s on a CPU with native
-    bfloat16 matmuls, slower where it is emulated). Weights, optimiser, loss and validation stay fp32."""
+    """Training forward pass: `fp32`, `bf16` (autocast to bfloat16: 1.7-2x the steps/s on a CPU with native
+    bfloat16 matmuls, slower where it is emulated) or `auto` (bf16 where the device has native bfloat16 matmuls:
+    `forecaster.native_precision`; the checkpoint's meta.json records the resolved one). Weights, optimiser, loss
+    and validation stay fp32."""
 
 
 def ema_decay(window_epochs: float, steps_per_epoch: int) -> float:
@@ -153,8 +155,10 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
     calibration: scenes to fit the predicted spread and the planner's uncertainty limits on after training
     (`validation.calibrate`); None uses the validation split.
     """
-    if settings.precision not in PRECISIONS:
-        raise DataError(f"precision {settings.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
+    if settings.precision not in ("auto", *PRECISIONS):
+        raise DataError(f"precision {settings.precision!r} is not known: choose auto or one of "
+                        f"{', '.join(PRECISIONS)}")
+    settings = replace(settings, precision=native_precision(settings.precision, device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)

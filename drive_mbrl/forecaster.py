@@ -531,10 +531,12 @@ def planning_precision(setting: str, meta: dict, device: str | torch.device) -> 
     return "bf16" if trained == "bf16" and native_bfloat16(device) else "fp32"
 
 
-def imagining_precision(setting: str, device: str | torch.device) -> str:
-    """`rl imagined_precision` resolved to fp32 or bf16: `auto` is bf16 on a device with native bfloat16 matmuls,
-    whatever precision the forecaster was trained in (unlike `planning_precision`: Dyna on bfloat16 imagination
-    trained policies as good as on fp32 imagination, docs/results.md), fp32 elsewhere."""
+def native_precision(setting: str, device: str | torch.device) -> str:
+    """A precision setting resolved to fp32 or bf16: `auto` is bf16 on a device with native bfloat16 matmuls, fp32
+    elsewhere. What `fit precision` (the training forward pass) and `rl imagined_precision` (the imagination's
+    network) mean by `auto`, whatever precision the forecaster was trained in (unlike `planning_precision`: Dyna
+    on bfloat16 imagination trained policies as good as on fp32 imagination, and a forecaster trained in bf16
+    drove as well as one trained in fp32 on the same data: docs/results.md)."""
     if setting != "auto":
         return setting
     return "bf16" if native_bfloat16(device) else "fp32"

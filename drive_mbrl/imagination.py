@@ -57,7 +57,7 @@ from drive_mbrl.features import (
     scenario_target_speeds,
     scene_history,
 )
-from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, imagining_precision, low_precision, plan_uncertainty, with_ego
+from drive_mbrl.forecaster import UNCERTAINTY_LEVELS, low_precision, native_precision, plan_uncertainty, with_ego
 
 X, Y, VX, VY, COS, SIN, LEN, WID, OFFSET, COS_LANE, SIN_LANE, PRESENT = range(len(HIST_FEATURES))
 
@@ -152,7 +152,7 @@ class ImaginationConfig:
     precision: str = "auto"
     """The forecaster's network: fp32, bf16 (`forecaster.low_precision`: about 2.5x the imagined steps/s on a
     CPU with native bfloat16 matmuls; inputs, outputs and the env's state stay fp32), or auto (bf16 where the
-    device has native bfloat16 matmuls: `forecaster.imagining_precision`)."""
+    device has native bfloat16 matmuls: `forecaster.native_precision`)."""
 
 
 def start_states(paths: tuple[str, ...] | list[str], agents: int, window: int, frame_dt: float, pad: bool = False
@@ -248,7 +248,7 @@ class ImaginationEnv(gym.vector.VectorEnv):
         self.config = config
         self.dev = dev = resolve_device(config.device)
         self.model, meta = load_forecaster(config.checkpoint, dev)
-        self.precision = imagining_precision(config.precision, dev)
+        self.precision = native_precision(config.precision, dev)
         self.model = low_precision(self.model, self.precision)
         mc = self.model.config
         self.frame_dt = float(meta["history_dt"])

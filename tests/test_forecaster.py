@@ -1,6 +1,7 @@
 """Forecaster: batched ensemble vs per-member reference, losses and scores on hand-checkable cases, a
 constant-velocity world, save/load, resume and the NaN guard."""
 
+import json
 import math
 from pathlib import Path
 
@@ -379,9 +380,23 @@ def test_constant_velocity_world_is_predicted_almost_exactly(tmp_path: Path, pre
 
 
 def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path: Path):
-    with pytest.raises(DataError, match="precision 'fp16' is not known: choose one of fp32, bf16"):
+    with pytest.raises(DataError, match="precision 'fp16' is not known: choose auto or one of fp32, bf16"):
         _fit(tmp_path / "out", 1, cv_scenes(200), precision="fp16")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bfloat16_only_on_native_hardware_and_records_it(tmp_path: Path, monkeypatch,
+                                                                                  native: bool):
+    """`fit precision=auto` (the CLI's default) resolves on the training device, and the checkpoint records the
+    resolved precision, which is what `planner.precision=auto` reads."""
+    import drive_mbrl.forecaster as fc
+
+    monkeypatch.setattr(fc, "native_bfloat16", lambda device: native)
+    _fit(tmp_path, 1, cv_scenes(200), precision="auto")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["settings"]["precision"] == ("bf16" if native else "fp32")
+    assert fc.planning_precision("auto", meta, "cpu") == ("bf16" if native else "fp32")
 
 
 def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
@@ -590,7 +605,7 @@ def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_nati
 
     trained_bf16, trained_fp32 = {"settings": {"precision": "bf16"}}, {"settings": {"precision": "fp32"}}
     monkeypatch.setattr(fc, "native_bfloat16", lambda device: True)
-    assert fc.imagining_precision("auto", "cpu") == "bf16" and fc.imagining_precision("fp32", "cpu") == "fp32"
+    assert fc.native_precision("auto", "cpu") == "bf16" and fc.native_precision("fp32", "cpu") == "fp32"
     assert fc.planning_precision("auto", trained_bf16, "cpu") == "bf16"
     assert fc.planning_precision("auto", trained_fp32, "cpu") == "fp32"
     assert fc.planning_precision("auto", {"settings": {}}, "cpu") == "fp32"  # checkpoints from before `precision`
@@ -598,7 +613,7 @@ def test_auto_precision_plans_in_bfloat16_only_a_bf16_trained_forecaster_on_nati
     monkeypatch.setattr(fc, "native_bfloat16", lambda device: False)
     assert fc.planning_precision("auto", trained_bf16, "cpu") == "fp32"
     assert fc.planning_precision("bf16", trained_fp32, "cpu") == "bf16"
-    assert fc.imagining_precision("auto", "cpu") == "fp32" and fc.imagining_precision("bf16", "cpu") == "bf16"
+    assert fc.native_precision("auto", "cpu") == "fp32" and fc.native_precision("bf16", "cpu") == "bf16"
 
 
 def test_datasets_of_different_scenarios_are_not_mixed(tmp_path: Path):
