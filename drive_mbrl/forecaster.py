@@ -145,7 +145,7 @@ class EnsembleLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = F.layer_norm(x, (self.width,)).reshape(shape[0], -1, self.width)  # a constant width traces to ONNX
-        return torch.addcmul(self.bias, y, self.weight).reshape(shape)  # one pass over y, not two
+        return (y * self.weight + self.bias).reshape(shape)
 
 
 class EnsembleMLP(nn.Module):
