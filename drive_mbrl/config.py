@@ -115,7 +115,8 @@ class PlannerConfig:
                          "fp32 inputs and outputs; scoring stays fp32: about 2x faster decisions on a CPU with "
                          "native bfloat16 matmuls (AMX, AVX512-BF16) and on GPUs, slower where it is emulated; "
                          "where candidates nearly tie it can choose another plan), or auto: bf16 for a forecaster "
-                         "trained with `fit precision=bf16` on such a device, else fp32",
+                         "trained in bf16 (`fit precision=bf16`, or `fit`'s default auto on such a device) on such a "
+                         "device, else fp32",
                          choices=("auto", *PRECISIONS))
     threads: int = opt(0, "torch CPU threads of the planner; 0 = torch's default", lo=0, hi=1024)
     seed: int = opt(0, "seed of the planner's sampling (each episode adds its own seed)", lo=0, hi=2**31 - 1)

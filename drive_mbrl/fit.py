@@ -60,8 +60,9 @@ class TrainSettings:
     precision: str = "fp32"
     """Training forward pass: `fp32`, `bf16` (autocast to bfloat16: 1.7-2x the steps/s on a CPU with native
     bfloat16 matmuls, slower where it is emulated) or `auto` (bf16 where the device has native bfloat16 matmuls:
-    `forecaster.native_precision`; the checkpoint's meta.json records the resolved one). Weights, optimiser, loss
-    and validation stay fp32."""
+    `forecaster.native_precision`; the checkpoint's meta.json records the resolved one, and a resumed fit keeps
+    it). fp32 by default here; `drive-mbrl fit` defaults to auto. Weights, optimiser, loss and validation stay
+    fp32."""
 
 
 def ema_decay(window_epochs: float, steps_per_epoch: int) -> float:
@@ -158,8 +159,12 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
     if settings.precision not in ("auto", *PRECISIONS):
         raise DataError(f"precision {settings.precision!r} is not known: choose auto or one of "
                         f"{', '.join(PRECISIONS)}")
-    settings = replace(settings, precision=native_precision(settings.precision, device))
     out = Path(out)
+    if settings.precision == "auto" and (out / LAST).exists() and (out / META).exists():
+        # A resumed fit goes on in the precision it started in (checkpoints from before `precision`: fp32).
+        started = json.loads((out / META).read_text()).get("settings", {}).get("precision", "fp32")
+        settings = replace(settings, precision=started)
+    settings = replace(settings, precision=native_precision(settings.precision, device))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     if init is not None:

@@ -516,7 +516,8 @@ def native_bfloat16(device: str | torch.device) -> bool:
     AVX512-BF16 or AMX (elsewhere bfloat16 is emulated, slower than fp32)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):  # the GPU asked about, not the current one; emulation does not count
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
                                                                          "_is_amx_tile_supported"))
 

@@ -399,6 +399,18 @@ def test_auto_precision_trains_in_bfloat16_only_on_native_hardware_and_records_i
     assert fc.planning_precision("auto", meta, "cpu") == ("bf16" if native else "fp32")
 
 
+def test_a_resumed_auto_fit_keeps_the_precision_it_started_in(tmp_path: Path, monkeypatch):
+    import drive_mbrl.forecaster as fc
+
+    scenes = cv_scenes(200)
+    monkeypatch.setattr(fc, "native_bfloat16", lambda device: False)
+    with pytest.raises(Interrupt):
+        _fit(tmp_path, 3, scenes, on_epoch=_interrupt_after(1), precision="auto")
+    monkeypatch.setattr(fc, "native_bfloat16", lambda device: True)  # resumed where bf16 is native
+    _fit(tmp_path, 3, scenes, precision="auto")
+    assert json.loads((tmp_path / "meta.json").read_text())["settings"]["precision"] == "fp32"
+
+
 def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
     scenes = cv_scenes(200)
     _fit(tmp_path / "straight", 4, scenes)
