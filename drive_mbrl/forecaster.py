@@ -486,8 +486,7 @@ def plan_uncertainty(out: dict[str, torch.Tensor], agent_mask: torch.Tensor) -> 
     expected = (p * out["mean"][..., -1, :2]).sum(-2)  # (E, ..., A, 2)
     disagreement = expected.std(0, unbiased=False).sum(-1)  # (..., A)
     spread = (p * out["log_std"][..., -1, :2].exp()).sum(-2).mean(0).sum(-1)  # (..., A)
-    mask = agent_mask.clone()
-    mask[..., 0] = True
+    mask = with_ego(agent_mask)
     zero = torch.zeros((), dtype=disagreement.dtype, device=disagreement.device)
     return torch.where(mask, disagreement, zero).amax(-1), torch.where(mask, spread, zero).amax(-1)
 
