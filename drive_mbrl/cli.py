@@ -69,6 +69,8 @@ def agent_options(cfg: C.CollectConfig) -> str:
 
     if cfg.learner and cfg.agent != "dagger":
         raise C.ConfigError(f"learner= drives DAgger rounds: it needs agent=dagger (got agent={cfg.agent})")
+    if cfg.replans > 1 and cfg.agent != "dagger":
+        raise C.ConfigError(f"replans= averages the planner's labels: it needs agent=dagger (got agent={cfg.agent})")
     if cfg.agent in ("mpc", "dagger"):
         if not cfg.checkpoint:
             raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
@@ -76,6 +78,8 @@ def agent_options(cfg: C.CollectConfig) -> str:
         options = mpc_options(cfg.checkpoint, cfg.planner)
         if cfg.agent == "dagger" and cfg.noise:
             options = agent_options_json({**json.loads(options), "noise": cfg.noise})
+        if cfg.agent == "dagger" and cfg.replans > 1:
+            options = agent_options_json({**json.loads(options), "replans": cfg.replans})
         if cfg.agent == "dagger" and cfg.learner:
             learner = json.loads(policy_options(cfg.learner))["checkpoint"]  # a bad folder fails here
             options = agent_options_json({**json.loads(options), "policy": learner, "beta": cfg.beta})

@@ -147,6 +147,9 @@ class CollectConfig:
                        "labels every step (a DAgger round); empty = the planner drives")
     beta: float = opt(0.3, "agent=dagger with a learner: share of steps on which the planner's action is executed",
                       lo=0.0, hi=1.0)
+    replans: int = opt(1, "agent=dagger: planning calls whose relative action costs are averaged into each label "
+                       "(soft targets with less of the planner's sampling noise); the first is the planner's own "
+                       "decision, so the driving does not change", lo=1, hi=64)
     out: str = opt("", "dataset folder; empty = <run dir>/dataset. Rerun with the same folder to resume")
 
 

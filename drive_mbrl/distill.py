@@ -30,6 +30,8 @@ EXPERT_ACTION = "expert_action"
 """Step-log key of the expert's label (-1: none)."""
 EXPERT_COSTS = "expert_costs"
 """Step-log key of the planner's cost of each immediate action (`planning.Decision.action_costs`)."""
+EXPERT_COSTS_SINGLE = "expert_costs_single"
+"""Step-log key, with `replans` > 1 only: the expert's own call's costs, before averaging (for comparisons)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,17 @@ def relative_costs(costs: np.ndarray) -> np.ndarray:
     best = np.where(finite, costs, np.inf).min(1, keepdims=True)
     rel = np.where(finite, np.clip(costs - np.where(np.isfinite(best), best, 0.0), 0.0, COST_CAP), COST_CAP)
     return np.where(finite.any(1, keepdims=True), rel, np.nan).astype(np.float32)
+
+
+def mean_relative_costs(costs: np.ndarray) -> np.ndarray:
+    """(R, nA) action costs of R planning calls on one state (inf = rejected) -> (nA,) float32 the mean of their
+    `relative_costs` over the calls that had any finite cost (each call's offset is its own noise, so costs are
+    compared within a call before averaging); all inf where no call had one."""
+    rel = relative_costs(costs)
+    usable = ~np.isnan(rel).all(1)
+    if not usable.any():
+        return np.full(costs.shape[1], np.inf, np.float32)
+    return rel[usable].mean(0).astype(np.float32)
 
 
 def soft_targets(costs: np.ndarray, label: np.ndarray, temperature: float) -> np.ndarray:
@@ -249,12 +262,14 @@ class DaggerAgent:
     drives every step), `checkpoint` and `planner` (the expert MPC's), `beta` (share of steps on which the
     expert's action is executed), `noise` (share of steps on which a uniformly random action is executed instead:
     DART-style noise injection, so the expert's labels also cover states just off its own path), `seed`. Logs the
-    expert's action and its per-action costs at every step."""
+    expert's action and its per-action costs at every step; with `replans` R > 1 the costs are the mean of R
+    planning calls' relative costs (`mean_relative_costs`): the first call is the expert's own decision, the others
+    re-plan the same state with a random stream of their own, so that the driving is that of R = 1."""
 
     drives_itself = False
 
     def __init__(self, policy: str = "", checkpoint: str = "", planner: dict[str, Any] | None = None,
-                 beta: float = 0.0, noise: float = 0.0, seed: int = 0):
+                 beta: float = 0.0, noise: float = 0.0, seed: int = 0, replans: int = 1):
         from drive_mbrl.mpc import MPCAgent
         from drive_mbrl.policy import PolicyAgent
 
@@ -262,9 +277,11 @@ class DaggerAgent:
             raise ConfigError(f"dagger beta must be in [0, 1], got {beta}")
         if not 0.0 <= noise <= 1.0:
             raise ConfigError(f"dagger noise must be in [0, 1], got {noise}")
+        if replans < 1:
+            raise ConfigError(f"dagger replans must be >= 1 (planning calls averaged per label), got {replans}")
         self.learner = PolicyAgent(policy) if policy else None
         self.expert = MPCAgent(checkpoint, planner)
-        self.beta, self.noise, self.seed = beta, noise, seed
+        self.beta, self.noise, self.seed, self.replans = beta, noise, seed, replans
         self.last_fallback = ""
         self._expert_action, self._costs = -1, None
 
@@ -277,6 +294,11 @@ class DaggerAgent:
         self.expert.reset(env, seed)
         self._costs = np.full(env.action_space.n, np.inf, np.float32)
         self._rng = np.random.default_rng(self.seed * 1_000_003 + seed)
+        if self.replans > 1:
+            import torch
+
+            self._replan_generator = torch.Generator(self.expert.device).manual_seed(
+                (self.seed * 1_000_003 + seed) ^ 0x5EED)
 
     def attach_tracks(self, recorder: Any) -> None:
         if self.learner:
@@ -286,13 +308,23 @@ class DaggerAgent:
     def act(self, obs: Any, env: Any) -> int:
         self._expert_action = self.expert.act(obs, env)
         self.last_fallback = self.expert.last_fallback
-        costs = self.expert.last_decision.action_costs
-        self._costs = costs.float().cpu().numpy() if costs is not None else np.full_like(self._costs, np.inf)
+        self._costs = self._single = self._action_costs(self.expert.last_decision)
+        if self.replans > 1 and np.isfinite(self._costs).any():
+            calls = [self._costs] + [self._action_costs(self.expert.replan(self._replan_generator))
+                                     for _ in range(self.replans - 1)]
+            self._costs = mean_relative_costs(np.stack(calls))
         if self.noise and self._rng.random() < self.noise:
             return int(self._rng.integers(len(self._costs)))
         if self.learner is None or self._rng.random() < self.beta:
             return self._expert_action
         return self.learner.act(obs, env)
 
+    def _action_costs(self, decision: Any) -> np.ndarray:
+        costs = decision.action_costs
+        return costs.float().cpu().numpy() if costs is not None else np.full_like(self._costs, np.inf)
+
     def step_log(self) -> dict[str, np.ndarray]:
-        return {EXPERT_ACTION: np.asarray(self._expert_action, np.int64), EXPERT_COSTS: self._costs.copy()}
+        log = {EXPERT_ACTION: np.asarray(self._expert_action, np.int64), EXPERT_COSTS: self._costs.copy()}
+        if self.replans > 1:
+            log[EXPERT_COSTS_SINGLE] = self._single.copy()
+        return log

@@ -99,6 +99,7 @@ class MPCAgent:
 
         self._generator = torch.Generator(device=self.device).manual_seed(self.settings.seed * 1_000_003 + seed)
         self._warm: Any = None
+        self._replan: Any = None
         self.last_fallback = ""
         self._continuous = is_continuous(env)
         self._reward = ego_reward_spec(getattr(env.unwrapped.spec, "id", "") or getattr(env.spec, "id", ""),
@@ -184,9 +185,11 @@ class MPCAgent:
             if self.policy is not None:
                 logits = self.policy.net(torch.as_tensor(self.policy.observation())[None])[0]
                 proposal = torch.softmax(logits, -1).to(self.device)
-            decision = plan_scene(self.model, torch.as_tensor(history, device=self.device),
-                                  torch.as_tensor(mask, device=self.device), self.settings, self._generator,
-                                  self._warm, self.fault, ego_path, proposal, plan_cost, ego_reward)
+            inputs = (torch.as_tensor(history, device=self.device), torch.as_tensor(mask, device=self.device),
+                      self.settings)
+            extras = (self._warm, self.fault, ego_path, proposal, plan_cost, ego_reward)
+            self._replan = lambda generator: plan_scene(self.model, *inputs, generator, *extras)
+            decision = self._replan(self._generator)
         self.last_decision = decision
         self.last_fallback = decision.fallback
         plan = decision.plan
@@ -201,6 +204,17 @@ class MPCAgent:
             return plan[0].cpu().numpy().astype(np.float32)
         self._warm = torch.cat([plan[1:], torch.full_like(plan[:1], self._idle)])
         return int(plan[0])
+
+    def replan(self, generator: Any) -> Any:
+        """Plan the last decision's scene again, with the same inputs (warm start, ego path, proposal) and the
+        random draws of `generator`: another sample of what the planner thinks of that state. Changes nothing the
+        agent does next."""
+        import torch
+
+        if self._replan is None:
+            raise RuntimeError("MPCAgent.replan before act")
+        with torch.inference_mode():
+            return self._replan(generator)
 
     def step_log(self) -> dict[str, np.ndarray]:
         """What the last decision planned and predicted (`decision_log`), for the episode's step log."""

@@ -311,13 +311,16 @@ def test_export_takes_the_scenario_of_the_checkpoints_env_id(tiny_checkpoint: Pa
 def test_collect_dagger_with_a_learner_records_who_drove(tmp_path: Path, tiny_checkpoint: Path, tiny_policy: Path):
     wrong = run_cli("collect", "agent=idm", f"learner={tiny_policy}", "hydra.run.dir=run", cwd=tmp_path)
     assert wrong.returncode == 2 and "learner= drives DAgger rounds: it needs agent=dagger" in wrong.stderr
+    wrong = run_cli("collect", "agent=mpc", f"checkpoint={tiny_checkpoint}", "replans=3", "hydra.run.dir=run",
+                    cwd=tmp_path)
+    assert wrong.returncode == 2 and "replans= averages the planner's labels: it needs agent=dagger" in wrong.stderr
     assert not (tmp_path / "run").exists()
     result = run_cli("collect", "agent=dagger", f"checkpoint={tiny_checkpoint}", f"learner={tiny_policy}", "beta=0",
-                     "episodes=1", "max_steps=4", "planner.budget=16", "out=ds", cwd=tmp_path)
+                     "replans=2", "episodes=1", "max_steps=4", "planner.budget=16", "out=ds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     manifest, (episode,) = load_dataset(tmp_path / "ds")
     assert manifest["agent_options"]["policy"] == str(tiny_policy.resolve())
-    assert manifest["agent_options"]["beta"] == 0.0
+    assert manifest["agent_options"]["beta"] == 0.0 and manifest["agent_options"]["replans"] == 2
     # beta 0: the learner drove every step, so its greedy actions are the executed ones
     learner = PolicyAgent(str(tiny_policy))
     with torch.no_grad():

@@ -11,10 +11,13 @@ import torch
 from drive_mbrl.distill import (
     EXPERT_ACTION,
     EXPERT_COSTS,
+    EXPERT_COSTS_SINGLE,
     BCSettings,
     DaggerAgent,
     PolicyData,
+    mean_relative_costs,
     policy_data,
+    relative_costs,
     soft_targets,
     train_policy,
 )
@@ -178,6 +181,14 @@ def test_soft_targets_by_hand():
     assert soft_targets(costs, label, 0.0)[0].tolist() == [1, 0, 0]
 
 
+def test_mean_relative_costs_by_hand():
+    """Each call's costs are made relative to its best (inf -> COST_CAP = 10) before the mean; a call with no
+    finite cost does not count; with none at all the label stays 'no costs'."""
+    calls = np.array([[1.0, 3.0, np.inf], [5.0, 4.0, 6.0], [np.inf, np.inf, np.inf]])
+    np.testing.assert_allclose(mean_relative_costs(calls), [(0 + 1) / 2, (2 + 0) / 2, (10 + 2) / 2])
+    assert np.isinf(mean_relative_costs(calls[2:])).all()
+
+
 def test_bc_loss_and_greedy_regret_by_hand():
     """Two actions, uniform logits, target one-hot on action 0, action 1 costs 10: CE = log 2 and E_pi[c] = 5;
     a row without logged costs adds cross-entropy only, and nothing to the expected cost (averaged over all rows)."""
@@ -334,6 +345,34 @@ def test_dagger_noise_executes_random_actions_and_keeps_the_planners_labels(tiny
     finally:
         runner.close()
     assert executed[0.0].all() and not executed[1.0].all()
+
+
+def test_dagger_replans_average_the_labels_and_leave_the_driving_alone(tiny_checkpoint: Path):
+    """replans=3 re-plans each state twice more on a stream of its own: the executed and the expert's actions are
+    those of replans=1 step for step, the costs are relative (best 0, within [0, COST_CAP]) and differ from the
+    single call's somewhere."""
+    from drive_mbrl.distill import COST_CAP
+    from drive_mbrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="replans"):
+        DaggerAgent("", str(tiny_checkpoint), replans=0)
+    runner = EpisodeRunner()
+    try:
+        episodes = {}
+        for replans in (1, 3):
+            agent = DaggerAgent("", str(tiny_checkpoint), planner={"budget": 16, "threads": 1}, noise=0.3, seed=1,
+                                replans=replans)
+            episodes[replans] = runner.run(EpisodeJob(load_scenario("highway"), "dagger", 0, 5, max_steps=8), agent)
+    finally:
+        runner.close()
+    one, three = episodes[1], episodes[3]
+    assert one.action.tolist() == three.action.tolist()
+    assert one.step_log[EXPERT_ACTION].tolist() == three.step_log[EXPERT_ACTION].tolist()
+    averaged = three.step_log[EXPERT_COSTS][three.fallback == ""]
+    assert len(averaged) and (averaged.min(1) >= 0).all() and (averaged <= COST_CAP).all()
+    single = one.step_log[EXPERT_COSTS][three.fallback == ""]
+    assert not np.allclose(averaged, relative_costs(single))
+    np.testing.assert_array_equal(three.step_log[EXPERT_COSTS_SINGLE][three.fallback == ""], single)
 
 
 def test_distill_command_runs_bc_then_dagger_and_resumes_smoke(tiny_checkpoint: Path, tmp_path: Path):
