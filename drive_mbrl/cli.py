@@ -76,14 +76,15 @@ def agent_options(cfg: C.CollectConfig) -> str:
             raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
                                 "`drive-mbrl fit`)")
         options = mpc_options(cfg.checkpoint, cfg.planner)
-        if cfg.agent == "dagger" and cfg.noise:
-            options = agent_options_json({**json.loads(options), "noise": cfg.noise})
-        if cfg.agent == "dagger" and cfg.replans > 1:
-            options = agent_options_json({**json.loads(options), "replans": cfg.replans})
-        if cfg.agent == "dagger" and cfg.learner:
+        if cfg.agent != "dagger":
+            return options
+        extra: dict[str, Any] = {"noise": cfg.noise} if cfg.noise else {}
+        if cfg.replans > 1:
+            extra["replans"] = cfg.replans
+        if cfg.learner:
             learner = json.loads(policy_options(cfg.learner))["checkpoint"]  # a bad folder fails here
-            options = agent_options_json({**json.loads(options), "policy": learner, "beta": cfg.beta})
-        return options
+            extra.update(policy=learner, beta=cfg.beta)
+        return agent_options_json({**json.loads(options), **extra}) if extra else options
     if cfg.agent == "oracle":
         return agent_options_json({"planner": asdict(cfg.planner)})
     if cfg.agent == "policy":
