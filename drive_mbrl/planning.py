@@ -235,7 +235,8 @@ def sample_positions(out: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor
     # Whole (H, 2) rows of the chosen modes only are copied, and only they are exponentiated.
     m = _positions(mean).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2)
     s = _positions(log_std).reshape(E * N * A * K, H * 2).index_select(0, rows).reshape(E, N, A, M, H, 2).exp()
-    return torch.addcmul(m, s, draws[1][:, :, :, :, None, :].to(mean.dtype))
+    gauss = draws[1][:, :, :, :, None, :].to(mean.dtype).expand(E, N, A, M, H, 2).contiguous()  # no inner bcast
+    return torch.addcmul(m, s, gauss)
 
 
 def agent_hits(positions: torch.Tensor, start: torch.Tensor, size: torch.Tensor, settings: PlannerConfig,
@@ -561,11 +562,11 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     cost = risk + (settings.epistemic_weight - settings.explore_weight) * disagreement
     # NaN / inf anywhere in a plan's predicted means, spreads, mode weights or rewards of the ego and the present
     # agents propagates into these sums (what an absent slot holds is never used, so it does not count).
-    present = with_ego(agent_mask)
-    kept = {k: torch.where(present.reshape(1, 1, A, *[1] * (out[k].dim() - 3)), out[k], 0.0)
-            for k in ("mean", "log_std", "logits")}
-    totals = [v.sum([d for d in range(v.dim()) if d != 1]) for v in (*kept.values(), out["reward"])]
-    finite = torch.isfinite(sum(totals))
+    # Summed per plan and agent first (contiguous reductions), then the absent slots dropped from the small sums.
+    per_agent = sum(out[k].sum([d for d in range(out[k].dim()) if d not in (1, 2)])
+                    for k in ("mean", "log_std", "logits"))  # (N, A)
+    totals = torch.where(with_ego(agent_mask), per_agent, 0.0).sum(-1) + out["reward"].sum((0, 2))
+    finite = torch.isfinite(totals)
     feasible = finite & (collision_prob <= settings.chance_epsilon) & torch.isfinite(cost)
     return {"cost": torch.where(feasible, cost, torch.full_like(cost, math.inf)), "risk": risk,
             "collision_prob": collision_prob,

@@ -21,7 +21,15 @@ from drive_mbrl.features import (
     to_ego_frame,
 )
 from drive_mbrl.fit import BEST, LAST, NonFiniteLoss, TrainSettings, fit, load_forecaster
-from drive_mbrl.forecaster import NO_GAP, EnsembleLinear, Forecaster, ForecasterConfig, lane_neighbours, rollout
+from drive_mbrl.forecaster import (
+    NO_GAP,
+    EnsembleLinear,
+    Forecaster,
+    ForecasterConfig,
+    lane_neighbours,
+    plan_uncertainty,
+    rollout,
+)
 from drive_mbrl.losses import mixture_log_prob
 from drive_mbrl.validation import (
     auroc,
@@ -219,6 +227,26 @@ def test_a_checkpoint_from_before_the_power_map_and_mode_temperature_loads_with_
     model.load_state_dict(state)
     assert torch.equal(model.std_power, torch.ones(TINY.horizon))
     assert model.mode_temperature.item() == 1.0
+
+
+def test_plan_uncertainty_by_hand():
+    """Two members, two modes of equal weight, the last step counts. Member 0 expects the ego at x = (0 + 2) / 2 = 1,
+    member 1 at (2 + 2) / 2 = 2: std across members 0.5 in x, 0 in y. Spread: member 0 (1 + 3) / 2 = 2, member 1
+    1, per axis; mean over members 1.5, summed over x and y 3. Agent 1 is absent: its huge values never count."""
+    E, N, A, K, H = 2, 1, 2, 2, 2
+    mean = torch.zeros(E, N, A, K, H, 4)
+    mean[0, 0, 0, 1, -1, 0] = 2.0
+    mean[1, 0, 0, :, -1, 0] = 2.0
+    mean[0, 0, 0, :, 0, 0] = 50.0  # not the last step: ignored
+    log_std = torch.zeros(E, N, A, K, H, 4)
+    log_std[0, 0, 0, 1, -1, :2] = math.log(3.0)
+    mean[:, :, 1], log_std[:, :, 1] = 1e3 * torch.randn(E, N, K, H, 4, generator=torch.Generator().manual_seed(0)), 9.0
+    out = {"mean": mean, "log_std": log_std, "logits": torch.full((E, N, A, K), math.log(0.5))}
+    disagreement, spread = plan_uncertainty(out, torch.tensor([[True, False]]))
+    assert disagreement.tolist() == pytest.approx([0.5], abs=1e-6)
+    assert spread.tolist() == pytest.approx([3.0], abs=1e-6)
+    disagreement, _ = plan_uncertainty(out, torch.tensor([[True, True]]))  # now agent 1 is the largest
+    assert disagreement.item() > 10.0
 
 
 def test_auroc_by_hand():
