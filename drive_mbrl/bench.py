@@ -158,6 +158,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     The oracle drives `oracle_decisions` steps of an episode of the same scenario; its decision times are the
     episode loop's own.
     """
+    import copy
     from dataclasses import asdict, replace
 
     import numpy as np
@@ -165,7 +166,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
 
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.fit import load_forecaster, load_scenes, resolve_device
-    from drive_mbrl.forecaster import low_precision, member_subset, planning_precision
+    from drive_mbrl.forecaster import compiled, low_precision, member_subset, planning_precision
     from drive_mbrl.planning import plan_scene
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
 
@@ -176,7 +177,8 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     if max(members) > model.config.members:
         raise ValueError(f"members={members} asks for more than the checkpoint's {model.config.members} members")
     precision = planning_precision(planner.precision, meta, dev)
-    models = {m: low_precision(member_subset(model, m), precision) for m in members}
+    eager = {m: low_precision(member_subset(model, m), precision) for m in members}
+    models = {m: compiled(copy.deepcopy(net)) for m, net in eager.items()} if planner.compile else eager
     with tempfile.TemporaryDirectory(prefix="drive_mbrl_bench_") as tmp:
         episodes = max(1, -(-decisions // 25))
         collect(RunSpec(load_scenario(scenario), "idm", episodes, seed), Path(tmp) / "ds")
@@ -188,8 +190,9 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     evaluated: dict[tuple[int, int], int] = {}
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.inference_mode():
-        for (b, m) in times:  # warm-up
-            plan_scene(models[m], *inputs[0], replace(planner, budget=b), gen)
+        for (b, m) in times:  # warm-up (compiling: on a few scenes, so that shapes of both CEM iterations are seen)
+            for history, mask in inputs[: 3 if planner.compile else 1]:
+                plan_scene(models[m], history, mask, replace(planner, budget=b), gen)
         for history, mask in inputs:
             for (b, m), row in times.items():
                 if dev.type == "cuda":
@@ -204,7 +207,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     # forecaster and budget can beat here.
     peak = matmul_peak_gflops(dev, precision=precision)
     with torch.inference_mode():
-        gflop = {key: count_flops(lambda k=key: plan_scene(models[k[1]], *inputs[0], replace(planner, budget=k[0]),
+        gflop = {key: count_flops(lambda k=key: plan_scene(eager[k[1]], *inputs[0], replace(planner, budget=k[0]),
                                                            gen)) / 1e9 for key in times}
     oracle = None
     if oracle_decisions:
@@ -216,7 +219,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
             runner.close()
         oracle = {"depth": planner.oracle_depth, **_latency(list(episode.decision_ms))}
     return {"device": str(dev), "threads": torch.get_num_threads(), "precision": precision,
-            "checkpoint": str(checkpoint), "scenario": scenario, "samples": planner.samples,
+            "checkpoint": str(checkpoint), "scenario": scenario, "samples": planner.samples, "compile": planner.compile,
             "iterations": planner.iterations, "matmul_peak_gflops": peak,
             "rows": [{"budget": b, "members": m, "plans_scored": evaluated[(b, m)], **_latency(row),
                       "gflop": gflop[(b, m)], "compute_bound_ms": gflop[(b, m)] / peak * 1e3,

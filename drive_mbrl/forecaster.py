@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drive_mbrl.config import UNCERTAINTY_LEVELS
+from drive_mbrl.errors import ConfigError
 from drive_mbrl.features import HIST_FEATURES, PRESENT, TARGET_FEATURES
 
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
@@ -544,6 +545,26 @@ def native_precision(setting: str, device: str | torch.device) -> str:
     if setting != "auto":
         return setting
     return "bf16" if native_bfloat16(device) else "fp32"
+
+
+def compiled(model: Forecaster) -> Forecaster:
+    """`model` with its `decode` (the per-plan network and the decoder's tail) compiled by `torch.compile`:
+    inductor fuses the elementwise work between the matmuls (layer norms, activations, residual adds, the
+    attention's softmax), which is most of a CPU planning step's network time. Shapes are dynamic, since the
+    number of distinct plans and of present agents change from decision to decision. On a CPU inductor emits C++
+    (with its C++ wrapper, which saves the Python launch overhead of each kernel): without a C++ compiler on the
+    PATH this raises ConfigError. Compiling happens at the first calls (20-50 s on 2 cores)."""
+    import shutil
+
+    device = next(model.parameters()).device
+    options = {}
+    if device.type == "cpu":
+        if not (shutil.which("c++") or shutil.which("g++")):
+            raise ConfigError("planner.compile=true needs a C++ compiler on the PATH (c++ or g++) for "
+                              "torch.compile on a CPU: install one (apt install g++) or leave planner.compile off")
+        options["cpp_wrapper"] = True
+    model.decode = torch.compile(model.decode, dynamic=True, options=options)
+    return model
 
 
 def low_precision(model: Forecaster, precision: str = "bf16") -> Forecaster:

@@ -60,7 +60,7 @@ class MPCAgent:
         import torch
 
         from drive_mbrl.fit import load_forecaster, resolve_device, scene_spec
-        from drive_mbrl.forecaster import low_precision, planning_precision
+        from drive_mbrl.forecaster import compiled, low_precision, planning_precision
         from drive_mbrl.runtime import keep_freed_memory
 
         if not checkpoint:
@@ -72,6 +72,8 @@ class MPCAgent:
         self.device = resolve_device(self.settings.device)
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         self.model = low_precision(self.model, planning_precision(self.settings.precision, self.meta, self.device))
+        if self.settings.compile:
+            self.model = compiled(self.model)
         c = self.model.config
         if c.action_dim and (self.settings.ego_model == "route" or self.settings.policy):
             raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions: plan them with "

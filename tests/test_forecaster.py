@@ -1,6 +1,7 @@
 """Forecaster: batched ensemble vs per-member reference, losses and scores on hand-checkable cases, a
 constant-velocity world, save/load, resume and the NaN guard."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -605,6 +606,39 @@ def test_planner_fast_paths_match_the_full_model(fusion: str):
     assert two.config.members == 2 and model.config.members == TINY.members
     for key in full:
         torch.testing.assert_close(sub[key], full[key][:2])
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_matches_eager_across_plan_and_agent_counts():
+    """planner.compile: the compiled per-plan network gives the eager outputs (fp32, so up to the order of fused
+    sums) for several plan counts and cropped scenes, as the planner's dynamic shapes do."""
+    from drive_mbrl.forecaster import compiled
+
+    torch.manual_seed(0)
+    model = Forecaster(TINY).eval()
+    fast = compiled(copy.deepcopy(model))
+    scenes = cv_scenes(1)
+    history, mask = torch.as_tensor(scenes.history), torch.as_tensor(scenes.agent_mask)
+    with torch.no_grad():
+        for n, agents in ((7, 3), (12, 3), (5, 2)):
+            h, m = history[:, :agents], mask[:, :agents]
+            plans = torch.randint(0, 5, (1, n, TINY.horizon))
+            tokens = model.encode(h, m)
+            want = model.decode(tokens, h, m, plans, positions_only=True)
+            got = fast.decode(tokens, h, m, plans, positions_only=True)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_planner_compile_without_a_cpp_compiler_is_a_config_error(monkeypatch):
+    import shutil
+
+    from drive_mbrl.errors import ConfigError
+    from drive_mbrl.forecaster import compiled
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        compiled(Forecaster(TINY))
 
 
 @pytest.mark.parametrize("fusion", ["early", "late"])
