@@ -241,7 +241,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     import torch
 
     from drive_mbrl.fit import load_forecaster, load_scenes
-    from drive_mbrl.forecaster import low_precision, planning_precision
+    from drive_mbrl.forecaster import compiled, low_precision, planning_precision
     from drive_mbrl.imagination import (
         ImaginationConfig,
         ImaginationEnv,
@@ -282,6 +282,8 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
     scenes, _ = load_scenes([dataset[0]], model.config, meta["history_dt"])
     planner_precision = planning_precision(planner.precision, meta, "cpu")
     model = low_precision(model, planner_precision)
+    if planner.compile:
+        model = compiled(model)
     policy_us, planner_ms = [], []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -293,6 +295,9 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
                 start = time.perf_counter()
                 net(x).argmax(-1)
                 policy_us.append((time.perf_counter() - start) * 1e6)
+        for i in range(min(3 if planner.compile else 1, len(scenes))):  # warm-up (compiling: both CEM shapes)
+            plan_scene(model, torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]), planner,
+                       gen)
         for i in range(min(decisions, len(scenes))):
             start = time.perf_counter()
             plan_scene(model, torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]), planner,

@@ -39,7 +39,8 @@ from drive_mbrl.errors import ConfigError
 from drive_mbrl.features import HIST_FEATURES, PRESENT, TARGET_FEATURES
 
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(50.0)
-"""Bounds of every predicted std, in the target's units ([m], [m/s]): a floor of 5 cm keeps the Gaussian NLL from
+"""Bounds of the network's predicted std, in the target's units ([m], [m/s]), before the calibration's power and
+factor (`std_power`, `std_scale`), which can move a std outside them: a floor of 5 cm keeps the Gaussian NLL from
 collapsing onto vehicles that drive exactly at constant speed (and then exploding on the next small error)."""
 
 
@@ -372,8 +373,8 @@ class Forecaster(nn.Module):
 
         tokens: (E, B, A, D) from `encode`; history: (B, A, L, F) and agent_mask (B, A) the same scenes; plans:
         (B, N, H) int64 ego meta-actions (-1: none), or (B, N, H, D) float continuous actions (NaN: none) for a
-        model with `action_dim` D (`plan_inputs`). Returns (E members, B scenes, N plans, K modes, H steps,
-        T targets):
+        model with `action_dim` D (`plan_inputs`). Returns (E members, B scenes, N plans, A agents, K modes,
+        H steps, T targets):
             mean, log_std: (E, B, N, A, K, H, T)  [m], [m/s] in the decision's ego frame; log of std in those units
             logits: (E, B, N, A, K)   mode log-probabilities (log_softmax over K of the head's logits times
                                       the calibrated `mode_temperature`)
@@ -486,7 +487,7 @@ def plan_uncertainty(out: dict[str, torch.Tensor], agent_mask: torch.Tensor) -> 
     # The last step's positions copied out first, and the sums over modes as (1, K) x (K, 2) products: elementwise
     # kernels over strided slices with an inner axis of 2 are several x slower on a CPU.
     p = out["logits"].exp()[..., None, :]  # (E, ..., A, 1, K)
-    last, last_log_std = (out[k][..., -1, :2].contiguous() for k in ("mean", "log_std"))  # (E, ..., A, K, 2)
+    last, last_log_std = (out[k][..., -1, :2].to(p.dtype).contiguous() for k in ("mean", "log_std"))  # (E,...,A,K,2)
     expected = torch.matmul(p, last).squeeze(-2)  # (E, ..., A, 2)
     centred = expected - expected.mean(0)
     disagreement = centred.square().mean(0).sqrt().sum(-1)  # (..., A) std across members, summed over x and y
@@ -553,8 +554,11 @@ def compiled(model: Forecaster) -> Forecaster:
     attention's softmax), which is most of a CPU planning step's network time. Shapes are dynamic, since the
     number of distinct plans and of present agents change from decision to decision. On a CPU inductor emits C++
     (with its C++ wrapper, which saves the Python launch overhead of each kernel): without a C++ compiler on the
-    PATH this raises ConfigError. Compiling happens at the first calls (20-50 s on 2 cores)."""
+    PATH this raises ConfigError. Compiling happens at the first calls (20-50 s on 2 cores). The compiled
+    `decode` is bound to the instance, so a deep copy (`member_subset`, `low_precision`) gets its own binding and
+    compiles again on its first call; compile last. A compiled model does not pickle."""
     import shutil
+    import types
 
     device = next(model.parameters()).device
     options = {}
@@ -563,7 +567,7 @@ def compiled(model: Forecaster) -> Forecaster:
             raise ConfigError("planner.compile=true needs a C++ compiler on the PATH (c++ or g++) for "
                               "torch.compile on a CPU: install one (apt install g++) or leave planner.compile off")
         options["cpp_wrapper"] = True
-    model.decode = torch.compile(model.decode, dynamic=True, options=options)
+    model.decode = types.MethodType(torch.compile(Forecaster.decode, dynamic=True, options=options), model)
     return model
 
 

@@ -3,10 +3,11 @@
 At every policy step it cuts the current scene from the running episode's own track recording (the same
 `features.scene_history` that training data went through), plans with `planning.plan_scene`, and executes the
 first action of the chosen plan, or hands the step to its fallback and records why (`last_fallback`, stored per
-step in the episode): SLOWER (braking) when the model's output is not to be trusted (not finite, too uncertain);
-when no plan passes the chance constraint, SLOWER (`planner.fallback=slower`, default) or the least risky plan
-(`least_risk`; braking plans are among the candidates), or the reactive policy's action (`policy`). The previous
-plan, shifted by one step, warm-starts the next search; with `planner.policy` the reactive policy also proposes a
+step in the episode). `planner.fallback=slower` (default): SLOWER (braking) whatever the reason; `least_risk`: the
+least risky plan when no plan passes the chance constraint (braking plans are among the candidates), SLOWER when
+the model's output is not to be trusted (not finite, too uncertain); `policy`: the reactive policy's action,
+whatever the reason. The previous plan, shifted by one step, warm-starts the next search (after a fallback step
+nothing does: the executed action was not the plan's); with `planner.policy` the reactive policy also proposes a
 share of the candidates.
 
 In a continuous-action scenario (a forecaster with `action_dim` > 0) it plans (H, D) action sequences
@@ -198,6 +199,7 @@ class MPCAgent:
         if decision.least_risk is not None and self.settings.fallback == "least_risk":
             plan = decision.least_risk
         elif decision.fallback:
+            self._warm = None  # the executed action is not the plan's: nothing to shift
             if self.settings.fallback == "policy" and proposal is not None:
                 return int(proposal.argmax())
             return braking_control(env) if self._continuous else self._fallback_action

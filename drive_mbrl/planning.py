@@ -153,7 +153,10 @@ def cem(objective: Objective, horizon: int, low: torch.Tensor, high: torch.Tenso
         order = torch.argsort(costs)
         if float(costs[order[0]]) < best_cost:
             best_plan, best_cost = plans[order[0]].clone(), float(costs[order[0]])
-        elite = plans[order[:elites]]
+        finite = order[torch.isfinite(costs[order])][:elites]  # rejected plans (+inf) never become elites
+        if len(finite) == 0:
+            continue
+        elite = plans[finite]
         mean, std = elite.mean(0), elite.std(0, unbiased=False).clamp_min(min_std)
     return SearchResult(best_plan, best_cost, plans, costs, evaluated)
 
@@ -418,7 +421,9 @@ def mode_collision_prob(out: dict[str, torch.Tensor], start: torch.Tensor, size:
         else None
     hit = agent_hits(positions, start, size, settings, (spread[..., 0], spread[..., 1]), turned, agent_mask)
     hit = ever(hit)  # (E, N, A-1, K, H)
-    p_agent = (logits[:, :, 1:].exp()[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
+    # Absent slots' mode weights are dropped, not multiplied by a False hit: NaN x 0 is NaN.
+    weight = torch.where(agent_mask[1:, None], logits[:, :, 1:].exp(), 0.0)  # (E, N, A-1, K)
+    p_agent = (weight[..., None] * hit).sum(3).clamp(0, 1)  # (E, N, A-1, H)
     return 1 - (1 - p_agent).prod(2)
 
 
@@ -534,7 +539,8 @@ def score_plans(out: dict[str, torch.Tensor], history_last: torch.Tensor, agent_
     `settings.lookahead` steps beyond the horizon: `lookahead`; a future without a collision pays the dead-end
     charge instead when `settings.dead_end_speed` > 0: `dead_end_costs`), minus `progress_weight` x the
     sample's mean forward speed over the horizon [m/s] (the ego's predicted x at the last step / horizon time),
-    plus `comfort_weight` x the number of action changes in the plan (needs `plans` (N, H)). `draws`: the
+    plus `comfort_weight` x the number of action changes in the plan (meta-actions, `plans` (N, H)) or the squared
+    change of its actions summed over steps and dimensions (continuous, `plans` (N, H, D)). `draws`: the
     sampling's random draws (`Draws`, M = settings.samples), or a generator to draw them from. Returns (N,) tensors:
     cost (risk + epistemic term, +inf where the chance constraint fails or the model's output is not finite), risk
     (the risk measure of the sampled costs, before the epistemic term and the constraint), collision_prob
@@ -645,10 +651,12 @@ class StepNoise:
 
 def search_shape(num_actions: int, horizon: int, settings: PlannerConfig) -> tuple[int, int, bool]:
     """(iterations I, candidate rows P per iteration, exhaustive): every sequence in one batch when
-    num_actions ** H fits the budget, else categorical CEM with the budget split over its iterations."""
+    num_actions ** H fits the budget, else categorical CEM with the budget split over its iterations (at least
+    num_actions + 2 rows each, the first population's forced candidates, so a tiny budget can be exceeded)."""
     if num_actions ** horizon <= settings.budget:
         return 1, num_actions ** horizon, True
-    return settings.iterations, max(2, settings.budget // settings.iterations), False
+    # At least the first population's forced candidates: the warm start, the constant plans, a policy's plan.
+    return settings.iterations, max(num_actions + 2, settings.budget // settings.iterations), False
 
 
 def draw_noise(generator: torch.Generator, iterations: int, population: int, horizon: int, members: int,

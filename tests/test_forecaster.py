@@ -630,6 +630,17 @@ def test_a_compiled_decode_matches_eager_across_plan_and_agent_counts():
                 torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
 
 
+def test_a_copy_of_a_compiled_forecaster_runs_its_own_weights():
+    """The compiled decode is bound to its instance: a deep copy (member_subset, low_precision) calls itself, not
+    the original (nothing is compiled here: compiling happens at the first call)."""
+    from drive_mbrl.forecaster import compiled, member_subset
+
+    model = compiled(Forecaster(TINY))
+    twin = copy.deepcopy(model)
+    assert model.decode.__self__ is model and twin.decode.__self__ is twin
+    assert member_subset(model, 2).decode.__self__.config.members == 2
+
+
 def test_planner_compile_without_a_cpp_compiler_is_a_config_error(monkeypatch):
     import shutil
 

@@ -101,6 +101,21 @@ def test_continuous_search_finds_the_minimum_of_a_quadratic(method: str):
     assert torch.allclose(result.plan, optimum, atol=0.05), result.plan
 
 
+def test_cem_refits_to_feasible_plans_only():
+    """Only plans in (0.8, 0.95) are allowed (+inf elsewhere; a few % of the first population), the best is 0.9.
+    With fewer feasible plans than `elites`, the refit must follow the feasible ones, not the rejected ones around
+    the box centre: most of the last population is feasible."""
+    low, high = torch.full((1,), -1.0), torch.full((1,), 1.0)
+
+    def objective(plans):
+        x = plans[:, 0, 0]
+        return torch.where((x > 0.8) & (x < 0.95), (x - 0.9) ** 2, torch.full_like(x, math.inf))
+
+    result = cem(objective, 1, low, high, population=64, iterations=4, elites=20, generator=gen())
+    assert torch.isfinite(result.costs).float().mean() > 0.5
+    assert abs(float(result.plan[0, 0]) - 0.9) < 0.02, result.plan
+
+
 def test_warm_start_at_the_optimum_keeps_it():
     optimum = torch.tensor([[0.5, 0.5]])
     low, high = torch.zeros(2), torch.ones(2)
@@ -363,6 +378,23 @@ def test_mode_collision_probability_by_hand():
     assert prob[0, 0].tolist() == pytest.approx([1 - 0.95 * 0.5, 1 - 0.95 * 0.5])
 
 
+def test_an_absent_slots_nan_mode_weights_do_not_reach_the_collision_probability():
+    """What an absent slot holds is never used: NaN logits there (a model's output for an empty slot) leave the
+    probability as it is with finite ones, instead of NaN x (no hit) = NaN."""
+    mean = torch.zeros(1, 1, 3, 2, 2, 2)
+    mean[0, 0, 1, 0, :, 0], mean[0, 0, 1, 1, :, 0] = 60.0, 3.0  # a present car: 30 % cut-in mode
+    out = {"mean": mean, "log_std": torch.full_like(mean, math.log(1e-4)),
+           "logits": torch.log(torch.tensor([0.5, 0.5, 0.7, 0.3, 0.5, 0.5])).reshape(1, 1, 3, 2)}
+    last = torch.zeros(3, 12)
+    last[1, 0], last[:, 6], last[:, 7] = 60.0, 5.0, 2.0
+    mask = torch.tensor([True, True, False])
+    settings = PlannerConfig(mode_sigma=0.0)
+    finite = mode_collision_prob(out, last[:, :2], last[:, 6:8], mask, settings)
+    out["logits"][0, 0, 2] = float("nan")
+    assert torch.equal(mode_collision_prob(out, last[:, :2], last[:, 6:8], mask, settings), finite)
+    assert finite[0, 0].tolist() == pytest.approx([0.3, 0.3])
+
+
 @pytest.mark.parametrize("oriented", [False, True])
 def test_mode_collision_probability_of_a_prefix_is_the_full_ones_first_steps(oriented):
     """`score_plans` computes the chance constraint's probability on the first `chance_steps` steps only: a step's
@@ -417,6 +449,20 @@ def test_plan_scene_finds_the_known_best_plan(budget: int):
     assert decision.evaluated == (3125 if budget == 3125 else decision.evaluated) and decision.evaluated <= max(
         budget, 3125)
     assert decision.collision_prob == 0.0
+
+
+@pytest.mark.parametrize(("budget", "iterations"), [(10, 2), (64, 16)])
+def test_a_population_smaller_than_the_forced_candidates_still_plans(budget: int, iterations: int):
+    """The first CEM population always holds the warm start, the 5 constant plans and a policy's greedy plan (7
+    rows): a budget split into fewer rows per iteration gets 7 rows each instead of failing."""
+    model = FakeModel([2, 2, 2, 2, 2])
+    history, mask = torch.zeros(2, 1, 12), torch.ones(2, dtype=torch.bool)
+    history[:, :, 6:8] = torch.tensor([5.0, 2.0])
+    proposal = torch.tensor([0.1, 0.1, 0.6, 0.1, 0.1])
+    decision = plan_scene(model, history, mask, PlannerConfig(budget=budget, iterations=iterations), gen(),
+                          proposal=proposal)
+    assert decision.plan.tolist() == [2, 2, 2, 2, 2] and decision.fallback == ""  # a constant plan, always tried
+    assert 7 <= decision.evaluated <= 7 * iterations
 
 
 def test_ego_reward_replaces_the_learned_reward():
