@@ -351,7 +351,14 @@ class ImaginationEnv(gym.vector.VectorEnv):
         return feats * (self.present[:, :, -1:, None] if pad else self.present[:, :, idx, None])
 
     def _observe(self) -> np.ndarray:
-        hist = self._features([self.W - 1 - self.gap, self.W - 1])[:, : self.config.agents]
+        """The policy's observation of every env, its slots chosen as on the road (`features.scene_history`): the
+        ego, then the present agents nearest first at the newest frame (the start scene's order drifts as the
+        rollout goes on), then the empty slots; the first `config.agents` of them."""
+        hist = self._features([self.W - 1 - self.gap, self.W - 1])  # (B, A, 2, F)
+        dist = torch.where(self.present[:, 1:, -1], hist[:, 1:, -1, X:Y + 1].norm(dim=-1), torch.inf)  # (B, A-1)
+        order = torch.cat([torch.zeros_like(dist[:, :1], dtype=torch.long),
+                           torch.argsort(dist, dim=1, stable=True) + 1], dim=1)[:, : self.config.agents]
+        hist = hist.gather(1, order[:, :, None, None].expand(-1, -1, *hist.shape[2:]))
         return policy_observation(hist.cpu().numpy(), self.lane.cpu().numpy(),
                                   self.target if self.config.set_points else None)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from drive_mbrl.features import SceneSpec, episode_policy_obs, history_stride
+from drive_mbrl.features import HIST_FEATURES, PRESENT, SceneSpec, episode_policy_obs, history_stride
 from drive_mbrl.imagination import ImaginationConfig, ImaginationEnv, PolicyEnv, hermite, rotate, start_states
 
 
@@ -102,6 +102,26 @@ def test_rollouts_end_at_the_horizon_and_restart_on_the_next_step(tiny_checkpoin
         restarted += int(ended_before.sum())
         ended_before = term | trunc
     assert restarted >= 16  # every env ended at least once within 7 steps of horizon 2
+
+
+def test_imagined_observations_show_the_nearest_agents_nearest_first_at_every_step(tiny_checkpoint: Path,
+                                                                                    recorded: Path):
+    """As on the road (`scene_history`), the policy's slots are the ego, then the present agents by distance at
+    the newest frame, then empty slots, however the rollout has moved the start scene's agents around."""
+    config = ImaginationConfig(str(tiny_checkpoint), (str(recorded),), agents=3, horizon=50, seed=0)
+    env = ImaginationEnv(config, num_envs=32)
+    obs, _ = env.reset(seed=2)
+    width = len(HIST_FEATURES) + 2  # a slot's features: the newest frame's, then the velocity change
+    reordered = 0
+    for _ in range(6):
+        obs, *_ = env.step(np.arange(32) % env.single_action_space.n)
+        slots = obs[:, : 3 * width].reshape(32, 3, width)
+        shown = np.where(slots[:, 1:, PRESENT] > 0.5, np.hypot(slots[:, 1:, 0], slots[:, 1:, 1]), np.inf)
+        now = env._features([env.W - 1])[:, 1:, 0].numpy()  # every agent, the forecaster's slot order
+        every = np.where(env.present[:, 1:, -1].numpy(), np.hypot(now[..., 0], now[..., 1]), np.inf)
+        np.testing.assert_allclose(shown, np.sort(every, axis=1)[:, :2], atol=1e-4)
+        reordered += int((np.diff(every, axis=1) < 0).any(1).sum())
+    assert reordered > 0  # the start order did drift, so the test did test something
 
 
 def test_one_imagined_env_passes_gymnasiums_env_checker(tiny_checkpoint: Path, recorded: Path):
