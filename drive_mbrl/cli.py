@@ -24,6 +24,8 @@ from drive_mbrl.runtime import keep_freed_memory
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+TRAIN_SEED_BLOCK = 10_000
+"""`train`: seeds between the starts of two iterations' collections."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ def agent_options(cfg: C.CollectConfig) -> str:
         raise C.ConfigError(f"learner= drives DAgger rounds: it needs agent=dagger (got agent={cfg.agent})")
     if cfg.replans > 1 and cfg.agent != "dagger":
         raise C.ConfigError(f"replans= averages the planner's labels: it needs agent=dagger (got agent={cfg.agent})")
+    if cfg.noise and cfg.agent != "dagger":
+        raise C.ConfigError(f"noise= perturbs the executed actions of DAgger labelling: it needs agent=dagger (got "
+                            f"agent={cfg.agent})")
     if cfg.agent in ("mpc", "dagger"):
         if not cfg.checkpoint:
             raise C.ConfigError(f"agent={cfg.agent} needs checkpoint=<forecaster folder> (train one with "
@@ -291,6 +296,17 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.plots import learning_curve_png
     from drive_mbrl.scenarios import load_scenario
 
+    # Seed blocks: the seed data from `seed`, iteration i's collection from seed + TRAIN_SEED_BLOCK x (i + 1);
+    # none may reach into the next block or into the held-out evaluation seeds.
+    blocks = [(cfg.seed, cfg.seed_episodes)] + [(cfg.seed + TRAIN_SEED_BLOCK * (it + 1), cfg.episodes_per_iteration)
+                                                for it in range(cfg.iterations)]
+    if max(cfg.seed_episodes, cfg.episodes_per_iteration) > TRAIN_SEED_BLOCK or any(
+            start < C.EVAL_SEED + cfg.eval_episodes and C.EVAL_SEED < start + count for start, count in blocks):
+        raise C.ConfigError(f"train's collection seeds (seed={cfg.seed}, blocks of {TRAIN_SEED_BLOCK:,} per "
+                            f"iteration, {cfg.iterations} iterations) would overlap each other or the held-out "
+                            f"evaluation seeds from {C.EVAL_SEED:,}: keep seed_episodes and episodes_per_iteration "
+                            f"<= {TRAIN_SEED_BLOCK:,} and seed + {TRAIN_SEED_BLOCK:,} x (iterations + 1) below "
+                            f"{C.EVAL_SEED:,}")
     scenario = load_scenario(cfg.scenario)
     data = [run_dir / "data" / "seed"]
     _collect_into(RunSpec(scenario, cfg.seed_agent, cfg.seed_episodes, cfg.seed), data[0], cfg.workers, "",
@@ -324,7 +340,7 @@ def run_train(cfg: C.TrainConfig, run_dir: Path) -> dict[str, Any]:
             continue
         explore = replace(cfg.planner, explore_weight=cfg.collect_explore_weight)
         out = run_dir / "data" / f"iter{it}"
-        spec = RunSpec(scenario, "mpc", episodes, cfg.seed + 10_000 * (it + 1),
+        spec = RunSpec(scenario, "mpc", episodes, cfg.seed + TRAIN_SEED_BLOCK * (it + 1),
                        agent_options=mpc_options(ck, explore))
         _collect_into(spec, out, cfg.workers, "", f"collect {scenario.name}/mpc iteration {it}")
         data.append(out)
@@ -538,11 +554,13 @@ def run_bench_collect(cfg: C.BenchCollectConfig, run_dir: Path) -> dict[str, Any
 
 
 def _forecaster_report(figures: dict[str, Any], run_dir: Path, title: str) -> None:
+    from drive_mbrl.data import atomic_write
     from drive_mbrl.plots import forecaster_report_png
     from drive_mbrl.report import forecaster_markdown
 
     png = forecaster_report_png(figures, run_dir / "report.png", title)
-    (run_dir / "report.md").write_text(forecaster_markdown(figures, title, png.name))
+    markdown = forecaster_markdown(figures, title, png.name)
+    atomic_write(run_dir / "report.md", lambda f: f.write(markdown), "w")
     print(forecaster_markdown(figures, title, png.name, summary_only=True))
     print(f"report:   {run_dir / 'report.md'}")
 
@@ -584,6 +602,7 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     scenes, sources = load_scenes(cfg.dataset, model_cfg, cfg.history_dt)
     calibration, cal_sources = (load_scenes(cfg.calibration, model_cfg, cfg.history_dt) if cfg.calibration
                                 else (None, None))
+    held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else None  # bad folders fail now
     train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
     train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))
     device = resolve_device(cfg.device)
@@ -609,8 +628,7 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
         bar.close()
     train_seconds = time.perf_counter() - start
     model, _ = load_forecaster(out, device)
-    held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else val
-    figures = validate(model, held, device, policy_dt, seed=cfg.seed)
+    figures = validate(model, held if held is not None else val, device, policy_dt, seed=cfg.seed)
     _forecaster_report(figures, run_dir, f"forecaster on {'held-out data' if cfg.holdout else 'the val split'}")
     print(f"calibration: mode temperature {history['mode_temperature']:.2f}; per horizon step spread power "
           f"{', '.join(f'{b:.2f}' for b in history['std_power'])}, factor "
@@ -929,8 +947,10 @@ def _run_hydra(name: str) -> None:
         except KeyboardInterrupt:
             out = getattr(typed, "out", "")  # the command's own output folder, where it has one
             where = f"{out} (run folder {run_dir})" if out else str(run_dir)
+            # A default run folder is new for every run (date, time, process id): resuming means naming this one.
+            again = "the same command" if out else f"the same command with hydra.run.dir={run_dir}"
             print(f"\ndrive-mbrl {name.replace('_', ' ')}: interrupted; everything finished so far is on disk in "
-                  f"{where} — rerun the same command to resume", file=sys.stderr)
+                  f"{where} — rerun {again} to resume", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     task()

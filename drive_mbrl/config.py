@@ -8,6 +8,7 @@ nothing of Hydra: cli.py turns Hydra's config into these dataclasses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -19,9 +20,10 @@ EVAL_SEED = 1_000_000
 
 
 def opt(default: Any, help: str, lo: float | None = None, hi: float | None = None,
-        choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field with its help text and allowed range [lo, hi] or choices (for lists: of each item)."""
-    metadata = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+        choices: tuple[Any, ...] | None = None, nonempty: bool = False, pattern: str | None = None) -> Any:
+    """A config field with its help text and allowed range [lo, hi], choices or regular expression `pattern` (for
+    lists: of each item; `nonempty`: a list that needs at least one item)."""
+    metadata = {"help": help, "lo": lo, "hi": hi, "choices": choices, "nonempty": nonempty, "pattern": pattern}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -35,6 +37,8 @@ PRECISIONS = ("fp32", "bf16")
 """Precisions of the forecaster: the training forward pass (`fit.TrainSettings.precision`) and the planner's network
 (`PlannerConfig.precision`)."""
 FALLBACKS = ("slower", "least_risk", "policy")
+DEVICES = r"auto|cpu|cuda(:\d+)?"
+"""The device settings torch takes here (a regular expression for `opt(pattern=)`)."""
 
 
 @dataclass
@@ -110,7 +114,7 @@ class PlannerConfig:
     policy_share: float = opt(0.25, "share of the first CEM population proposed by planner.policy", lo=0.0, hi=1.0)
     oracle_depth: int = opt(2, "agent=oracle: policy steps of the exhaustive tree on simulator copies "
                             "(num_actions^depth sequences)", lo=1, hi=6)
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     precision: str = opt("auto", "the forecaster's network while planning: fp32, bf16 (bfloat16 layers between "
                          "fp32 inputs and outputs; scoring stays fp32: about 2x faster decisions on a CPU with "
                          "native bfloat16 matmuls (AMX, AVX512-BF16) and on GPUs, slower where it is emulated; "
@@ -175,7 +179,7 @@ class BenchCollectConfig:
     scenario: str = opt("highway", "scenario name or path")
     agent: str = opt("idm", "ego driver", choices=BUILTIN_AGENTS)
     episodes: int = opt(16, "episodes per measurement", lo=1, hi=10**6)
-    workers: list[int] = opt([1, 2], "worker counts; the first is the baseline", lo=1, hi=4096)
+    workers: list[int] = opt([1, 2], "worker counts; the first is the baseline", lo=1, hi=4096, nonempty=True)
     repeats: int = opt(3, "measurements per worker count (alternating); medians are reported", lo=1, hi=100)
     seed: int = opt(0, "base seed", lo=0, hi=2**31 - 1)
 
@@ -190,11 +194,16 @@ def validate(cfg: Any, prefix: str = "") -> Any:
             validate(value, prefix=f"{key}.")
             continue
         items = value if isinstance(value, list) else [value]
+        if meta.get("nonempty") and not items:
+            raise ConfigError(f"{key}=[] is empty: give at least one value ({key}: {meta['help']})")
         for item in items:
             lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
             if choices is not None and item not in choices:
                 raise ConfigError(f"{key}={item!r} is not allowed: choose one of {', '.join(map(str, choices))}")
-            if lo is not None and item < lo or hi is not None and item > hi:
+            if meta.get("pattern") and not re.fullmatch(meta["pattern"], str(item)):
+                raise ConfigError(f"{key}={item!r} is not allowed: {meta['help']}")
+            # Written as "not inside" so that NaN, which compares False with everything, is out of range too.
+            if lo is not None and not item >= lo or hi is not None and not item <= hi:
                 raise ConfigError(f"{key}={item!r} is out of range: allowed {lo} <= {key} <= {hi} "
                                   f"({key}: {meta['help']})")
     return cfg
@@ -281,7 +290,7 @@ class FitConfig:
                      "validated and checkpointed instead of the raw weights (0 = off)", lo=0.0, hi=1000.0)
     val_fraction: float = opt(0.2, "share of episodes held out for validation (split by episode)", lo=0.01, hi=0.9)
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
     precision: str = opt("auto", "training forward pass: fp32, bf16 (autocast: 1.7-2x the steps/s on a CPU with "
                          "native bfloat16 matmuls such as AVX512-BF16 or AMX, slower where it is emulated; weights, "
@@ -296,7 +305,7 @@ class ValidateConfig:
 
     checkpoint: str = opt("", "forecaster checkpoint folder (from `drive-mbrl fit`); required")
     dataset: list[str] = opt([], "dataset folders to validate on (use seeds never used in training); required")
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     hdr_samples: int = opt(256, "Monte Carlo samples per prediction for coverage", lo=16, hi=100000)
     seed: int = opt(0, "seed of the coverage sampling and the action shuffle", lo=0, hi=2**31 - 1)
 
@@ -310,7 +319,7 @@ class CalibrateConfig:
     dataset: list[str] = opt([], "dataset folders to calibrate on: whole episodes like those the model will face, "
                              "seeds used neither in training nor in validation; required")
     out: str = opt("", "folder for the recalibrated copy (not the checkpoint itself); required")
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     seed: int = opt(0, "seed of the calibration's subsampling and coverage sampling", lo=0, hi=2**31 - 1)
 
 
@@ -319,9 +328,10 @@ class BenchForecasterConfig:
     """`drive-mbrl bench forecaster`: scene-rollouts/s of the forecaster against the number of candidate plans."""
 
     checkpoint: str = opt("", "forecaster checkpoint; empty = a fresh model of the default size")
-    candidates: list[int] = opt([1, 4, 16, 64, 256, 1024, 4096], "numbers N of candidate plans", lo=1, hi=1 << 20)
+    candidates: list[int] = opt([1, 4, 16, 64, 256, 1024, 4096], "numbers N of candidate plans", lo=1, hi=1 << 20,
+                                nonempty=True)
     repeats: int = opt(10, "timed calls per N (median reported)", lo=1, hi=10000)
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
 
 
@@ -332,8 +342,8 @@ class BenchPlanConfig:
 
     checkpoint: str = opt("", "forecaster checkpoint folder; required")
     scenario: str = opt("highway", "scenario whose idm episodes give the scenes")
-    budgets: list[int] = opt([64, 256, 512, 1024], "candidate plans per decision", lo=1, hi=10**6)
-    members: list[int] = opt([1, 5], "ensemble sizes (the checkpoint's first members)", lo=1, hi=64)
+    budgets: list[int] = opt([64, 256, 512, 1024], "candidate plans per decision", lo=1, hi=10**6, nonempty=True)
+    members: list[int] = opt([1, 5], "ensemble sizes (the checkpoint's first members)", lo=1, hi=64, nonempty=True)
     decisions: int = opt(60, "scenes planned per setting", lo=1, hi=10**6)
     oracle_decisions: int = opt(5, "oracle decisions timed (0 = skip the oracle)", lo=0, hi=10**4)
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "planner settings"})
@@ -470,7 +480,7 @@ class BenchPolicyConfig:
                                   "imagined_precision`)", choices=("auto", *PRECISIONS))
     dataset: list[str] = opt([], "recorded episodes: start states and latency scenes; required")
     scenario: str = opt("highway", "scenario of the real env")
-    envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20)
+    envs: list[int] = opt([64, 256, 1024], "imagination batch sizes", lo=1, hi=1 << 20, nonempty=True)
     steps: int = opt(10, "batched imagination steps per measurement", lo=1, hi=10**6)
     real_steps: int = opt(150, "real env steps per measurement", lo=1, hi=10**6)
     repeats: int = opt(3, "alternating repeats (medians reported)", lo=1, hi=1000)
@@ -495,7 +505,7 @@ class PipelineConfig:
 
     scenario: str = opt("highway", "scenario name in scenarios/ or path to your own scenario YAML")
     collect_agents: list[str] = opt(["idm", "explore"], "agents that collect the training data",
-                                    choices=BUILTIN_AGENTS)
+                                    choices=BUILTIN_AGENTS, nonempty=True)
     collect_episodes: int = opt(20, "episodes to collect per collecting agent", lo=1, hi=10**7)
     eval_agents: list[str] = opt(["slower", "idm"], "agents to evaluate", choices=BUILTIN_AGENTS)
     eval_episodes: int = opt(20, "evaluation episodes per agent", lo=1, hi=10**7)

@@ -108,6 +108,9 @@ def atomic_folder(out: Path, build: Callable[[Path], Any]) -> Any:
         shutil.rmtree(old, ignore_errors=True)
         return result
     except BaseException:
+        old = out.with_name(f".{out.name}.old")
+        if old.exists() and not out.exists():  # interrupted between the two renames: the previous version back
+            old.rename(out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

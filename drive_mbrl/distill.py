@@ -122,6 +122,10 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
             if EXPERT_COSTS in logged:
                 planned = (ep.fallback == "")[:, None]
                 raw = np.asarray(logged[EXPERT_COSTS], np.float64)
+                if np.isnan(raw).any():  # inf means "rejected"; NaN means something went wrong upstream
+                    step = int(np.argwhere(np.isnan(raw))[0, 0])
+                    raise DataError(f"dataset {path}, episode {ep.index}, step {step}: the planner's action costs "
+                                    f"hold NaN ({raw[step].tolist()}): relabel that dataset")
                 onehot = np.where(planned, soft_targets(raw, np.maximum(expert, 0), temperature), onehot)
                 rel = np.where(planned, relative_costs(raw), np.nan).astype(np.float32)
             obs.append(episode_observations(config, ep, manifest)[keep])
@@ -137,8 +141,15 @@ def policy_data(paths: list[str], config: PolicyConfig, temperature: float = 0.0
 
 
 def merge_data(parts: list[PolicyData]) -> PolicyData:
-    return PolicyData(*(np.concatenate([getattr(p, k) for p in parts])
-                        for k in ("obs", "label", "target", "episode", "costs")), steps=sum(p.steps for p in parts))
+    """The parts' decisions together (the base labels and each DAgger round's), episode ids made unique across
+    parts (each `policy_data` call numbers its own datasets from 0)."""
+    episode = np.concatenate([p.episode + i * PART_EPISODES for i, p in enumerate(parts)])
+    return PolicyData(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("obs", "label", "target")),
+                      episode, np.concatenate([p.costs for p in parts]), steps=sum(p.steps for p in parts))
+
+
+PART_EPISODES = 10**12
+"""Episode-id offset between `merge_data`'s parts (`policy_data` ids are dataset x 10**7 + episode index)."""
 
 
 @dataclass(frozen=True)

@@ -399,6 +399,10 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
     from drive_mbrl.data import read_manifest
     from drive_mbrl.fit import BEST, load_forecaster, load_scenes
 
+    if planner is not None and (planner.policy or planner.fallback == "policy"):
+        raise ConfigError("the planner graph takes no reactive policy: export without planner.policy and with "
+                          "planner.fallback=slower or least_risk (the policy goes into the bundle as its own graph "
+                          "with policy=FOLDER)")
     if planner is not None and planner.ego_model == "route":
         raise ConfigError("planner.ego_model=route reads the ego's route from the road network, which the planner "
                           "graph does not take as an input: export with planner.ego_model=learned (any road) or "
@@ -409,8 +413,21 @@ def export_bundle(checkpoint: Path | str, out: Path | str, datasets: list[str] |
         raise ConfigError(f"the forecaster in {checkpoint} takes continuous actions: bundles hold meta-action "
                           "graphs only so far (continuous planning runs in torch, `agent=mpc`)")
     datasets = list(datasets or [s["path"] for s in meta["data"]["sources"]])
-    scenes = load_scenes(datasets, model.config, meta["history_dt"])[0]
     manifest = read_manifest(Path(datasets[0]))
+    trained = meta.get("data", {})
+    seen = {"env_id": manifest["scenario"]["env_id"], "dt": manifest["dt"], "policy_dt": manifest["policy_dt"]}
+    wanted = {"env_id": trained.get("scenario"), "dt": trained.get("dt"), "policy_dt": trained.get("policy_dt")}
+    differ = {k: (seen[k], v) for k, v in wanted.items() if v is not None and seen[k] != v}
+    if differ:  # the planner graph bakes in the dataset's simulation rates and reward
+        detail = ", ".join(f"{k} {a} against {b}" for k, (a, b) in differ.items())
+        raise ConfigError(f"dataset {datasets[0]} was recorded on another scenario than the forecaster in "
+                          f"{checkpoint} was trained on ({detail}): pass datasets of the forecaster's own scenario "
+                          "(or none: its training data)")
+    if policy:
+        from drive_mbrl.policy import load_policy
+
+        load_policy(Path(policy).resolve())  # a bad policy folder fails now, not after the long parity checks
+    scenes = load_scenes(datasets, model.config, meta["history_dt"])[0]
     figures: dict[str, Any] = {}
 
     def build(folder: Path) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Imagination, per step and env (all envs in one batched forecaster call):
   1. the newest `history_len` frames of every agent, expressed in the ego's current frame, go into the
      forecaster with the plan [action, IDLE, ...]; every member predicts every agent one policy step ahead;
   2. the rollout's own member (drawn at reset: trajectory sampling, as in PETS) and one mode per agent (drawn by
-     its probability) give the agents' next positions and velocities (the mode's mean); the frames in between are
+     its probability; the ego's most likely mode, which only `ego_model="learned"` uses) give the agents' next
+     positions and velocities (the mode's mean); the frames in between are
      filled by cubic Hermite interpolation (positions and velocities at both ends), headings follow the velocity,
      lane offsets follow the lateral motion (straight lanes of `lane_width`, lane numbers change at lane edges).
      With `ego_model="kinematic"` (`auto`, the default, picks it where the road has `lanes_count`) the ego's own
@@ -83,7 +84,7 @@ class PolicyEnv(gym.Env):
         self.recorder = TrackRecorder(self.scenario.perception_range, recording_stride(sim_hz, policy_hz, 0),
                                       1.0 / sim_hz)
         agents = int(config.get("agents", 8))
-        self.spec = SceneSpec(agents=agents, history_len=2, history_stride=history_stride(
+        self.scene_spec = SceneSpec(agents=agents, history_len=2, history_stride=history_stride(
             float(config.get("history_dt", 1.0)), self.recorder.frame_dt), horizon=1)
         self.set_points = bool(config.get("set_points", True))
         self.observation_space = observation_space(agents, self.set_points)
@@ -91,11 +92,12 @@ class PolicyEnv(gym.Env):
         self._next_seed = int(config.get("seed_offset", 0))
 
     def _obs(self) -> np.ndarray:
-        return live_policy_observation(self.recorder, self.spec, live_target_speed(self.env, self.set_points))
+        return live_policy_observation(self.recorder, self.scene_spec, live_target_speed(self.env, self.set_points))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         from drive_mbrl.scenarios import reset_env
 
+        super().reset(seed=seed)
         if seed is None:
             seed, self._next_seed = self._next_seed, self._next_seed + 1
         reset_env(self.env, int(seed))

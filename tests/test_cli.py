@@ -226,11 +226,23 @@ def test_calibrate_writes_a_copy_with_only_the_calibration_refitted(tmp_path: Pa
     ("evaluate", ["agent=planner"], "agent='planner' is not allowed"),
     ("evaluate", ["planner.risk=var"], "planner.risk='var' is not allowed"),
     ("bench", ["plan"], "bench plan needs checkpoint="),
+    ("evaluate", ["agent=mpc", "checkpoint=nowhere", "planner.device=gpu"], "planner.device='gpu' is not allowed"),
+    ("fit", ["lr=nan"], "lr=nan is out of range"),
+    ("collect", ["agent=idm", "noise=0.5"], "noise= perturbs the executed actions of DAgger labelling"),
+    ("train", ["iterations=120"], "would overlap each other or the held-out evaluation seeds"),
+    ("bench", ["collect", "workers=[]"], "workers=[] is empty"),
 ])
 def test_planner_bad_input_gives_a_short_error(tmp_path: Path, command, args, message):
     result = run_cli(command, *args, "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_holdout_fails_before_training(tmp_path: Path, tiny_checkpoint: Path):
+    result = run_cli("fit", f"dataset=[{tiny_checkpoint.parent / 'data'}]", f"holdout=[{tmp_path / 'nope'}]",
+                     "epochs=1000", "hydra.run.dir=run", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "nope" in result.stderr and "fit " not in result.stderr  # no progress bar
     assert not (tmp_path / "run").exists()
 
 

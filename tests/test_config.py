@@ -40,6 +40,21 @@ def test_list_items_are_checked():
         validate(BenchCollectConfig(workers=[1, 0]))
 
 
+def test_nan_empty_lists_and_unknown_devices_are_refused():
+    with pytest.raises(ConfigError, match="lr=nan is out of range"):
+        validate(FitConfig(lr=float("nan")))
+    with pytest.raises(ConfigError, match="planner.gamma=nan is out of range"):
+        validate(EvaluateConfig(planner=PlannerConfig(gamma=float("nan"))))
+    with pytest.raises(ConfigError, match=r"workers=\[\] is empty"):
+        validate(BenchCollectConfig(workers=[]))
+    with pytest.raises(ConfigError, match=r"collect_agents=\[\] is empty"):
+        validate(PipelineConfig(collect_agents=[]))
+    with pytest.raises(ConfigError, match="planner.device='gpu' is not allowed"):
+        validate(EvaluateConfig(planner=PlannerConfig(device="gpu")))
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        validate(EvaluateConfig(planner=PlannerConfig(device=device)))
+
+
 def _scenario_file(tmp_path, planner: str) -> str:
     path = tmp_path / "mine.yaml"
     path.write_text(f"name: mine\nenv_id: highway-fast-v0\nplanner: {planner}\n")

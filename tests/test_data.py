@@ -55,6 +55,26 @@ def test_episode_of_another_schema_version_is_rejected(tmp_path: Path):
         load_episode(path)
 
 
+def test_an_interrupt_between_the_swaps_renames_keeps_the_previous_folder(tmp_path: Path, monkeypatch):
+    """atomic_folder moves the old folder aside, then the new one in: an interrupt between the two puts the old
+    one back instead of leaving no folder at all."""
+    from drive_mbrl.data import atomic_folder
+
+    out = tmp_path / "bundle"
+    atomic_folder(out, lambda tmp: (tmp / "v").write_text("1"))
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self.name.startswith(".bundle.") and self.name != ".bundle.old" and Path(target) == out:  # the new one
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder(out, lambda tmp: (tmp / "v").write_text("2"))
+    assert (out / "v").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
 def test_collect_writes_manifest_and_resumes_without_duplicates(tmp_path: Path):
     out = tmp_path / "ds"
     first = collect(small_spec(2), out)

@@ -16,6 +16,7 @@ from drive_mbrl.export import (
     ExportError,
     ForecasterGraph,
     check_parity,
+    export_bundle,
     forecaster_contract,
     parity,
     random_scene_inputs,
@@ -101,6 +102,22 @@ def test_export_command_writes_a_bundle_and_names_a_missing_checkpoint(tiny_chec
                     cwd=tmp_path)
     assert route.returncode == 2 and "planner.ego_model=route" in route.stderr and "planner_scenes=0" in route.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_export_refuses_what_the_bundle_would_silently_drop(tiny_checkpoint: Path, tmp_path: Path):
+    """A planner graph cannot hold a reactive policy, and parity data of another scenario would bake that
+    scenario's rates into it: both stop before anything is written."""
+    from drive_mbrl.config import PlannerConfig
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.errors import ConfigError
+    from drive_mbrl.scenarios import load_scenario
+
+    with pytest.raises(ConfigError, match="takes no reactive policy"):
+        export_bundle(tiny_checkpoint, tmp_path / "p", planner=PlannerConfig(fallback="policy"))
+    collect(RunSpec(load_scenario("highway_dense"), "idm", 1, 0, max_steps=2), tmp_path / "dense")
+    with pytest.raises(ConfigError, match="another scenario.*env_id highway-v0 against highway-fast-v0"):
+        export_bundle(tiny_checkpoint, tmp_path / "d", datasets=[str(tmp_path / "dense")], planner=PlannerConfig())
+    assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
 
 
 def test_the_planner_graph_picks_the_torch_planners_action_given_the_same_noise(tiny_bundle: Path,

@@ -207,6 +207,16 @@ def test_auto_ego_model_is_kinematic_only_on_roads_with_lanes(tiny_checkpoint: P
         ImaginationEnv(ImaginationConfig(str(tiny_checkpoint), merge, agents=4, ego_model="kinematic"), 1)
 
 
+def test_the_real_policy_env_passes_gymnasiums_env_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    env = PolicyEnv({"scenario": "highway", "agents": 4, "history_dt": 1.0})
+    try:
+        check_env(env, skip_render_check=True)
+    finally:
+        env.close()
+
+
 def test_policy_env_observation_matches_the_episode_loop():
     """PolicyEnv (what RLlib trains on) and agent=policy (what evaluation runs) see the same observation."""
     env = PolicyEnv({"scenario": "highway", "agents": 4, "history_dt": 1.0})
@@ -225,7 +235,7 @@ def test_policy_env_observation_matches_the_episode_loop():
     frames = [i * 5 for i in range(4)]  # highway: 5 recorded frames per policy step
     for obs, frame, target in zip(seen, frames, targets, strict=True):
         hist, _, _ = scene_history(arrays["state"], arrays["present"], arrays["lane_offset"],
-                                   arrays["lane_heading"], frame, env.spec)
+                                   arrays["lane_heading"], frame, env.scene_spec)
         expected = policy_observation(hist, int(arrays["lane_id"][frame, 0]), target)
         np.testing.assert_allclose(obs, expected, atol=1e-6)
     assert targets[2] == 30.0  # FASTER at 25 m/s

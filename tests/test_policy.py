@@ -189,6 +189,19 @@ def test_mean_relative_costs_by_hand():
     assert np.isinf(mean_relative_costs(calls[2:])).all()
 
 
+def test_merged_parts_keep_their_episodes_apart():
+    """`policy_data` numbers each call's episodes from 0, so the base labels and a DAgger round both have an
+    episode 0: merged, they stay two episodes (the validation split is by episode)."""
+    from drive_mbrl.distill import merge_data
+
+    def part(n: int) -> PolicyData:
+        return PolicyData(np.zeros((n, 3), np.float32), np.zeros(n, np.int64), np.zeros((n, 2), np.float32),
+                          np.arange(n, dtype=np.int64) // 2, np.zeros((n, 2), np.float32), n)
+
+    merged = merge_data([part(4), part(6)])
+    assert len(np.unique(merged.episode)) == 2 + 3 and len(merged) == 10 and merged.steps == 10
+
+
 def test_bc_loss_and_greedy_regret_by_hand():
     """Two actions, uniform logits, target one-hot on action 0, action 1 costs 10: CE = log 2 and E_pi[c] = 5;
     a row without logged costs adds cross-entropy only, and nothing to the expected cost (averaged over all rows)."""
@@ -319,6 +332,15 @@ def test_dagger_agent_logs_the_planners_labels_and_the_policy_drives(random_poli
     finite = np.isfinite(log[EXPERT_COSTS]).any(1) & (episode.fallback == "")
     for costs, target in zip(log[EXPERT_COSTS][finite], data.target[finite], strict=True):
         assert np.argmax(target) == np.argmin(costs)
+    # A NaN cost (inf means "rejected"; NaN, that something went wrong) is an error that names the step.
+    from dataclasses import replace
+
+    from drive_mbrl.data import save_episode
+
+    log[EXPERT_COSTS][2, 1] = np.nan
+    save_episode(tmp_path / "d", replace(episode, step_log=log))
+    with pytest.raises(DataError, match="episode 0, step 2: the planner's action costs hold NaN"):
+        policy_data([str(tmp_path / "d")], net.config)
 
 
 def test_dagger_beta_must_be_a_share(random_policy: Path, tiny_checkpoint: Path):
