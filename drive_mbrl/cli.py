@@ -923,8 +923,12 @@ def _run_hydra(name: str) -> None:
     ConfigStore.instance().store(name=f"{name}_schema", node=command.schema)
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
+    entered = False
+
     @hydra.main(version_base="1.3", config_path=str(data_dir("configs")), config_name=name)
     def task(cfg: Any) -> None:
+        nonlocal entered
+        entered = True
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         _lock_run_dir(run_dir, name)
         typed = None
@@ -953,7 +957,12 @@ def _run_hydra(name: str) -> None:
                   f"{where} — rerun {again} to resume", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
-    task()
+    try:
+        task()
+    except SystemExit as exc:
+        if exc.code == 1 and not entered:  # Hydra's own usage errors (an unknown key, a value of the wrong type),
+            sys.exit(EXIT_USAGE)           # which it has printed: usage errors exit 2 like every other here
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

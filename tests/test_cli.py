@@ -231,6 +231,8 @@ def test_calibrate_writes_a_copy_with_only_the_calibration_refitted(tmp_path: Pa
     ("collect", ["agent=idm", "noise=0.5"], "noise= perturbs the executed actions of DAgger labelling"),
     ("train", ["iterations=120"], "would overlap each other or the held-out evaluation seeds"),
     ("bench", ["collect", "workers=[]"], "workers=[] is empty"),
+    ("evaluate", ["nokey=1"], "nokey"),
+    ("evaluate", ["episodes=abc"], "episodes"),
 ])
 def test_planner_bad_input_gives_a_short_error(tmp_path: Path, command, args, message):
     result = run_cli(command, *args, "hydra.run.dir=run", cwd=tmp_path)
