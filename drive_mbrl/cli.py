@@ -530,8 +530,33 @@ def run_rl(cfg: C.RLConfig, run_dir: Path) -> dict[str, Any]:
         from drive_mbrl.evaluate import format_table
 
         print(format_table({f"policy ({cfg.mode})": result["evaluate"]}))
-    print(f"policy: {result['policy']}")
+    # Real steps behind the policy besides RL's own (which `max_real_steps` caps): the forecaster's training data
+    # and the imagination's start states (dyna), and the labels of a distilled `init` policy.
+    data_steps = _model_data_steps(cfg.checkpoint, cfg.dataset) if imagined else 0
+    if cfg.init:
+        data_steps += int(load_policy(cfg.init)[1].get("summary", {}).get("real_steps", 0))
+    last = result["history"][-1]["real_steps"] if result["history"] else norm_steps
+    result = {**result, "data_real_steps": data_steps, "total_real_steps": data_steps + last}
+    print(f"policy: {result['policy']} (real env steps behind it: {data_steps:,} of data + {last:,} sampled by RL "
+          f"= {data_steps + last:,})")
     return result
+
+
+def _model_data_steps(checkpoint: str, datasets: list[str]) -> int:
+    """Real env steps of a forecaster's training data (its meta.json's sources) plus those of `datasets` that are
+    not among them (a dataset is known by its agent, seed and steps)."""
+    from drive_mbrl.data import read_manifest
+    from drive_mbrl.fit import load_forecaster
+
+    sources = load_forecaster(checkpoint)[1].get("data", {}).get("sources", [])
+    seen = {(s.get("agent"), s.get("seed"), s.get("steps")) for s in sources}
+    total = sum(int(s.get("steps", 0)) for s in sources)
+    for folder in datasets:
+        manifest, steps = read_manifest(Path(folder)), _dataset_steps(Path(folder))
+        if (manifest.get("agent"), manifest.get("seed"), steps) not in seen:
+            seen.add((manifest.get("agent"), manifest.get("seed"), steps))
+            total += steps
+    return total
 
 
 def _dataset_steps(root: Path) -> int:
@@ -572,6 +597,7 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     from drive_mbrl.fit import (
         TrainSettings,
         dataset_rates,
+        env_seeds,
         fit,
         load_forecaster,
         load_scenes,
@@ -603,7 +629,9 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     calibration, cal_sources = (load_scenes(cfg.calibration, model_cfg, cfg.history_dt) if cfg.calibration
                                 else (None, None))
     held = load_scenes(cfg.holdout, model_cfg, cfg.history_dt)[0] if cfg.holdout else None  # bad folders fail now
-    train_mask, val_mask = split_by_episode(scenes.episode, cfg.val_fraction, cfg.seed)
+    # By env seed, not by episode: an idm and an explore episode of one seed start from the same traffic.
+    train_mask, val_mask = split_by_episode(env_seeds(scenes.episode, sources["sources"]), cfg.val_fraction,
+                                            cfg.seed)
     train, val = scenes.subset(np.flatnonzero(train_mask)), scenes.subset(np.flatnonzero(val_mask))
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else run_dir / "checkpoint"
@@ -629,7 +657,11 @@ def run_fit(cfg: C.FitConfig, run_dir: Path) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     model, _ = load_forecaster(out, device)
     figures = validate(model, held if held is not None else val, device, policy_dt, seed=cfg.seed)
-    _forecaster_report(figures, run_dir, f"forecaster on {'held-out data' if cfg.holdout else 'the val split'}")
+    # Without holdout= the val split chose the best epoch and, without calibration=, fitted the calibration: its
+    # coverage and NLL are then in-sample, and the title says so.
+    title = ("held-out data" if cfg.holdout else "the val split" if cfg.calibration
+             else "the val split (also its calibration data: coverage in-sample)")
+    _forecaster_report(figures, run_dir, f"forecaster on {title}")
     print(f"calibration: mode temperature {history['mode_temperature']:.2f}; per horizon step spread power "
           f"{', '.join(f'{b:.2f}' for b in history['std_power'])}, factor "
           f"{', '.join(f'{a:.2f}' for a in history['std_scale'])}")

@@ -450,7 +450,10 @@ class RLConfig:
     lr: float = opt(1e-4, "learning rate", lo=1e-8, hi=1.0)
     gamma: float = opt(0.9, "discount", lo=0.0, hi=1.0)
     entropy: float = opt(0.003, "entropy bonus", lo=0.0, hi=10.0)
-    max_real_steps: int = opt(5000, "real env steps sampled by RL at most (input statistics included)", lo=0,
+    max_real_steps: int = opt(5000, "real env steps sampled by RL (input statistics included): no iteration starts "
+                              "once this many were sampled, so the last one can overshoot it by its real share; the "
+                              "data behind the forecaster and an init policy are counted apart (data_real_steps)",
+                              lo=0,
                               hi=10**9)
     norm_steps: int = opt(200, "a fresh network's input statistics: random real steps (mode=model_free; mode=dyna "
                           "takes them from the datasets); counted in the budget", lo=2, hi=10**6)

@@ -304,12 +304,15 @@ def export_planner(model: Forecaster, folder: Path, scenes: Scenes, settings: Pl
     path = folder / "planner.onnx"
     export_graph(graph, example, contract, path)
     figures = planner_parity(make_session(path), graph, contract, scenes, scene_count, lanes, seed)
-    counts = figures["counts"]
-    if min(counts["same_noise"], counts["same_noise_b"]) < figures["scenes"]:
+    counts, n = figures["counts"], figures["scenes"]
+    if min(counts["same_noise"], counts["same_noise_b"], counts["same_plan"], counts["same_reason"]) < n \
+            or counts["cost_mismatch"]:
         raise ExportError(f"planner parity failed: with the same noise onnxruntime chose torch's action on only "
-                          f"{counts['same_noise']} and {counts['same_noise_b']} (two noise draws) of "
-                          f"{figures['scenes']} recorded scenes (independent noise: ONNX vs torch "
-                          f"{counts['independent']}, torch vs torch {counts['torch_self']}); no bundle was written")
+                          f"{counts['same_noise']} and {counts['same_noise_b']} (two noise draws) of {n} recorded "
+                          f"scenes, its plan on {counts['same_plan']}, its fallback reason on "
+                          f"{counts['same_reason']}, and its cost differed on {counts['cost_mismatch']} (independent "
+                          f"noise: ONNX vs torch {counts['independent']}, torch vs torch {counts['torch_self']}); no "
+                          "bundle was written")
     entry = {"file": path.name, "sha256": sha256_file(path), "opset": OPSET,
              "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
              **planner_description(settings, names, frames_per_step, sim_dt, reward),

@@ -12,6 +12,7 @@ Knows nothing of files: export.py writes the bundle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -30,6 +31,9 @@ PLANNER_OUTPUTS = ("action", "plan", "reason", "least_risk", "cost", "collision_
                    "expected_return", "evaluated")
 EGO_TABLE_LIMIT = 100_000
 """Largest number of action sequences whose ego paths the graph integrates all at once (`PlannerGraph._ego_path`)."""
+COST_TOLERANCE = 1e-4
+"""Parity of the chosen plan's cost, relative (absolute below 1): float32 sums of a few hundred terms in another
+order."""
 DEFAULT_TARGET_SPEEDS = (20.0, 25.0, 30.0)
 """[m/s] highway-env's MDPVehicle target speeds (for example inputs; the onboard agent passes the live ones)."""
 
@@ -220,7 +224,7 @@ def planner_parity(session: Any, graph: PlannerGraph, contract: dict[str, Any], 
     pick = np.linspace(0, len(scenes) - 1, min(count, len(scenes))).round().astype(np.int64)
     warm = np.full(graph.model.config.horizon, graph.names.index("IDLE"), np.int64)
     actions = np.zeros((4, len(pick)), np.int64)  # torch_a, onnx_a, torch_b, onnx_b
-    same_plan = 0
+    same_plan = same_reason = cost_mismatch = 0
     worst_cost = 0.0
     with torch.no_grad():
         for j, i in enumerate(pick):
@@ -230,8 +234,13 @@ def planner_parity(session: Any, graph: PlannerGraph, contract: dict[str, Any], 
             expected = dict(zip(PLANNER_OUTPUTS, graph(*(feeds[n] for n in names)), strict=True))
             got = dict(zip(PLANNER_OUTPUTS, session.run(None, {n: feeds[n].numpy() for n in names}), strict=True))
             same_plan += bool(np.array_equal(got["plan"], expected["plan"].numpy()))
-            if np.isfinite(float(expected["cost"])) and np.isfinite(float(got["cost"])):
-                worst_cost = max(worst_cost, abs(float(got["cost"]) - float(expected["cost"])))
+            same_reason += int(got["reason"]) == int(expected["reason"])
+            want, have = float(expected["cost"]), float(got["cost"])
+            if np.isfinite(want) and np.isfinite(have):
+                worst_cost = max(worst_cost, abs(have - want))
+                cost_mismatch += abs(have - want) > COST_TOLERANCE * max(1.0, abs(want))
+            else:  # both +inf (no feasible plan) agree; anything else (NaN, one side finite) does not
+                cost_mismatch += not (want == have == math.inf)
             other = planner_inputs(graph.model, graph.settings, scenes.history[i], scenes.agent_mask[i], warm, ego,
                                    step_noise(graph.model, graph.settings, gen_other))
             actions[:, j] = (int(expected["action"]), int(got["action"]),
@@ -244,5 +253,6 @@ def planner_parity(session: Any, graph: PlannerGraph, contract: dict[str, Any], 
             "same_action_independent_noise": agree["independent_rate"],
             "torch_self_agreement_independent_noise": agree["torch_self_rate"],
             "export_changed_agreement": agree["export_changed"],
-            "counts": {k: agree[k] for k in ("same_noise", "same_noise_b", "independent", "torch_self")},
+            "counts": {**{k: agree[k] for k in ("same_noise", "same_noise_b", "independent", "torch_self")},
+                       "same_plan": same_plan, "same_reason": same_reason, "cost_mismatch": cost_mismatch},
             "max_abs_cost_error": worst_cost}

@@ -389,6 +389,8 @@ def speed_index(speed: np.ndarray | float, target_speeds: tuple[float, ...]) -> 
     """Index of the target speed nearest to `speed` [m/s] (highway-env's MDPVehicle.speed_to_index: uniform
     spacing assumed)."""
     n = len(target_speeds)
+    if n == 1:  # a single set-point: index 0 whatever the speed
+        return np.zeros(np.shape(speed), np.int64)
     x = (np.asarray(speed, np.float64) - target_speeds[0]) / (target_speeds[-1] - target_speeds[0])
     return np.clip(np.round(x * (n - 1)), 0, n - 1).astype(np.int64)
 

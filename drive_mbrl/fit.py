@@ -88,7 +88,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def split_by_episode(episode: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean (train, val) masks over scenes such that no episode has scenes in both."""
+    """Boolean (train, val) masks over scenes such that no episode (or any group id given instead, such as
+    `env_seeds`) has scenes in both."""
     ids = np.unique(episode)
     if len(ids) < 2:
         raise DataError(f"the dataset has {len(ids)} episode(s); a validation split by episode needs at least 2")
@@ -233,6 +234,10 @@ def fit(train: Scenes, val: Scenes, config: ForecasterConfig, settings: TrainSet
             batches += 1
         kept = model if average is None else average.module  # the weights validated and checkpointed
         val_terms = evaluate_loss(kept, val, device)
+        val_terms["total"] /= config.members  # per member, as train_loss (the loss sums the members)
+        if not all(math.isfinite(v) for v in val_terms.values()):
+            raise NonFiniteLoss(f"non-finite validation loss at epoch {state['epoch'] + 1} ({val_terms}); training "
+                                f"stopped, the checkpoints in {out} are from the last good epoch")
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "train_loss": total / max(batches, 1),
                   **{f"val_{k}": v for k, v in val_terms.items()}}
@@ -342,6 +347,17 @@ def load_scenes(paths: list[str], config: ForecasterConfig, history_dt: float) -
                         "episodes": len(episodes), "steps": int(sum(ep.steps for ep in episodes))})
     merged = Scenes(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Scenes.__dataclass_fields__})
     return merged, {"scenario": reference[0], "dt": reference[1], "policy_dt": reference[2], "sources": sources}
+
+
+def env_seeds(episode: np.ndarray, sources: list[dict[str, Any]]) -> np.ndarray:
+    """(B,) the env seed of each scene's episode, from `load_scenes`' episode ids (dataset offset x 10**7 +
+    episode index) and sources (each dataset's base seed): datasets collected with the same seeds (the idm and the
+    explore runs of one pipeline) replay the same traffic, so a split by episode that puts one run's episode in
+    validation and the other's in training leaks; split by this instead."""
+    from drive_mbrl.data import episode_seed
+
+    base = np.array([int(src["seed"]) for src in sources], np.int64)
+    return episode_seed(base[episode // 10**7], episode % 10**7)
 
 
 def manifest_actions(manifest: dict) -> tuple[int, int]:

@@ -70,7 +70,8 @@ def observation_space(agents: int, set_points: bool = True) -> gym.spaces.Box:
 class PolicyEnv(gym.Env):
     """A scenario's real env with the policy's observation. env_config: scenario (name or path), agents (V + 1),
     history_dt [s] (the policy's frame gap), set_points (the ego's target speed observed; default true),
-    seed_offset (reset seeds are seed_offset + a counter unless given)."""
+    seed_offset (the first reset's seed unless one is given; each reset without a seed takes the one after the
+    last)."""
 
     def __init__(self, config: dict[str, Any] | None = None):
         from drive_mbrl.rollout import recording_stride
@@ -99,7 +100,8 @@ class PolicyEnv(gym.Env):
 
         super().reset(seed=seed)
         if seed is None:
-            seed, self._next_seed = self._next_seed, self._next_seed + 1
+            seed = self._next_seed
+        self._next_seed = int(seed) + 1  # later resets without a seed go on from here
         reset_env(self.env, int(seed))
         self.recorder.attach(self.env)
         return self._obs(), {"seed": int(seed)}

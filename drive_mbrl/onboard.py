@@ -31,8 +31,7 @@ BUNDLE_SCHEMA_VERSION = 1
 """Version of the bundle layout and contract.json; bumped on any incompatible change."""
 CONTRACT, PARITY = "contract.json", "parity.json"
 DEVICES = ("auto", "cpu", "cuda")
-_CUDA_LIBRARIES = ("libcudart.so.12", "libcublas.so.12", "libcudnn.so.9")
-"""What onnxruntime-gpu 1.2x-1.3x's CUDA provider loads (CUDA 12, cuDNN 9)."""
+
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
@@ -72,9 +71,23 @@ def gpu_present() -> bool:
     return Path("/dev/nvidia0").exists() or (gpus.is_dir() and any(gpus.iterdir()))
 
 
+def cuda_libraries() -> tuple[str, ...]:
+    """The CUDA runtime, cuBLAS and cuDNN libraries that the installed onnxruntime-gpu's CUDA provider loads: of
+    the CUDA major version it was built for (its build info; 13 for onnxruntime-gpu 1.31, 12 before), cuDNN 9."""
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version
+    except ImportError:  # a CPU build
+        return ()
+    major = str(cuda_version).split(".")[0]
+    return (f"libcudart.so.{major}", f"libcublas.so.{major}", "libcudnn.so.9")
+
+
 def cuda_libraries_load() -> bool:
     """The CUDA runtime, cuBLAS and cuDNN that onnxruntime's CUDA provider needs can be loaded."""
-    for name in _CUDA_LIBRARIES:
+    names = cuda_libraries()
+    if not names:
+        return False
+    for name in names:
         try:
             ctypes.CDLL(name)
         except OSError:
@@ -92,7 +105,7 @@ def choose_providers(device: str = "auto") -> list[str]:
               and cuda_libraries_load())
     if device == "cuda" and not usable:
         raise BundleError("device=cuda, but CUDA is not usable here (it needs onnxruntime-gpu, an NVIDIA GPU and "
-                          f"the libraries {', '.join(_CUDA_LIBRARIES)}): use device=auto or cpu")
+                          f"the libraries {', '.join(cuda_libraries()) or 'of CUDA'}): use device=auto or cpu")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if usable else ["CPUExecutionProvider"]
 
 
@@ -106,10 +119,14 @@ def make_session(path: Path, settings: RuntimeSettings = RuntimeSettings()) -> A
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if settings.spinning else "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=choose_providers(settings.device))
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(settings.device))
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
         raise BundleError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                           "the file is damaged or not an ONNX graph; export the bundle again") from exc
+    if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise BundleError(f"device=cuda, but onnxruntime could not start its CUDA provider for {path} (it fell back "
+                          "to the CPU): check the CUDA and cuDNN versions it needs, or use device=auto or cpu")
+    return session
 
 
 def sha256_file(path: Path) -> str:
@@ -141,6 +158,9 @@ class Graph:
                     raise BundleError(f"{self.name} input {name} has dtype {array.dtype}, the contract says "
                                       f"{spec['dtype']}")
                 array = array.astype(spec["dtype"])
+            if array.dtype.kind == "f" and not np.isfinite(array).all():  # onnxruntime's ArgMax reads NaN as a max
+                raise BundleError(f"{self.name} input {name} holds NaN or inf at {np.argwhere(~np.isfinite(array))[0]}"
+                                  ": the graphs take finite inputs only")
             if array.ndim != len(spec["shape"]):
                 raise BundleError(f"{self.name} input {name} has shape {array.shape}, the contract says "
                                   f"{_shape_text(spec['shape'])}")
@@ -235,8 +255,9 @@ def load_bundle(folder: Path | str, settings: RuntimeSettings = RuntimeSettings(
         session = make_session(path, settings)
         check_graph_against_contract(name, spec, session)
         graphs[name] = Graph(name, spec, session)
-    providers = choose_providers(settings.device)
-    return Bundle(folder, contract, graphs, providers)
+    # What the sessions run on (onnxruntime falls back to the CPU by itself when its CUDA provider fails to start).
+    providers = next(iter(graphs.values())).session.get_providers() if graphs else choose_providers(settings.device)
+    return Bundle(folder, contract, graphs, list(providers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,8 +316,8 @@ class OnnxAgent:
             from drive_mbrl.features import route_polyline
 
             self._route = route_polyline(env)
-        if self.graph.name == "planner":
-            self._warm = np.full(self.bundle.contract["scene"]["horizon"], self.spec["idle_action"], np.int64)
+        if self.graph.name == "planner":  # no previous plan: `plan_scene`'s default warm start, the plan of 0s
+            self._warm = self._no_warm = np.zeros(self.bundle.contract["scene"]["horizon"], np.int64)
         self.last_fallback = ""
 
     def attach_tracks(self, recorder: Any) -> None:
@@ -348,6 +369,7 @@ class OnnxAgent:
             plan = out["plan"]
         elif reason == "no_plan_within_collision_limit" and self.spec["settings"]["fallback"] == "least_risk":
             plan = out["least_risk"]
-        if plan is not None:
-            self._warm = np.concatenate([plan[1:], [self.spec["idle_action"]]]).astype(np.int64)
+        # As `MPCAgent`: the executed plan shifted, or after a fallback to braking no warm start.
+        self._warm = self._no_warm if plan is None else np.concatenate([plan[1:], [self.spec["idle_action"]]]).astype(
+            np.int64)
         return int(out["action"])

@@ -68,8 +68,9 @@ class PolicyConfig:
 
 
 class PolicyNet(nn.Module):
-    """MLP policy: obs (B, D) float32 raw features -> logits (B, num_actions). `trunk(obs)` -> (B, hidden) is the
-    shared representation (RLlib's value head sits on it)."""
+    """MLP policy: obs (B, D) float32 raw features -> logits (B, num_actions). `trunk(obs)` -> (B, hidden) is its
+    representation before the head (RLlib's value function is a separate MLP on the normalised observation:
+    `rllib.PolicyRLModule`)."""
 
     def __init__(self, config: PolicyConfig):
         super().__init__()

@@ -4,7 +4,9 @@
   writes to ONNX) plus a separate value MLP for PPO; `model_config["init"]` loads a distilled policy.
 - `MixedVectorEnv`: one batched env of `real` real-scenario envs (`imagination.PolicyEnv`) and `imagined` envs of
   the learned model (`imagination.ImaginationEnv`); each call steps all of them, so the real : imagined ratio of
-  the training data is exactly real : imagined. `imagined=0` is the model-free peer, `real=0` pure imagination.
+  the env steps is real : imagined (of the transitions RLlib trains on, about that: it does not count the step
+  an episode's reset takes, and imagined episodes are shorter). `imagined=0` is the model-free peer, `real=0`
+  pure imagination.
 - `train_ppo`: PPO iterations with progress, resumable checkpoints (the algorithm's state and the policy folder,
   written to a temp folder, then renamed) and a budget on real env steps.
 
@@ -69,8 +71,9 @@ class MixedVectorEnv(gym.vector.VectorEnv):
 
         torch.set_num_threads(1)
         self.n_real, self.n_imagined = int(config.get("real", 1)), int(config.get("imagined", 0))
-        worker = int(config.get("worker_index", 0))
-        seed = int(config.get("seed", 0)) + 1_000 * worker
+        # RLlib hands the env creator a plain dict without the worker index; each runner's first reset brings
+        # its seed instead (RLlib's seed + worker index), which `reset` turns into the real envs' seed blocks.
+        self.base_seed = seed = int(config.get("seed", 0))
         self.real = [PolicyEnv({"scenario": config["scenario"], "agents": config["agents"],
                                 "history_dt": config["history_dt"], "set_points": config.get("set_points", True),
                                 "seed_offset": seed + 100_000 * i})
@@ -88,7 +91,11 @@ class MixedVectorEnv(gym.vector.VectorEnv):
         """Real simulator steps taken so far (reset calls excluded): the exact real-data count."""
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        obs = [env.reset()[0] for env in self.real]
+        """seed (RLlib's first reset of a runner: its seed + the worker index w): real env i then plays the seeds
+        from base + 1,000 w + 100,000 i on, so runners never replay each other's scenarios."""
+        worker = None if seed is None else max(0, int(seed) - self.base_seed)
+        obs = [env.reset(seed=None if worker is None else self.base_seed + 1_000 * worker + 100_000 * i)[0]
+               for i, env in enumerate(self.real)]
         if self.imagined is not None:
             obs += list(self.imagined.reset(seed=seed)[0])
         self._done[:] = False
@@ -155,10 +162,10 @@ def check_resources(env_runners: int) -> None:
     """RLlib hangs without a message when asked for more CPUs than the cluster has: refuse that here."""
     import ray
 
-    available = int(ray.cluster_resources().get("CPU", 0))
+    available = int(ray.available_resources().get("CPU", 0))  # free now: other jobs on a cluster hold theirs
     if env_runners + 1 > available:
         raise ConfigError(f"{env_runners} env runner(s) + 1 learner need {env_runners + 1} CPUs, the Ray cluster has "
-                          f"{available}: lower env_runners")
+                          f"{available} free: lower env_runners")
 
 
 def build_ppo(env_config: dict[str, Any], policy: PolicyConfig, init: str, settings: PPOSettings,

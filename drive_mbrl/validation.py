@@ -102,7 +102,8 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
     order = np.argsort(score, kind="mergesort")
     ranks = np.empty(len(score))
     ranks[order] = np.arange(1, len(score) + 1)
-    for value in np.unique(score[np.diff(np.sort(score), prepend=np.nan) == 0]):  # average tied ranks
+    ordered = np.sort(score)
+    for value in np.unique(ordered[1:][np.diff(ordered) == 0]):  # average tied ranks (values seen twice in order)
         tie = score == value
         ranks[tie] = ranks[tie].mean()
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
@@ -213,7 +214,8 @@ def calibrate(model: Forecaster, scenes: Scenes, device: torch.device, samples: 
     """Fit the model's calibration on `scenes` (a validation split or a calibration set, never the test data) over
     the surrounding vehicles: the mode temperature and the per-horizon spread powers by likelihood
     (`fit_spread_shape`), then the per-horizon spread factors by coverage (`fit_std_scale`), giving std' =
-    std_scale x std ** std_power and mode probabilities softmax(mode_temperature x logits). Sets those buffers and
+    std_scale x std ** std_power and mode probabilities softmax(mode_temperature x logits). The maps are fitted on
+    the position errors [m] and applied to every target's std, the velocities' [m/s] too. Sets those buffers and
     the uncertainty limits (`calibrate_uncertainty`); returns {"std_scale": [...], "std_power": [...]} (H values
     each) and {"mode_temperature": t}."""
     model.reset_calibration()

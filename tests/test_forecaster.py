@@ -250,10 +250,26 @@ def test_plan_uncertainty_by_hand():
     assert disagreement.item() > 10.0
 
 
+def test_the_split_keeps_episodes_of_one_env_seed_together():
+    """Two datasets collected from the same base seed (idm and explore of one pipeline) replay the same traffic
+    episode for episode: split by env seed, no seed has scenes on both sides."""
+    from drive_mbrl.fit import env_seeds, split_by_episode
+
+    episode = np.array([0, 0, 1, 2, 3, 10**7 + 0, 10**7 + 1, 10**7 + 1, 10**7 + 2, 2 * 10**7 + 5])
+    sources = [{"seed": 0}, {"seed": 0}, {"seed": 100}]
+    seeds = env_seeds(episode, sources)
+    assert seeds.tolist() == [0, 0, 1, 2, 3, 0, 1, 1, 2, 105]
+    for seed in range(20):
+        train, val = split_by_episode(seeds, 0.4, seed)
+        assert not set(seeds[train]) & set(seeds[val])
+
+
 def test_auroc_by_hand():
     assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
     assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
     assert auroc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+    # A tie that is not next to itself in the unsorted order: pairs (0.5+, 0.5-) half, (0.5+, 0.1-) whole.
+    assert auroc(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0])) == pytest.approx(0.75)
 
 
 def test_error_by_decision_index_by_hand():

@@ -58,7 +58,13 @@ def test_sessions_use_one_thread_without_spinning_by_default(tiny_bundle: Path):
 
 
 def test_a_loaded_bundle_runs_and_checks_input_shapes(tiny_bundle: Path):
-    graph = load_bundle(tiny_bundle, only=("forecaster",)).graph("forecaster")
+    bundle = load_bundle(tiny_bundle, only=("forecaster",))
+    graph = bundle.graph("forecaster")
+    assert bundle.providers == graph.session.get_providers()  # what runs, not what was asked for
+    nan = _feeds(np.random.default_rng(0))
+    nan["history"][1, 2, 0, 3] = np.nan
+    with pytest.raises(BundleError, match=r"input history holds NaN or inf at \[1 2 0 3\]"):
+        graph.run(**nan)
     out = graph.run(**_feeds(np.random.default_rng(0), batch=2, plans=3))
     assert out["mean"].shape == (2, 2, 3, 4, 2, 3, 4) and np.isfinite(out["mean"]).all()
     bad = _feeds(np.random.default_rng(0))
