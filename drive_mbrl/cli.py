@@ -122,7 +122,7 @@ def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
     from dataclasses import asdict
 
     from drive_mbrl.data import agent_options_json
-    from drive_mbrl.fit import load_forecaster
+    from drive_mbrl.fit import forecaster_digest, load_forecaster
 
     load_forecaster(checkpoint)
     if planner.policy:
@@ -134,7 +134,10 @@ def mpc_options(checkpoint: Path | str, planner: C.PlannerConfig) -> str:
         planner = replace(planner, policy=str(Path(planner.policy).resolve()))
     elif planner.fallback == "policy":
         raise C.ConfigError("planner.fallback=policy needs planner.policy=<policy folder>")
-    return agent_options_json({"checkpoint": str(Path(checkpoint).resolve()), "planner": asdict(planner)})
+    # The weights' digest makes a dataset's identity follow the forecaster's contents, not only its path: a
+    # retrained checkpoint in the same folder never resumes (or is reused for) episodes of the old one.
+    return agent_options_json({"checkpoint": str(Path(checkpoint).resolve()), "planner": asdict(planner),
+                               "weights": forecaster_digest(checkpoint)})
 
 
 def run_collect(cfg: C.CollectConfig, run_dir: Path) -> dict[str, Any]:
@@ -225,11 +228,13 @@ def pipeline_export(cfg: C.PipelineConfig, run_dir: Path, evaluations: dict[str,
     recorded scenes), then `onboard_episodes` held-out episodes driven from it by onnxruntime alone."""
     from drive_mbrl.data import agent_options_json
     from drive_mbrl.export import export_bundle
+    from drive_mbrl.fit import forecaster_digest
     from drive_mbrl.onboard import read_contract
 
     bundle = run_dir / "bundle"
     policy = run_dir / "policy" if cfg.expert_episodes else ""
-    if not (bundle / "contract.json").is_file():
+    built = read_contract(bundle)["source"]["weights_sha256"] if (bundle / "contract.json").is_file() else None
+    if built != forecaster_digest(run_dir / "forecaster"):  # none yet, or of a forecaster since retrained
         export_bundle(run_dir / "forecaster", bundle, [str(run_dir / "eval" / a) for a in cfg.eval_agents],
                       cfg.export_samples, cfg.seed, cfg.planner if cfg.export_planner_scenes else None,
                       cfg.export_planner_scenes, str(policy))

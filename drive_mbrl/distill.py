@@ -280,7 +280,7 @@ class DaggerAgent:
     drives_itself = False
 
     def __init__(self, policy: str = "", checkpoint: str = "", planner: dict[str, Any] | None = None,
-                 beta: float = 0.0, noise: float = 0.0, seed: int = 0, replans: int = 1):
+                 beta: float = 0.0, noise: float = 0.0, seed: int = 0, replans: int = 1, weights: str = ""):
         from drive_mbrl.mpc import MPCAgent
         from drive_mbrl.policy import PolicyAgent
 
@@ -291,7 +291,7 @@ class DaggerAgent:
         if replans < 1:
             raise ConfigError(f"dagger replans must be >= 1 (planning calls averaged per label), got {replans}")
         self.learner = PolicyAgent(policy) if policy else None
-        self.expert = MPCAgent(checkpoint, planner)
+        self.expert = MPCAgent(checkpoint, planner, weights=weights)
         self.beta, self.noise, self.seed, self.replans = beta, noise, seed, replans
         self.last_fallback = ""
         self._expert_action, self._costs = -1, None

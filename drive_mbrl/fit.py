@@ -286,6 +286,14 @@ def recalibrate(checkpoint: Path | str, model: Forecaster, meta: dict[str, Any],
     return spread
 
 
+def forecaster_digest(checkpoint: Path | str) -> str:
+    """sha256 of a checkpoint's weights file (BEST): what a dataset's agent options and a bundle's contract record,
+    so that a retrained checkpoint in the same folder is told apart from the old one."""
+    from drive_mbrl.onboard import sha256_file
+
+    return sha256_file(Path(checkpoint) / BEST)
+
+
 def load_forecaster(checkpoint: Path | str, device: str | torch.device = "cpu") -> tuple[Forecaster, dict]:
     """Load the best weights of a checkpoint folder and its meta.json; raises DataError on a bad folder."""
     folder = Path(checkpoint)

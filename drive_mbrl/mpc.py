@@ -57,7 +57,7 @@ class MPCAgent:
     drives_itself = False
 
     def __init__(self, checkpoint: str = "", planner: dict[str, Any] | PlannerConfig | None = None,
-                 fault: Any = None):
+                 fault: Any = None, weights: str = ""):
         import torch
 
         from drive_mbrl.fit import load_forecaster, resolve_device, scene_spec
@@ -71,6 +71,12 @@ class MPCAgent:
             torch.set_num_threads(self.settings.threads)
         keep_freed_memory()  # also in Ray workers, which do not pass through the CLI
         self.device = resolve_device(self.settings.device)
+        if weights:  # the digest the options were made with (`cli.mpc_options`): the same weights, or stop
+            from drive_mbrl.fit import forecaster_digest
+
+            if forecaster_digest(checkpoint) != weights:
+                raise ConfigError(f"the forecaster in {checkpoint} changed since this run's options were made (its "
+                                  "weights' sha256 differs): start the run again")
         self.model, self.meta = load_forecaster(checkpoint, self.device)
         self.model = low_precision(self.model, planning_precision(self.settings.precision, self.meta, self.device))
         if self.settings.compile:

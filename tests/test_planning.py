@@ -588,6 +588,36 @@ def test_representative_futures_take_the_member_nearest_the_consensus():
     assert np.isnan(out["future_mean"][1]).all() and np.isnan(out["future_prob"][1]).all()
 
 
+def test_a_retrained_forecaster_in_the_same_folder_is_another_dataset_identity(tiny_checkpoint: Path,
+                                                                               tmp_path: Path):
+    """agent=mpc's options carry the weights' digest: episodes of the old weights are never resumed or reused
+    for the new ones, and an agent built from stale options refuses to plan."""
+    import json
+    import shutil
+
+    from drive_mbrl.cli import mpc_options
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.errors import ConfigError, DataError
+    from drive_mbrl.mpc import MPCAgent
+    from drive_mbrl.scenarios import load_scenario
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    settings = PlannerConfig(budget=32, threads=1)
+    old = mpc_options(ck, settings)
+    collect(RunSpec(load_scenario("highway"), "mpc", 1, 0, max_steps=2, agent_options=old), tmp_path / "d")
+    state = torch.load(ck / "best.pt", weights_only=True)
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first] = state["model"][first] + 1e-3  # "retrained"
+    torch.save(state, ck / "best.pt")
+    new = mpc_options(ck, settings)
+    assert json.loads(new)["weights"] != json.loads(old)["weights"]
+    with pytest.raises(DataError, match="different agent_options"):
+        collect(RunSpec(load_scenario("highway"), "mpc", 2, 0, max_steps=2, agent_options=new), tmp_path / "d")
+    with pytest.raises(ConfigError, match="changed since this run's options were made"):
+        MPCAgent(**json.loads(old))
+
+
 def test_fault_injection_mid_episode_falls_back_and_the_episode_goes_on(tiny_checkpoint: Path):
     from drive_mbrl.mpc import MPCAgent
     from drive_mbrl.rollout import EpisodeJob, EpisodeRunner
