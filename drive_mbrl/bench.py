@@ -203,8 +203,9 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
                     torch.cuda.synchronize()
                 row.append((time.perf_counter() - start) * 1e3)
                 evaluated[(b, m)] = decision.evaluated
-    # Work per decision (first scene) against this device's matmul peak: the latency no implementation of this
-    # forecaster and budget can beat here.
+    # Work per decision against this device's matmul peak: the latency no implementation of this forecaster and
+    # budget can beat here. Counted on the first scene only (the work follows its number of present agents and
+    # distinct plans), so `achieved_gflops` (that work over the median time) is an estimate.
     peak = matmul_peak_gflops(dev, precision=precision)
     with torch.inference_mode():
         gflop = {key: count_flops(lambda k=key: plan_scene(eager[k[1]], *inputs[0], replace(planner, budget=k[0]),

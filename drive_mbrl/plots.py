@@ -46,7 +46,7 @@ def forecaster_report_png(figures: dict[str, Any], path: Path, title: str) -> Pa
     for r in rows:
         levels = sorted(float(a) for a in r["coverage"])
         ax_cal.plot(levels, [r["coverage"][f"{a:.1f}"] for a in levels], "o-", ms=3,
-                    label=f"{r['horizon_s']:.0f} s")
+                    label=f"{r['horizon_s']:g} s")
     ax_cal.set(xlabel="nominal mass of the prediction region", ylabel="empirical coverage",
                title="reliability (highest-density regions)", xlim=(0, 1), ylim=(0, 1))
     ax_cal.grid(alpha=0.3)
@@ -100,11 +100,27 @@ def _pyplot() -> Any:
     return plt
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""Student-t 97.5 % quantiles for 1-30 degrees of freedom."""
+
+
+def t95(dof: int) -> float:
+    """The two-sided 95 % Student-t factor for `dof` degrees of freedom (the table up to 30, then the first
+    Cornish-Fisher term, within 1e-3 of the exact value)."""
+    if dof <= len(T975):
+        return T975[dof - 1]
+    return Z95 + (Z95**3 + Z95) / (4 * dof)
+
+
 def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean of `values` (n,) and its 95 % normal interval (mean +- 1.96 sd / sqrt(n), population sd; zero width
+    """Mean of `values` (n,) and its 95 % Student-t interval (mean +- t(n - 1) sd / sqrt(n), sample sd; zero width
     for n = 1)."""
     values = np.asarray(values, dtype=float)
-    mean, half = float(values.mean()), Z95 * float(values.std()) / math.sqrt(len(values))
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), float(values.mean()), float(values.mean())
+    mean, half = float(values.mean()), t95(n - 1) * float(values.std(ddof=1)) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -151,8 +167,8 @@ def episode_intervals(root: Path) -> dict[str, tuple[float, float, float]] | Non
 
 def summary_intervals(m: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
     """The same figures from an evaluate summary alone (no interval for speed: its spread is not in the summary)."""
-    n = int(m["episodes"])
-    half = Z95 * float(m["return_std"]) / math.sqrt(n)
+    n = int(m["episodes"])  # return_std is the population sd of the n returns: made a sample sd here
+    half = t95(n - 1) * float(m["return_std"]) * math.sqrt(n / (n - 1)) / math.sqrt(n) if n > 1 else 0.0
     return {"return_mean": (m["return_mean"], m["return_mean"] - half, m["return_mean"] + half),
             "crash_rate": wilson_interval(round(m["crash_rate"] * n), n),
             "speed_mean": (m["speed_mean"], m["speed_mean"], m["speed_mean"])}
@@ -166,7 +182,9 @@ def evaluation_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, tit
     run folder) each; intervals from the run's `episodes/` when on disk."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
-    figures = [episode_intervals(folder / "episodes") or summary_intervals(m) for _, m, folder in runs]
+    # An evaluate run folder holds its dataset in episodes/; the pipeline passes the dataset folders themselves.
+    figures = [episode_intervals(folder / "episodes") or episode_intervals(folder) or summary_intervals(m)
+               for _, m, folder in runs]
     x = np.arange(len(runs))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
         mean, lo, hi = (np.array([f[key][i] for f in figures]) for i in range(3))
@@ -237,7 +255,7 @@ def reliability_png(runs: list[tuple[str, dict[str, Any], Path]], path: Path, ti
         for r in _per_horizon(m):
             levels = sorted(float(a) for a in r["coverage"])
             ax.plot(levels, [r["coverage"][f"{a:.1f}"] for a in levels], "o-", ms=3,
-                    label=f"{r['horizon_s']:.0f} s ahead")
+                    label=f"{r['horizon_s']:g} s ahead")
         ax.set(xlabel="nominal probability mass", ylabel="empirical coverage", title=label, xlim=(0, 1),
                ylim=(0, 1))
         ax.grid(alpha=0.3)

@@ -20,7 +20,7 @@ def forecaster_markdown(figures: dict[str, Any], title: str, png: str = "", summ
              "|" + "---|" * (9 + len(names))]
     for r in rows:
         base = " | ".join(f"{_f(r['baselines'][n]['l2_mean'])} / {_f(r['baselines'][n]['l2_p95'])}" for n in names)
-        lines.append(f"| {r['horizon_s']:.0f} | {r['samples']} | {_f(r['ml_l2_mean'])} | {_f(r['ml_l2_p95'])} | "
+        lines.append(f"| {r['horizon_s']:g} | {r['samples']} | {_f(r['ml_l2_mean'])} | {_f(r['ml_l2_p95'])} | "
                      f"{_f(r['min_ade'])} | {_f(r['min_fde'])} | {_f(r['nll'])} | {_f(r['coverage_50'])} | "
                      f"{_f(r['coverage_90'])} | {base} |")
     if summary_only:

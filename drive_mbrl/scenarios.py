@@ -116,7 +116,8 @@ def scenario_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
     if not isinstance(env_config, dict):
         raise ConfigError(f"scenario {source}: env_config must be a mapping, got {type(env_config).__name__}")
     perception_range = raw.get("perception_range", 150.0)
-    if not isinstance(perception_range, (int, float)) or not 0 < perception_range <= 1000:
+    if isinstance(perception_range, bool) or not isinstance(perception_range, (int, float)) \
+            or not 0 < perception_range <= 1000:
         raise ConfigError(f"scenario {source}: perception_range={perception_range!r} must be a number "
                           "in (0, 1000] metres")
     planner = raw.get("planner") or {}

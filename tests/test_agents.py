@@ -64,3 +64,29 @@ def test_explore_holds_actions_and_only_uses_the_scenarios_actions():
     scenario = load_scenario("intersection")  # SLOWER, IDLE, FASTER only
     episode = EpisodeRunner().run(EpisodeJob(scenario, "explore", 0, 4, max_steps=12))
     assert set(episode.action.tolist()) <= {0, 1, 2} and len(set(episode.action.tolist())) > 1
+
+
+def test_the_oracles_simulator_copies_do_not_know_the_episodes_future_draws():
+    """A deep copy of highway-env replays the real episode's random spawns exactly (intersection, seed 5: 4 vehicles
+    become more within 6 steps); the oracle's copies draw their own."""
+    import numpy as np
+
+    from drive_mbrl.oracle import copy_env
+    from drive_mbrl.scenarios import load_scenario, make_env, reset_env
+
+    env = make_env(load_scenario("intersection"))
+    try:
+        reset_env(env, 5)
+        start = len(env.unwrapped.road.vehicles)
+        plain, fresh = copy_env(env), copy_env(env, np.random.default_rng(0))
+        for _ in range(6):
+            for sim in (env, plain, fresh):
+                sim.step(1)
+
+        def positions(sim):
+            return sorted(tuple(np.round(v.position, 3)) for v in sim.unwrapped.road.vehicles)
+
+        assert len(env.unwrapped.road.vehicles) > start  # vehicles were spawned
+        assert positions(plain) == positions(env) != positions(fresh)
+    finally:
+        env.close()

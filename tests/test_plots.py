@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,13 @@ def test_wilson_interval_by_hand():
 
 
 def test_mean_interval_by_hand():
-    mean, lo, hi = mean_interval(np.array([1.0, 3.0, 1.0, 3.0]))  # sd 1, n 4: half width 1.96 / 2
-    assert mean == 2.0 and hi - mean == pytest.approx(0.979982, rel=1e-5) and mean - lo == pytest.approx(hi - mean)
+    # sample sd sqrt(4 / 3), n 4, t(3) = 3.182: half width 3.182 x sqrt(4 / 3) / 2
+    mean, lo, hi = mean_interval(np.array([1.0, 3.0, 1.0, 3.0]))
+    assert mean == 2.0 and hi - mean == pytest.approx(3.182 * math.sqrt(4 / 3) / 2, rel=1e-6)
+    assert mean - lo == pytest.approx(hi - mean)
+    from drive_mbrl.plots import t95
+
+    assert t95(100) == pytest.approx(1.984, abs=1e-3) and t95(30) == 2.042
     assert summary_intervals({"episodes": 4, "return_mean": 2.0, "return_std": 1.0, "crash_rate": 0.25,
                               "speed_mean": 20.0})["return_mean"][2] == pytest.approx(hi)
 
@@ -67,3 +73,14 @@ def test_plot_cli(tmp_path: Path):
     assert (tmp_path / "out" / "evaluation.png").is_file()
     bad = run_cli("plot", "kind=evaluation", "inputs=[a]", "labels=[one,two]", "hydra.run.dir=bad", cwd=tmp_path)
     assert bad.returncode == 2 and "labels has 2 entries for 1 inputs" in bad.stderr
+
+
+def test_episode_intervals_read_a_dataset_folder_as_collect_writes_it(tmp_path: Path):
+    """The pipeline's agents plot passes dataset folders (manifest.json + episodes/), not evaluate run folders."""
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.plots import episode_intervals
+    from drive_mbrl.scenarios import load_scenario
+
+    collect(RunSpec(load_scenario("highway"), "idm", 2, 0, max_steps=3), tmp_path / "d")
+    figures = episode_intervals(tmp_path / "d")
+    assert figures is not None and figures["speed_mean"][1] < figures["speed_mean"][2]

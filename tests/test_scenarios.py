@@ -75,6 +75,13 @@ def test_unknown_scenario_key_is_rejected_by_name(tmp_path: Path):
         load_scenario(str(path))
 
 
+def test_a_boolean_perception_range_is_not_a_distance(tmp_path: Path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nenv_id: highway-fast-v0\nperception_range: true\n")
+    with pytest.raises(ConfigError, match="perception_range=True must be a number"):
+        load_scenario(str(path))
+
+
 def test_unknown_env_config_key_is_rejected_by_name(tmp_path: Path):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\nenv_id: highway-fast-v0\nenv_config: {lane_count: 2, vehicle_cont: 5}\n")
