@@ -141,6 +141,12 @@ def matmul_peak_gflops(device: Any = "cpu", repeats: int = 5, precision: str = "
     return best
 
 
+def warmup_scenes(planner: Any) -> int:
+    """Scenes planned before a planner's latency is timed: one, or with `planner.compile` three, so that the
+    compilation (and its recompile once the second CEM iteration's shapes appear) stays out of the timings."""
+    return 3 if planner.compile else 1
+
+
 def _latency(times_ms: list[float]) -> dict[str, float]:
     ordered = sorted(times_ms)
     return {"ms_p50": median(ordered), "ms_p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
@@ -191,7 +197,7 @@ def bench_plan(checkpoint: str, scenario: str, budgets: list[int], members: list
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.inference_mode():
         for (b, m) in times:  # warm-up (compiling: on a few scenes, so that shapes of both CEM iterations are seen)
-            for history, mask in inputs[: 3 if planner.compile else 1]:
+            for history, mask in inputs[: warmup_scenes(planner)]:
                 plan_scene(models[m], history, mask, replace(planner, budget=b), gen)
         for history, mask in inputs:
             for (b, m), row in times.items():
@@ -296,7 +302,7 @@ def bench_policy(policy: str, checkpoint: str, dataset: list[str], scenario: str
                 start = time.perf_counter()
                 net(x).argmax(-1)
                 policy_us.append((time.perf_counter() - start) * 1e6)
-        for i in range(min(3 if planner.compile else 1, len(scenes))):  # warm-up (compiling: both CEM shapes)
+        for i in range(min(warmup_scenes(planner), len(scenes))):  # warm-up
             plan_scene(model, torch.as_tensor(scenes.history[i]), torch.as_tensor(scenes.agent_mask[i]), planner,
                        gen)
         for i in range(min(decisions, len(scenes))):

@@ -551,9 +551,9 @@ def _model_data_steps(checkpoint: str, datasets: list[str]) -> int:
     """Real env steps of a forecaster's training data (its meta.json's sources) plus those of `datasets` that are
     not among them (a dataset is known by its agent, seed and steps)."""
     from drive_mbrl.data import read_manifest
-    from drive_mbrl.fit import load_forecaster
+    from drive_mbrl.fit import META
 
-    sources = load_forecaster(checkpoint)[1].get("data", {}).get("sources", [])
+    sources = json.loads((Path(checkpoint) / META).read_text()).get("data", {}).get("sources", [])
     seen = {(s.get("agent"), s.get("seed"), s.get("steps")) for s in sources}
     total = sum(int(s.get("steps", 0)) for s in sources)
     for folder in datasets:

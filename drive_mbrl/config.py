@@ -288,7 +288,8 @@ class FitConfig:
                              "docs/results.md)", lo=0.0, hi=1000.0)
     ema: float = opt(0.0, "averaging window [epochs] of an exponential moving average of the weights, which is "
                      "validated and checkpointed instead of the raw weights (0 = off)", lo=0.0, hi=1000.0)
-    val_fraction: float = opt(0.2, "share of episodes held out for validation (split by episode)", lo=0.01, hi=0.9)
+    val_fraction: float = opt(0.2, "share of episodes held out for validation (split by env seed: the episodes of "
+                              "one seed in different datasets stay together)", lo=0.01, hi=0.9)
     seed: int = opt(0, "seed of initialisation, split and shuffling", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", pattern=DEVICES)
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", lo=0, hi=1024)
@@ -453,8 +454,7 @@ class RLConfig:
     max_real_steps: int = opt(5000, "real env steps sampled by RL (input statistics included): no iteration starts "
                               "once this many were sampled, so the last one can overshoot it by its real share; the "
                               "data behind the forecaster and an init policy are counted apart (data_real_steps)",
-                              lo=0,
-                              hi=10**9)
+                              lo=0, hi=10**9)
     norm_steps: int = opt(200, "a fresh network's input statistics: random real steps (mode=model_free; mode=dyna "
                           "takes them from the datasets); counted in the budget", lo=2, hi=10**6)
     hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)

@@ -248,6 +248,20 @@ def test_a_missing_holdout_fails_before_training(tmp_path: Path, tiny_checkpoint
     assert not (tmp_path / "run").exists()
 
 
+def test_the_real_steps_behind_a_dyna_policy_count_each_dataset_once(tiny_checkpoint: Path, tmp_path: Path):
+    """The forecaster's training data (its meta.json) and the start-state datasets are one count: the same dataset
+    passed again adds nothing, another one adds its steps."""
+    from drive_mbrl.cli import _dataset_steps, _model_data_steps
+    from drive_mbrl.data import RunSpec, collect
+    from drive_mbrl.scenarios import load_scenario
+
+    data = tiny_checkpoint.parent / "data"
+    own = json.loads((tiny_checkpoint / "meta.json").read_text())["data"]["sources"]
+    assert _model_data_steps(str(tiny_checkpoint), [str(data)]) == sum(s["steps"] for s in own) == _dataset_steps(data)
+    collect(RunSpec(load_scenario("highway"), "idm", 1, 77, max_steps=3), tmp_path / "more")
+    assert _model_data_steps(str(tiny_checkpoint), [str(data), str(tmp_path / "more")]) == _dataset_steps(data) + 3
+
+
 def test_train_loop_smoke_then_resume(tmp_path: Path):
     """Smoke test of the MBRL loop on a tiny budget: every stage runs, the curve counts real steps, the budget
     caps collection, and a rerun resumes (reuses every stage) with the same curve."""
