@@ -154,7 +154,41 @@ def make_env(scenario: Scenario) -> Any:
         raise ConfigError(f"scenario {scenario.name}: env_config key(s) {', '.join(map(repr, unknown))} are not "
                           f"options of {scenario.env_id}; known keys: {', '.join(sorted(defaults))}")
     env.unwrapped.configure(scenario.env_config)
+    _check_space_options(env, scenario)
     return env
+
+
+def _init_options(cls: type) -> set[str]:
+    """Keyword options a highway-env action or observation class takes: the named parameters of its `__init__`
+    and of its parents' as far as `**kwargs` is passed on (self and env excluded)."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name not in ("self", "env")}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _check_space_options(env: Any, scenario: Scenario) -> None:
+    """A scenario's `action` / `observation` mappings name options of the classes they configure: highway-env passes
+    them on as keyword arguments and drops unknown ones silently (a typo such as `lateal: false` changed nothing)."""
+    unwrapped = env.unwrapped
+    unwrapped.define_spaces()  # builds the configured action and observation types (reset builds them again)
+    for key, built in (("action", unwrapped.action_type), ("observation", unwrapped.observation_type)):
+        given = scenario.env_config.get(key)
+        if not isinstance(given, dict):
+            continue
+        known = _init_options(type(built)) | {"type"}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            env.close()
+            raise ConfigError(f"scenario {scenario.name}: env_config.{key} option(s) {', '.join(map(repr, unknown))} "
+                              f"are not options of {type(built).__name__}; known: {', '.join(sorted(known))}")
 
 
 _PRISTINE: dict[type, dict[str, Any]] = {}

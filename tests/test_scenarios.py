@@ -90,6 +90,21 @@ def test_unknown_env_config_key_is_rejected_by_name(tmp_path: Path):
         make_env(scenario)
 
 
+@pytest.mark.parametrize(("space", "typo"), [
+    ("action: {type: ContinuousAction, lateal: false}", "lateal"),
+    ("observation: {type: Kinematics, vehicles_cont: 3}", "vehicles_cont"),
+    ("action: {type: DiscreteAction, actions_per_axs: 3}", "actions_per_axs"),
+])
+def test_an_unknown_action_or_observation_option_is_rejected_by_name(tmp_path: Path, space: str, typo: str):
+    """highway-env passes these mappings on as keyword arguments and drops unknown ones: a typo changed nothing."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"name: mine\nenv_id: highway-fast-v0\nenv_config: {{{space}}}\n")
+    with pytest.raises(ConfigError, match=f"'{typo}' are not options of"):
+        make_env(load_scenario(str(path)))
+    path.write_text(f"name: mine\nenv_id: highway-fast-v0\nenv_config: {{{space.replace(typo, 'clip')}}}\n")
+    make_env(load_scenario(str(path))).close()  # a real option of the same class is fine
+
+
 def test_user_scenario_file_configures_the_env(tmp_path: Path):
     path = tmp_path / "two_lanes.yaml"
     path.write_text("name: two_lanes\nenv_id: highway-fast-v0\nenv_config: {lanes_count: 2}\n")
