@@ -452,9 +452,9 @@ class RLConfig:
     gamma: float = opt(0.9, "discount", lo=0.0, hi=1.0)
     entropy: float = opt(0.003, "entropy bonus", lo=0.0, hi=10.0)
     max_real_steps: int = opt(5000, "real env steps sampled by RL (input statistics included): no iteration starts "
-                              "once this many were sampled, so the last one can overshoot it by its real share; the "
-                              "data behind the forecaster and an init policy are counted apart (data_real_steps)",
-                              lo=0, hi=10**9)
+                              "whose real share, taken as large as the last one's, would pass this (the first one "
+                              "always runs); the data behind the forecaster and an init policy are counted apart "
+                              "(data_real_steps)", lo=0, hi=10**9)
     norm_steps: int = opt(200, "a fresh network's input statistics: random real steps (mode=model_free; mode=dyna "
                           "takes them from the datasets); counted in the budget", lo=2, hi=10**6)
     hidden: int = opt(256, "policy width (a fresh network; init's own otherwise)", lo=4, hi=8192)

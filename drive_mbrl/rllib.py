@@ -227,7 +227,10 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
         real_steps_before = history[0].get("real_steps_before", real_steps_before) if history else real_steps_before
         base = history[-1]["real_steps"] if history else real_steps_before
         for it in range(len(history), settings.iterations):
-            if (history[-1]["real_steps"] if history else base) >= settings.max_real_steps:
+            # Stop before an iteration whose real share (as large as the last one's) would pass the budget.
+            spent = history[-1]["real_steps"] if history else base
+            share = spent - (history[-2]["real_steps"] if len(history) > 1 else base) if history else 0
+            if spent + share > settings.max_real_steps or spent >= settings.max_real_steps:
                 break
             result = algo.train()
             runners = result.get("env_runners", {})

@@ -84,6 +84,19 @@ def test_rl_dyna_trains_resumes_and_writes_a_policy_smoke(tmp_path: Path, tiny_c
     assert history[1]["env_steps"] > history[0]["env_steps"]  # continued, not restarted
 
 
+def test_rl_stops_before_an_iteration_would_pass_the_real_step_budget(tmp_path: Path):
+    """About 64 real steps per iteration: with a budget of 150 (2 of them for input statistics) the third iteration
+    would pass it, so training stops after two."""
+    args = ["rl", "mode=model_free", "real=2", "batch_size=64", "minibatch_size=32", "epochs=1", "iterations=10",
+            "max_real_steps=150", "norm_steps=2", "eval_episodes=0", "hidden=16", "agents=4",
+            f"out={tmp_path / 'rl'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = json.loads((tmp_path / "rl" / "history.json").read_text())
+    assert len(history) == 2 and history[-1]["real_steps"] <= 150
+    assert history[-1]["real_steps"] + (history[-1]["real_steps"] - history[0]["real_steps"]) > 150
+
+
 def test_rl_refuses_dyna_without_a_model(tmp_path: Path):
     done = run_cli("rl", "mode=dyna", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert done.returncode == 2 and "mode=dyna needs checkpoint" in done.stderr
