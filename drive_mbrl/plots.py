@@ -167,8 +167,8 @@ def episode_intervals(root: Path) -> dict[str, tuple[float, float, float]] | Non
 
 def summary_intervals(m: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
     """The same figures from an evaluate summary alone (no interval for speed: its spread is not in the summary)."""
-    n = int(m["episodes"])  # return_std is the population sd of the n returns: made a sample sd here
-    half = t95(n - 1) * float(m["return_std"]) * math.sqrt(n / (n - 1)) / math.sqrt(n) if n > 1 else 0.0
+    n = int(m["episodes"])  # return_std is the population sd: sample sd / sqrt(n) = population sd / sqrt(n - 1)
+    half = t95(n - 1) * float(m["return_std"]) / math.sqrt(n - 1) if n > 1 else 0.0
     return {"return_mean": (m["return_mean"], m["return_mean"] - half, m["return_mean"] + half),
             "crash_rate": wilson_interval(round(m["crash_rate"] * n), n),
             "speed_mean": (m["speed_mean"], m["speed_mean"], m["speed_mean"])}

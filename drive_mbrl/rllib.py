@@ -229,8 +229,8 @@ def train_ppo(env_config: dict[str, Any], policy: PolicyConfig, action_names: li
         for it in range(len(history), settings.iterations):
             # Stop before an iteration whose real share (as large as the last one's) would pass the budget.
             spent = history[-1]["real_steps"] if history else base
-            share = spent - (history[-2]["real_steps"] if len(history) > 1 else base) if history else 0
-            if spent + share > settings.max_real_steps or spent >= settings.max_real_steps:
+            before = history[-2]["real_steps"] if len(history) > 1 else base
+            if spent >= settings.max_real_steps or spent + (spent - before) > settings.max_real_steps:
                 break
             result = algo.train()
             runners = result.get("env_runners", {})

@@ -177,14 +177,15 @@ def _init_options(cls: type) -> set[str]:
 def _check_space_options(env: Any, scenario: Scenario) -> None:
     """A scenario's `action` / `observation` mappings name options of the classes they configure: highway-env passes
     them on as keyword arguments and drops unknown ones silently (a typo such as `lateal: false` changed nothing)."""
+    given = {k: v for k, v in scenario.env_config.items() if k in ("action", "observation") and isinstance(v, dict)}
+    if not given:  # nothing to check: no extra work on every env made
+        return
     unwrapped = env.unwrapped
     unwrapped.define_spaces()  # builds the configured action and observation types (reset builds them again)
-    for key, built in (("action", unwrapped.action_type), ("observation", unwrapped.observation_type)):
-        given = scenario.env_config.get(key)
-        if not isinstance(given, dict):
-            continue
+    for key, options in given.items():
+        built = unwrapped.action_type if key == "action" else unwrapped.observation_type
         known = _init_options(type(built)) | {"type"}
-        unknown = sorted(set(given) - known)
+        unknown = sorted(set(options) - known)
         if unknown:
             env.close()
             raise ConfigError(f"scenario {scenario.name}: env_config.{key} option(s) {', '.join(map(repr, unknown))} "
